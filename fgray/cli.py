@@ -1,0 +1,166 @@
+"""The `fgray` command: data, pretrain, eval, results.
+
+User mistakes (fgray.errors.UserError and bad flags) print one line and exit 2; anything
+else is a bug and keeps its traceback (exit 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from fgray.errors import UserError
+
+METHODS = ("moco", "mocov3", "lcr", "lodisc", "sdf", "ppssl")
+FORMATS = ("cub", "cars", "aircraft", "folder")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse prints usage plus the error; a user mistake should be one line."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UserError(f"{self.prog}: {message}")
+
+
+def add_data_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:
+    p.add_argument("--dataset", choices=FORMATS, required=required, help="dataset layout")
+    p.add_argument("--data-root", required=required, help="dataset root folder")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="fraction of each class's train images held out for model selection")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the validation split")
+    p.add_argument("--aircraft-level", default="variant",
+                   choices=("variant", "family", "manufacturer"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="fgray", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+
+    data = sub.add_parser("data", help="create and validate datasets")
+    data_sub = data.add_subparsers(dest="data_command", required=True,
+                                   parser_class=OneLineParser)
+    synth = data_sub.add_parser("synth", help="write the embedded fine-grained dataset")
+    synth.add_argument("out")
+    synth.add_argument("--classes", type=int, default=50)
+    synth.add_argument("--per-class", type=int, default=60)
+    synth.add_argument("--size", type=int, default=128)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.set_defaults(handler=_data_synth)
+
+    check = data_sub.add_parser("check", help="summarise and validate a dataset")
+    check.add_argument("root")
+    check.add_argument("--format", choices=FORMATS, default="cub")
+    check.add_argument("--val-fraction", type=float, default=0.1)
+    check.add_argument("--split-seed", type=int, default=0)
+    check.add_argument("--aircraft-level", default="variant",
+                       choices=("variant", "family", "manufacturer"))
+    check.set_defaults(handler=_data_check)
+
+    pre = sub.add_parser("pretrain", help="self-supervised pretraining of one method")
+    pre.add_argument("--method", choices=METHODS, required=True)
+    add_data_args(pre)
+    pre.add_argument("--backbone", default=None, help="timm model name (method default if unset)")
+    pre.add_argument("--init", default="random", help="random, imagenet or a weights file path")
+    pre.add_argument("--image-size", type=int, default=224)
+    pre.add_argument("--epochs", type=int, default=100)
+    pre.add_argument("--batch-size", type=int, default=128, help="global batch size")
+    pre.add_argument("--workers", type=int, default=0,
+                     help="Ray Train workers; 0 runs in this process without Ray")
+    pre.add_argument("--gpus-per-worker", type=float, default=None)
+    pre.add_argument("--cpus-per-worker", type=float, default=None)
+    pre.add_argument("--address", default=None, help="Ray cluster address (default RAY_ADDRESS)")
+    pre.add_argument("--storage", default="runs", help="output path or s3:// / gs:// URI")
+    pre.add_argument("--name", default=None, help="run name (default: method-dataset-hash)")
+    pre.add_argument("--seed", type=int, default=0)
+    pre.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: best available)")
+    pre.add_argument("--cache-dir", default=None, help="decoded-cache folder (default FGRAY_CACHE)")
+    pre.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="any method, optimisation or augmentation knob; repeatable")
+    pre.set_defaults(handler=_pretrain)
+
+    ev = sub.add_parser("eval", help="evaluate a checkpoint on the test split")
+    ev.add_argument("checkpoint")
+    add_data_args(ev)
+    ev.add_argument("--protocols", default="retrieval,knn",
+                    help="comma list of retrieval, knn, linear, linear-paper")
+    ev.add_argument("--split", default="test", choices=("val", "test"))
+    ev.add_argument("--device", default=None)
+    ev.add_argument("--cache-dir", default=None)
+    ev.add_argument("--out", default=None, help="JSON file for the metrics (default beside the"
+                    " checkpoint)")
+    ev.set_defaults(handler=_eval)
+
+    res = sub.add_parser("results", help="leaderboard, plots and TensorBoard of a study")
+    res.add_argument("study_dir")
+    res.add_argument("--format", default="table", choices=("table", "csv", "markdown", "json"))
+    res.add_argument("--tensorboard", action="store_true",
+                     help="also print the command that opens TensorBoard on the study")
+    res.add_argument("--plots", action="store_true", help="render PNG plots under STUDY_DIR/plots")
+    res.set_defaults(handler=_results)
+    return parser
+
+
+def _data_synth(args) -> int:
+    from fgray.data.synth import write_synthetic
+
+    summary = write_synthetic(args.out, classes=args.classes, per_class=args.per_class,
+                              size=args.size, seed=args.seed)
+    print(" ".join(f"{k}={v}" for k, v in summary.items()))
+    return 0
+
+
+def _data_check(args) -> int:
+    from fgray.data.check import check_dataset
+
+    report = check_dataset(args.format, args.root, val_fraction=args.val_fraction,
+                           seed=args.split_seed, aircraft_level=args.aircraft_level)
+    for line in report.summary():
+        print(line)
+    for line in report.problems:
+        print(line, file=sys.stderr)
+    return 2 if report.problems else 0
+
+
+def _pretrain(args) -> int:
+    from fgray.engine.run import pretrain_command
+
+    return pretrain_command(args)
+
+
+def _eval(args) -> int:
+    from fgray.engine.evaluate import eval_command
+
+    return eval_command(args)
+
+
+def _results(args) -> int:
+    from fgray.results.report import results_command
+
+    print(results_command(args.study_dir, args.format, tensorboard=args.tensorboard,
+                          plots=args.plots))
+    return 0
+
+
+def run_main(fn: Callable[[], int], prog: str) -> int:
+    """Run a command body: user errors become one line on stderr and exit code 2."""
+    try:
+        return fn()
+    except UserError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return UserError.exit_code
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    def body() -> int:
+        args = build_parser().parse_args(argv)
+        return args.handler(args)
+
+    return run_main(body, "fgray")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""Two-view SSL augmentation, batched on tensors on the training device.
+
+Each sample in the batch draws its own random parameters (crop box, jitter factors, blur sigma,
+...) from a seeded CPU generator; the pixels are then transformed for the whole batch at once
+on the device: `roi_align` for RandomResizedCrop (adaptive sampling,
+so a downscaled crop averages its source pixels), closed-form colour ops, grouped convolutions
+for per-sample Gaussian blur. Presets follow MoCo v2 and BYOL / MoCo v3. Differences from
+torchvision's PIL transforms, by design: colour-jitter ops run in a fixed order (brightness,
+contrast, saturation, hue) rather than a random one, and blur sigmas are given for 224 px and
+scaled with the output size so small test images are not blurred away.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torchvision.ops import roi_align
+
+from fgray.config import check_range
+from fgray.errors import UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class AugmentConfig:
+    size: int = 224
+    scale_min: float = 0.2
+    scale_max: float = 1.0
+    ratio_min: float = 3 / 4
+    ratio_max: float = 4 / 3
+    flip_p: float = 0.5
+    jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.4
+    hue: float = 0.1
+    gray_p: float = 0.2
+    blur_p: tuple[float, float] = (0.5, 0.5)  # per view
+    blur_sigma_min: float = 0.1
+    blur_sigma_max: float = 2.0
+    solarize_p: tuple[float, float] = (0.0, 0.0)  # per view
+    mean: tuple[float, float, float] = field(default=IMAGENET_MEAN)
+    std: tuple[float, float, float] = field(default=IMAGENET_STD)
+
+    def validate(self) -> None:
+        check_range("size", self.size, 8, 4096)
+        check_range("scale_min", self.scale_min, 0.0, self.scale_max, lo_open=True)
+        check_range("scale_max", self.scale_max, self.scale_min, 1.0)
+        check_range("ratio_min", self.ratio_min, 0.0, self.ratio_max, lo_open=True)
+        for name in ("flip_p", "jitter_p", "gray_p"):
+            check_range(name, getattr(self, name), 0.0, 1.0)
+        for name in ("brightness", "contrast", "saturation"):
+            check_range(name, getattr(self, name), 0.0, 1.0)
+        check_range("hue", self.hue, 0.0, 0.5)
+        for p in (*self.blur_p, *self.solarize_p):
+            check_range("blur_p/solarize_p", p, 0.0, 1.0)
+        check_range("blur_sigma_min", self.blur_sigma_min, 0.0, self.blur_sigma_max,
+                    lo_open=True)
+
+
+PRESETS = {
+    # MoCo v2 (moco/main_moco.py, aug_plus): crop 0.2-1, jitter .4/.4/.4/.1 p .8, gray .2,
+    # blur p .5 sigma .1-2, flip.
+    "mocov2": AugmentConfig(),
+    # BYOL / MoCo v3 asymmetric recipe: crop 0.08-1, jitter .4/.4/.2/.1, blur 1.0 / 0.1,
+    # solarize 0 / 0.2.
+    "byol": AugmentConfig(scale_min=0.08, saturation=0.2, blur_p=(1.0, 0.1),
+                          solarize_p=(0.0, 0.2)),
+}
+
+
+def augment_preset(name: str, size: int, **overrides) -> AugmentConfig:
+    if name not in PRESETS:
+        raise UserError(f"unknown augmentation preset {name!r}: expected one of"
+                        f" {', '.join(PRESETS)}")
+    from fgray.config import apply_overrides
+
+    return apply_overrides(PRESETS[name], {"size": size, **overrides}, what="augmentation")
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+
+
+def _shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate hue by `shift` (fraction of a turn, per sample) through HSV, batched."""
+    r, g, b = x.unbind(1)
+    maxc, _ = x.max(1)
+    minc, _ = x.min(1)
+    delta = maxc - minc
+    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
+    rc, gc, bc = (maxc - r) / safe, (maxc - g) / safe, (maxc - b) / safe
+    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    h = torch.where(delta > 0, (h / 6.0) % 1.0, torch.zeros_like(h))
+    s = torch.where(maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)),
+                    torch.zeros_like(maxc))
+    h = (h + shift.view(-1, 1, 1)) % 1.0
+    v = maxc
+    i = torch.floor(h * 6.0)
+    f = h * 6.0 - i
+    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
+    i = i.long() % 6
+    table = torch.stack([
+        torch.stack([v, q, p, p, t, v], 1),
+        torch.stack([t, v, v, q, p, p], 1),
+        torch.stack([p, p, t, v, v, q], 1),
+    ], 1)  # (B, 3, 6, H, W)
+    return table.gather(2, i[:, None, None].expand(-1, 3, 1, -1, -1)).squeeze(2)
+
+
+def _blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Per-sample separable Gaussian blur via one grouped convolution per axis."""
+    b, c, h, w = x.shape
+    radius = max(1, math.ceil(3.0 * float(sigma.max())))
+    radius = min(radius, (min(h, w) - 1) // 2) or 1
+    offsets = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    kernel = torch.exp(-0.5 * (offsets[None] / sigma[:, None]) ** 2)
+    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (B*C, K)
+    y = x.reshape(1, b * c, h, w)
+    y = F.conv2d(F.pad(y, (radius, radius, 0, 0), mode="reflect"), kernel[:, None, None, :],
+                 groups=b * c)
+    y = F.conv2d(F.pad(y, (0, 0, radius, radius), mode="reflect"), kernel[:, None, :, None],
+                 groups=b * c)
+    return y.reshape(b, c, h, w)
+
+
+def _crop_boxes(n: int, src: int, cfg: AugmentConfig, gen: torch.Generator,
+                attempts: int = 10) -> torch.Tensor:
+    """RandomResizedCrop boxes (x1, y1, x2, y2) as torchvision samples them: up to 10 tries
+    of (area, log-ratio), falling back to the whole (square) image."""
+    area = src * src * (cfg.scale_min + (cfg.scale_max - cfg.scale_min)
+                        * torch.rand(n, attempts, generator=gen))
+    log_lo, log_hi = math.log(cfg.ratio_min), math.log(cfg.ratio_max)
+    ratio = torch.exp(log_lo + (log_hi - log_lo) * torch.rand(n, attempts, generator=gen))
+    w = torch.sqrt(area * ratio).round()
+    h = torch.sqrt(area / ratio).round()
+    ok = (w > 0) & (h > 0) & (w <= src) & (h <= src)
+    first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((n,), -1))
+    pick = first.clamp(min=0)[:, None]
+    w = torch.where(first >= 0, w.gather(1, pick)[:, 0], torch.full((n,), float(src)))
+    h = torch.where(first >= 0, h.gather(1, pick)[:, 0], torch.full((n,), float(src)))
+    x0 = torch.floor(torch.rand(n, generator=gen) * (src - w + 1))
+    y0 = torch.floor(torch.rand(n, generator=gen) * (src - h + 1))
+    return torch.stack([x0, y0, x0 + w, y0 + h], 1)
+
+
+class TwoViewAugment:
+    """Callable: uint8 (B, 3, S, S) on any device -> two normalised float views (B, 3, P, P)."""
+
+    def __init__(self, cfg: AugmentConfig, seed: int = 0) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def state_dict(self) -> dict:
+        return {"gen": self.gen.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.gen.set_state(state["gen"])
+
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.view(images, 0), self.view(images, 1)
+
+    def view(self, images: torch.Tensor, which: int) -> torch.Tensor:
+        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected uint8 (B, 3, H, W) images, got {images.dtype}"
+                             f" {tuple(images.shape)}")
+        cfg, gen, dev = self.cfg, self.gen, images.device
+        n, src = images.shape[0], images.shape[-1]
+
+        def coin(p: float) -> torch.Tensor:
+            return (torch.rand(n, generator=gen) < p).to(dev)
+
+        def uniform(lo: float, hi: float) -> torch.Tensor:
+            return (lo + (hi - lo) * torch.rand(n, generator=gen)).to(dev)
+
+        boxes = _crop_boxes(n, src, cfg, gen)
+        rois = torch.cat([torch.arange(n, dtype=torch.float32)[:, None], boxes], 1).to(dev)
+        x = roi_align(images.float().div_(255.0), rois, output_size=cfg.size,
+                      spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+        flip = coin(cfg.flip_p)
+        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+
+        jit = coin(cfg.jitter_p).view(-1, 1, 1, 1)
+        bright = uniform(1 - cfg.brightness, 1 + cfg.brightness).view(-1, 1, 1, 1)
+        contrast = uniform(1 - cfg.contrast, 1 + cfg.contrast).view(-1, 1, 1, 1)
+        sat = uniform(1 - cfg.saturation, 1 + cfg.saturation).view(-1, 1, 1, 1)
+        hue = uniform(-cfg.hue, cfg.hue)
+        y = (x * bright).clamp_(0, 1)
+        mean = _gray(y).mean((2, 3), keepdim=True)
+        y = (contrast * y + (1 - contrast) * mean).clamp_(0, 1)
+        y = (sat * y + (1 - sat) * _gray(y)).clamp_(0, 1)
+        if cfg.hue > 0:
+            y = _shift_hue(y, hue)
+        x = torch.where(jit, y, x)
+
+        gray = coin(cfg.gray_p).view(-1, 1, 1, 1)
+        x = torch.where(gray, _gray(x).expand(-1, 3, -1, -1), x)
+
+        blur = coin(cfg.blur_p[which])
+        sigma = uniform(cfg.blur_sigma_min, cfg.blur_sigma_max) * (cfg.size / 224.0)
+        if bool(blur.any()):
+            idx = blur.nonzero()[:, 0]
+            x = x.index_copy(0, idx, _blur(x[idx], sigma[idx]))
+
+        sol = coin(cfg.solarize_p[which]).view(-1, 1, 1, 1)
+        x = torch.where(sol & (x >= 0.5), 1.0 - x, x)
+        return normalize(x, cfg.mean, cfg.std)
+
+
+def normalize(x: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x - m) / s
+
+
+def eval_transform(images: torch.Tensor, size: int, crop_fraction: float = 0.875) -> torch.Tensor:
+    """Resize to size / crop_fraction and centre-crop `size`, batched: the usual eval view."""
+    x = images.float().div_(255.0)
+    resized = max(size, round(size / crop_fraction))
+    if x.shape[-1] != resized or x.shape[-2] != resized:
+        x = F.interpolate(x, size=(resized, resized), mode="bilinear", antialias=True,
+                          align_corners=False).clamp_(0, 1)
+    top = (resized - size) // 2
+    x = x[..., top:top + size, top:top + size]
+    return normalize(x)

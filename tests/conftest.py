@@ -1,0 +1,128 @@
+"""Small on-disk fixtures in every supported layout, written by the tests themselves."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub in tests
+
+
+def make_image(path: Path, seed: int, size=(40, 30), mode: str = "RGB") -> None:
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    img = Image.fromarray(arr, "RGB")
+    if mode == "CMYK":
+        img = img.convert("CMYK")
+    elif mode == "P":
+        img = img.convert("P")
+    elif mode == "L":
+        img = img.convert("L")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A palette image under a .jpg name is PNG inside, as happens in scraped data sets.
+    jpeg = path.suffix == ".jpg" and mode != "P"
+    img.save(path, format="JPEG" if jpeg else "PNG")
+
+
+def write_cub(root: Path, classes: int = 3, per_class: int = 4, *, modes=("RGB",),
+              parts: bool = True) -> Path:
+    """A CUB-200-2011 layout: half of each class train, boxes, and two named parts."""
+    lines = {k: [] for k in ("images", "labels", "split", "boxes", "locs")}
+    image_id = 0
+    for c in range(1, classes + 1):
+        class_dir = f"{c:03d}.Class_{c}"
+        for j in range(per_class):
+            image_id += 1
+            rel = f"{class_dir}/img_{image_id}.jpg"
+            mode = modes[image_id % len(modes)]
+            make_image(root / "images" / rel, image_id, mode=mode)
+            lines["images"].append(f"{image_id} {rel}")
+            lines["labels"].append(f"{image_id} {c}")
+            lines["split"].append(f"{image_id} {int(j < per_class // 2)}")
+            lines["boxes"].append(f"{image_id} 5.0 4.0 20.0 15.0")
+            lines["locs"].append(f"{image_id} 1 10.0 8.0 1")
+            lines["locs"].append(f"{image_id} 2 0.0 0.0 0")
+    (root / "classes.txt").write_text(
+        "".join(f"{c} {c:03d}.Class_{c}\n" for c in range(1, classes + 1)))
+    for name, key in (("images.txt", "images"), ("image_class_labels.txt", "labels"),
+                      ("train_test_split.txt", "split"), ("bounding_boxes.txt", "boxes")):
+        (root / name).write_text("\n".join(lines[key]) + "\n")
+    if parts:
+        (root / "parts").mkdir(exist_ok=True)
+        (root / "parts" / "parts.txt").write_text("1 beak\n2 tail\n")
+        (root / "parts" / "part_locs.txt").write_text("\n".join(lines["locs"]) + "\n")
+    return root
+
+
+def write_folder(root: Path, classes=("a", "b"), per_split: int = 3) -> Path:
+    for split in ("train", "test"):
+        for ci, name in enumerate(classes):
+            for j in range(per_split):
+                make_image(root / split / name / f"{j}.png", ci * 100 + j)
+    return root
+
+
+def write_cars(root: Path, classes: int = 2, per_split: int = 2) -> Path:
+    import scipy.io as sio
+
+    base = root / "stanford_cars"
+    (base / "devkit").mkdir(parents=True)
+    sio.savemat(base / "devkit" / "cars_meta.mat",
+                {"class_names": np.array([f"Car {i}" for i in range(classes)], dtype=object)})
+    for split, mat, folder in (("train", base / "devkit" / "cars_train_annos.mat", "cars_train"),
+                               ("test", base / "cars_test_annos_withlabels.mat", "cars_test")):
+        recs = []
+        for c in range(classes):
+            for j in range(per_split):
+                fname = f"{split}_{c}_{j}.jpg"
+                make_image(base / folder / fname, hash((split, c, j)) % 1000)
+                recs.append((1, 2, 30, 25, c + 1, fname))
+        dtype = [("bbox_x1", "O"), ("bbox_y1", "O"), ("bbox_x2", "O"), ("bbox_y2", "O"),
+                 ("class", "O"), ("fname", "O")]
+        sio.savemat(mat, {"annotations": np.array(recs, dtype=dtype)[None, :]})
+    return root
+
+
+def write_aircraft(root: Path, variants=("A300", "B737"), per_split: int = 2) -> Path:
+    data = root / "fgvc-aircraft-2013b" / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "variants.txt").write_text("\n".join(variants) + "\n")
+    (data / "families.txt").write_text("Airbus\nBoeing\n")
+    (data / "manufacturers.txt").write_text("Airbus\nBoeing\n")
+    boxes = []
+    n = 1000000
+    for split in ("trainval", "test"):
+        v_lines, f_lines, m_lines = [], [], []
+        for vi, v in enumerate(variants):
+            for _ in range(per_split):
+                n += 1
+                make_image(data / "images" / f"{n}.jpg", n)
+                v_lines.append(f"{n} {v}")
+                fam = ("Airbus", "Boeing")[vi % 2]
+                f_lines.append(f"{n} {fam}")
+                m_lines.append(f"{n} {fam}")
+                boxes.append(f"{n} 2 3 20 15")
+        (data / f"images_variant_{split}.txt").write_text("\n".join(v_lines) + "\n")
+        (data / f"images_family_{split}.txt").write_text("\n".join(f_lines) + "\n")
+        (data / f"images_manufacturer_{split}.txt").write_text("\n".join(m_lines) + "\n")
+    (data / "images_box.txt").write_text("\n".join(boxes) + "\n")
+    return root
+
+
+@pytest.fixture
+def cub_root(tmp_path: Path) -> Path:
+    return write_cub(tmp_path / "cub", modes=("RGB", "L", "CMYK", "P"))
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory) -> Path:
+    """The embedded dataset at test size, generated once per session."""
+    from fgray.data.synth import write_synthetic
+
+    out = tmp_path_factory.mktemp("synth") / "fg"
+    write_synthetic(out, classes=8, per_class=24, size=64, seed=0, progress=False)
+    return out
