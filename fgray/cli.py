@@ -123,7 +123,7 @@ def _data_check(args) -> int:
 
 
 def _pretrain(args) -> int:
-    from fgray.engine.run import pretrain_command
+    from fgray.train.launch import pretrain_command
 
     return pretrain_command(args)
 

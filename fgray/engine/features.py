@@ -1,0 +1,29 @@
+"""Embedding a cached split with the eval transform (resize + centre crop), in eval mode."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from fgray.data.augment import eval_transform
+from fgray.data.cache import CachedSplit
+from fgray.data.loader import iterate_eval
+
+
+@torch.no_grad()
+def embed_split(module: nn.Module, embed: Callable[[Tensor], Tensor], data: CachedSplit,
+                image_size: int, batch_size: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Features and labels of every image of `data`, in cache order; `module` is put in eval
+    mode for the pass and restored after."""
+    was_training = module.training
+    module.eval()
+    feats, labels = [], []
+    try:
+        for images, y in iterate_eval(data, batch_size, device):
+            feats.append(embed(eval_transform(images, image_size)).float())
+            labels.append(y)
+    finally:
+        module.train(was_training)
+    return torch.cat(feats), torch.cat(labels)

@@ -1,0 +1,211 @@
+"""One worker's pretraining loop: plain torch, no Ray.
+
+`Pretrainer` owns the method, the optimiser, the batch stream and the augmentation. It trains
+epoch by epoch; after each it evaluates kNN on the validation split (rank 0), writes a
+checkpoint holding everything needed to continue exactly (model, momentum encoders and queue,
+optimiser, epoch, RNG and augmentation generator states) and calls the epoch hook. Loss terms
+are accumulated on the device and read once per epoch, so the step never waits on the host.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import shutil
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from fgray.data.augment import AugmentConfig, TwoViewAugment
+from fgray.data.cache import CachedSplit
+from fgray.data.loader import CachedBatches
+from fgray.engine.features import embed_split
+from fgray.engine.optim import OptimConfig, build_optimizer, clip_gradients, lr_factor, set_lr
+from fgray.engine.spec import TrainConfig
+from fgray.errors import UserError
+from fgray.eval.knn import knn_classify
+from fgray.methods.base import Method, StepInfo
+
+EpochHook = Callable[[dict[str, Any], Path | None], None]
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def autocast_for(device: torch.device, precision: str):
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+class Pretrainer:
+    def __init__(self, method: Method, train_data: CachedSplit, val_data: CachedSplit | None,
+                 cfg: TrainConfig, optim_cfg: OptimConfig, aug_cfg: AugmentConfig, *,
+                 device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1,
+                 checkpoint_dir: str | Path | None = None, meta: dict | None = None,
+                 on_epoch: EpochHook | None = None) -> None:
+        self.device = torch.device(device)
+        self.cfg, self.optim_cfg = cfg, optim_cfg
+        self.rank, self.world_size = rank, world_size
+        self.meta = meta or {}
+        self.on_epoch = on_epoch
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self.train_data, self.val_data = train_data, val_data
+        if cfg.batch_size % world_size:
+            raise UserError(f"batch size {cfg.batch_size} is not divisible by {world_size}"
+                            " workers: expected a multiple of the worker count")
+        per_rank = cfg.batch_size // world_size
+        if len(train_data) < cfg.batch_size:
+            raise UserError(f"batch size {cfg.batch_size} exceeds the train split"
+                            f" ({len(train_data)} images): expected at most {len(train_data)}")
+
+        self.method = method.to(self.device)
+        if cfg.channels_last and self.device.type == "cuda" and not method.backbone.is_vit:
+            self.method.to(memory_format=torch.channels_last)
+        self.model: nn.Module = self.method
+        if world_size > 1:
+            if method.sync_bn:
+                self.method = nn.SyncBatchNorm.convert_sync_batchnorm(self.method)
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            # The MoCo queue is identical on every rank (keys are all-gathered), and
+            # re-broadcasting it each step would cost more than the gradients.
+            self.model = nn.parallel.DistributedDataParallel(
+                self.method, device_ids=ids, broadcast_buffers=False)
+        self.optimizer = build_optimizer(self.method.param_groups(), optim_cfg, cfg.batch_size,
+                                         fused=self.device.type == "cuda"
+                                         and cfg.fused_optimizer and optim_cfg.optimizer != "lars")
+        self.loader = CachedBatches(train_data, per_rank, device=self.device, seed=cfg.seed,
+                                    rank=rank, world_size=world_size)
+        self.augment = TwoViewAugment(aug_cfg, seed=cfg.seed * 1000 + rank)
+        self.steps_per_epoch = len(self.loader)
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+        self.warmup_steps = int(round(optim_cfg.warmup_epochs * self.steps_per_epoch))
+        self.epoch = 0  # epochs completed
+        self.history: list[dict[str, Any]] = []
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        rng = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {"format": 1, "meta": self.meta, "epoch": self.epoch,
+                "model": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "augment": self.augment.state_dict(), "rng": rng, "history": self.history}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.method.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.augment.load_state_dict(state["augment"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        self.epoch = int(state["epoch"])
+        self.history = list(state["history"])
+
+    def resume(self, path: str | Path) -> None:
+        path = Path(path)
+        if path.is_dir():
+            path = path / CHECKPOINT_FILE
+        self.load_state_dict(torch.load(path, map_location=self.device, weights_only=False))
+
+    def save_checkpoint(self) -> Path | None:
+        if self.rank != 0 or self.checkpoint_dir is None:
+            return None
+        out = self.checkpoint_dir / f"epoch-{self.epoch:04d}"
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.mkdir(parents=True, exist_ok=True)
+        torch.save(self.state_dict(), tmp / CHECKPOINT_FILE)
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+        kept = sorted(p for p in self.checkpoint_dir.glob("epoch-*") if not p.name.endswith(".tmp"))
+        for old in kept[:-self.cfg.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+        return out
+
+    # -- training -----------------------------------------------------------------------------
+
+    def train_epoch(self) -> dict[str, float]:
+        self.model.train()
+        self.loader.set_epoch(self.epoch)
+        sums: dict[str, torch.Tensor] = {}
+        steps, lr = 0, 0.0
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        start = time.perf_counter()
+        for images, _ in self.loader:
+            step = self.epoch * self.steps_per_epoch + steps
+            lr = set_lr(self.optimizer, lr_factor(step, self.total_steps, self.warmup_steps,
+                                                  self.optim_cfg.min_lr_ratio))
+            info = StepInfo(epoch=self.epoch, step=step, progress=step / self.total_steps,
+                            epochs=self.cfg.epochs)
+            view1, view2 = self.augment(images)
+            if self.device.type == "cuda" and self.cfg.channels_last:
+                view1 = view1.contiguous(memory_format=torch.channels_last)
+                view2 = view2.contiguous(memory_format=torch.channels_last)
+            with autocast_for(self.device, self.cfg.precision):
+                terms = self.model(view1, view2, info)
+            self.optimizer.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            clip_gradients(self.method, self.optim_cfg.grad_clip)
+            self.optimizer.step()
+            self.method.momentum_update((step + 1) / self.total_steps)
+            for name, value in terms.items():
+                value = value.detach().float()
+                sums[name] = sums[name] + value if name in sums else value
+            steps += 1
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - start
+        names = sorted(sums)
+        stacked = torch.stack([sums[n] for n in names]) / max(steps, 1)
+        if self.world_size > 1:
+            dist.all_reduce(stacked)
+            stacked /= self.world_size
+        values = dict(zip(names, stacked.tolist()))
+        if not all(math.isfinite(v) for v in values.values()):
+            raise FloatingPointError(f"non-finite loss at epoch {self.epoch + 1}: {values}")
+        out = {("loss" if n == "loss" else f"loss_{n}"): v for n, v in values.items()}
+        out.update(lr=lr, epoch_time_s=seconds,
+                   images_per_s=steps * self.cfg.batch_size / max(seconds, 1e-9),
+                   peak_mem_mb=peak_memory_mb(self.device))
+        return out
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """kNN top-1/top-5 on the validation split, the train split as the memory bank."""
+        if self.val_data is None or self.rank != 0:
+            return {}
+        size, bs, m = self.cfg.image_size, self.cfg.eval_batch_size, self.method
+        with autocast_for(self.device, self.cfg.precision):
+            bank, bank_labels = embed_split(m, m.embed, self.train_data, size, bs, self.device)
+            feats, labels = embed_split(m, m.embed, self.val_data, size, bs, self.device)
+        knn = knn_classify(bank.float(), bank_labels, feats.float(), labels, k=self.cfg.knn_k,
+                           temperature=self.cfg.knn_temperature,
+                           num_classes=self.train_data.num_classes)
+        return {"val_knn_top1": knn["top1"], "val_knn_top5": knn["top5"]}
+
+    def run(self) -> list[dict[str, Any]]:
+        """Train the remaining epochs; returns the metrics of every epoch of the run."""
+        while self.epoch < self.cfg.epochs:
+            metrics = self.train_epoch()
+            self.epoch += 1
+            if self.epoch % self.cfg.eval_every == 0 or self.epoch == self.cfg.epochs:
+                metrics.update(self.evaluate())
+            metrics["epoch"] = self.epoch
+            self.history.append(metrics)
+            path = self.save_checkpoint()
+            if self.on_epoch is not None:
+                self.on_epoch(metrics, path)
+        return self.history

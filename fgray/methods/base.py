@@ -1,0 +1,56 @@
+"""The uniform surface every method offers the engine.
+
+The engine calls these and never asks which method it holds:
+
+- `forward(view1, view2, step) -> dict`: the total under "loss" (with grad) and every named
+  term (detached) — the engine backpropagates the total and logs the rest;
+- `embed(images) -> features`: the test-time feature used by retrieval, kNN and the probe;
+- `param_groups() -> list[dict]`: what the optimiser trains;
+- `momentum_update(progress)`: after each optimiser step (EMA encoders; a no-op otherwise);
+- `spatial_maps(images) -> dict[str, Tensor]`: the maps a method relies on, (B, h, w), for
+  TensorBoard and the localisation score.
+
+Each method declares a `Config` dataclass holding the knobs a sweep may search, and class
+attributes for its defaults (backbone, augmentation recipe, optimiser settings).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    epoch: int  # 0-based epoch being trained
+    step: int  # global optimiser step
+    progress: float  # fraction of training done, in [0, 1)
+    epochs: int = 1  # total epochs of the run
+
+
+class Method(nn.Module):
+    Config: ClassVar[type]
+    default_backbone: ClassVar[str] = "resnet50"
+    augment_preset: ClassVar[str] = "mocov2"
+    # OptimConfig field overrides: the recipe of the paper the method follows.
+    optim_defaults: ClassVar[dict[str, Any]] = {}
+    sync_bn: ClassVar[bool] = False
+
+    def forward(self, view1: Tensor, view2: Tensor, step: StepInfo) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def embed(self, images: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def param_groups(self) -> list[dict]:
+        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+
+    def momentum_update(self, progress: float) -> None:
+        """EMA update of momentum encoders after an optimiser step; methods without one
+        keep this default."""
+
+    def spatial_maps(self, images: Tensor) -> dict[str, Tensor]:
+        """Methods with no spatial map of their own return none."""
+        return {}

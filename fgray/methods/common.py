@@ -1,0 +1,133 @@
+"""Pieces every method shares: InfoNCE, EMA updates, cross-rank gathers and batch shuffles.
+
+Plain torch; `torch.distributed` is used only when a process group is initialised, so each
+function also works in a single process.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank_and_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if distributed() else (0, 1)
+
+
+@torch.no_grad()
+def concat_all_gather(x: Tensor) -> Tensor:
+    """Concatenate `x` from every rank along dim 0 (no gradient), as MoCo's helper does."""
+    if not distributed():
+        return x
+    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out)
+
+
+def gather_with_grad(x: Tensor) -> Tensor:
+    """All-gather that keeps the gradient of this rank's slice (MoCo v3 gathers keys without
+    grad; kept separate so the no-grad case stays cheap)."""
+    if not distributed():
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    parts[dist.get_rank()] = x
+    return torch.cat(parts)
+
+
+def info_nce_queue(q: Tensor, k: Tensor, queue: Tensor, temperature: float) -> Tensor:
+    """MoCo v2 InfoNCE: one positive key per query against the queue's negatives.
+
+    q, k: (B, D) L2-normalised; queue: (K, D) L2-normalised. The positive sits at logit 0.
+    """
+    l_pos = (q * k).sum(1, keepdim=True)
+    l_neg = q @ queue.t()
+    logits = torch.cat([l_pos, l_neg], 1) / temperature
+    return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
+
+
+def info_nce_in_batch(q: Tensor, k: Tensor, temperature: float) -> Tensor:
+    """MoCo v3 contrastive loss: keys gathered from every rank are the negatives, the loss is
+    scaled by 2T as in the official code."""
+    k_all = concat_all_gather(k)
+    rank, _ = rank_and_world()
+    logits = q @ k_all.t() / temperature
+    labels = torch.arange(len(q), device=q.device) + rank * len(q)
+    return F.cross_entropy(logits, labels) * (2 * temperature)
+
+
+@torch.no_grad()
+def ema_update(target: nn.Module, source: nn.Module, momentum: float) -> None:
+    """target <- m * target + (1 - m) * source, parameter by parameter."""
+    t_params = [p for p in target.parameters()]
+    s_params = [p for p in source.parameters()]
+    torch._foreach_mul_(t_params, momentum)
+    torch._foreach_add_(t_params, s_params, alpha=1.0 - momentum)
+
+
+def cosine_momentum(base: float, progress: float) -> float:
+    """MoCo v3 / BYOL ramp: m goes from `base` to 1 along a half cosine over training."""
+    return 1.0 - 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0))) * (1.0 - base)
+
+
+def momentum_copy(module: nn.Module) -> nn.Module:
+    """A frozen copy for the momentum (key) encoder."""
+    import copy
+
+    twin = copy.deepcopy(module)
+    for p in twin.parameters():
+        p.requires_grad_(False)
+    return twin
+
+
+@torch.no_grad()
+def batch_shuffle_ddp(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Shuffle-BN across ranks (MoCo `_batch_shuffle_ddp`): gather the batch from every rank,
+    permute it with rank 0's permutation, and give each rank its slice of the permuted batch."""
+    batch_this = x.shape[0]
+    x_all = concat_all_gather(x)
+    world = dist.get_world_size()
+    idx_shuffle = torch.randperm(x_all.shape[0], device=x.device)
+    dist.broadcast(idx_shuffle, src=0)
+    idx_unshuffle = torch.argsort(idx_shuffle)
+    rank = dist.get_rank()
+    mine = idx_shuffle.view(world, -1)[rank]
+    assert len(mine) == batch_this
+    return x_all[mine], idx_unshuffle
+
+
+@torch.no_grad()
+def batch_unshuffle_ddp(x: Tensor, idx_unshuffle: Tensor) -> Tensor:
+    x_all = concat_all_gather(x)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    return x_all[idx_unshuffle.view(world, -1)[rank]]
+
+
+@torch.no_grad()
+def shuffled_groups_forward(fn, x: Tensor, groups: int) -> Tensor:
+    """Single-process shuffle-BN: run `fn` on `groups` random disjoint sub-batches so the key
+    encoder's BatchNorm statistics cannot leak which query a key belongs to (MoCo's
+    SplitBatchNorm idea), then restore the order."""
+    if groups <= 1 or x.shape[0] < 2 * groups:
+        return fn(x)
+    perm = torch.randperm(x.shape[0], device=x.device)
+    out = torch.cat([fn(chunk) for chunk in x[perm].chunk(groups)])
+    return out[torch.argsort(perm)]
+
+
+def no_weight_decay_groups(module: nn.Module, exclude_bias_and_norm: bool) -> list[dict]:
+    """Trainable parameters in one group, or two when biases and norm weights skip decay."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not exclude_bias_and_norm:
+        return [{"params": params}]
+    decay = [p for p in params if p.ndim > 1]
+    skip = [p for p in params if p.ndim <= 1]
+    return [{"params": decay}, {"params": skip, "weight_decay": 0.0, "lars_exclude": True}]
