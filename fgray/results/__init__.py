@@ -1,0 +1,10 @@
+"""Study results: append-only Parquet tables, TensorBoard logs, leaderboard and plots.
+
+`load` and `append` need only pyarrow; TensorBoard writers (torch) live in
+`fgray.results.tensorboard` and are imported on use.
+"""
+
+from fgray.results.report import leaderboard, plots, render, results_command
+from fgray.results.tables import append, load
+
+__all__ = ["append", "leaderboard", "load", "plots", "render", "results_command"]

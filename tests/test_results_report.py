@@ -1,0 +1,273 @@
+"""Leaderboard numbers against an independent pandas computation; renderings; plots."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fgray.errors import UserError
+from fgray.results import append, leaderboard, load, plots, render, results_command
+from fgray.results.schema import TEST_METRICS, param_fields
+
+UTC = dt.timezone.utc
+T0 = dt.datetime(2024, 3, 1, tzinfo=UTC)
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+# (method, trial, status, best val, config hash, seed, gpu h, cpu h, start offset h, searched)
+TRIALS = [
+    ("moco", "m1", "completed", 0.61, "h1", 0, 0.5, 0.1, 0, {"lr": 0.03, "tau": 0.2}),
+    ("moco", "m2", "stopped", 0.72, "h2", 0, 0.25, 0.05, 1, {"lr": 0.1, "tau": 0.1}),
+    ("moco", "m3", "failed", None, "h3", 0, 0.05, None, 2, {"lr": 0.9, "tau": 0.05}),
+    ("moco", "m4", "completed", 0.70, "h2", 1, 0.5, 0.1, 3, {"lr": 0.1, "tau": 0.1}),
+    ("moco", "m5", "completed", 0.69, "h2", 2, 0.5, 0.1, 4, {"lr": 0.1, "tau": 0.1}),
+    ("lcr", "l1", "completed", 0.55, "g1", 0, 1.0, 0.2, 0, {"lam": 0.5}),
+    ("lcr", "l2", "running", None, "g2", 0, None, None, 1, {"lam": 0.1}),
+    ("lcr", "l3", "stopped", 0.40, "g3", 0, 0.1, 0.0, 2, {"lam": 0.9}),
+]
+
+# Final test evaluations of moco's best configuration (h2) over three seeds, plus rows that
+# must not count: another configuration's (m1), validation rows, an unmapped protocol.
+EVAL_VALUES = {
+    ("m2", 0): {"rank1": 0.50, "rank5": 0.80, "map": 0.30, "knn": 0.55, "linear": 0.60},
+    ("m4", 1): {"rank1": 0.54, "rank5": 0.82, "map": 0.33, "knn": 0.57, "linear": 0.63},
+    ("m5", 2): {"rank1": 0.49, "rank5": 0.79, "map": 0.31, "knn": 0.52, "linear": 0.62},
+    ("m1", 0): {"rank1": 0.99, "rank5": 0.99, "map": 0.99, "knn": 0.99, "linear": 0.99},
+}
+_PROTOCOL = {"rank1": ("retrieval", "rank1"), "rank5": ("retrieval", "rank5"),
+             "map": ("retrieval", "map"), "knn": ("knn", "top1"), "linear": ("linear", "top1")}
+
+
+def _trial_row(spec, status=None) -> dict:
+    method, tid, st, val, chash, seed, gpu, cpu, start_h, searched = spec
+    start = T0 + dt.timedelta(hours=start_h)
+    row = {"study": "s", "trial_id": tid, "method": method, "status": status or st,
+           "best_val_knn_top1": val, "best_epoch": 3, "epochs_run": 4, "seed": seed,
+           "config_hash": chash, "gpu_hours": gpu, "cpu_hours": cpu, "start_time": start,
+           "end_time": start + dt.timedelta(minutes=30), "backbone": "test_resnet",
+           "dataset": "synthetic", "image_size": 32, "error": "OOM" if st == "failed" else None}
+    row.update(param_fields(searched, {"epochs": 4, "batch_size": 16}))
+    if tid == "l1":
+        row.update(test_rank1=0.45, test_knn_top1=0.47)  # no evals rows: trials columns used
+    return row
+
+
+def _eval_rows() -> list[dict]:
+    rows = []
+    for (tid, seed), values in EVAL_VALUES.items():
+        for key, value in values.items():
+            protocol, metric = _PROTOCOL[key]
+            rows.append({"study": "s", "trial_id": tid, "method": "moco", "split": "test",
+                         "protocol": protocol, "metric": metric, "value": value, "seed": seed})
+    rows.append({"trial_id": "m2", "method": "moco", "split": "val", "protocol": "knn",
+                 "metric": "top1", "value": 0.01, "seed": 0})
+    rows.append({"trial_id": "m2", "method": "moco", "split": "test",
+                 "protocol": "localisation", "metric": "iou", "value": 0.3, "seed": 0})
+    return rows
+
+
+@pytest.fixture()
+def study(tmp_path):
+    path = str(tmp_path / "study")
+    # m2 first reports "running", then its final state: the final state must win.
+    append(path, "trials", [_trial_row(TRIALS[1], status="running") | {
+        "best_val_knn_top1": 0.99, "end_time": None}])
+    for spec in TRIALS:
+        append(path, "trials", [_trial_row(spec)])
+    append(path, "evals", _eval_rows())
+    epochs = []
+    for method, tid, *_ in TRIALS:
+        for epoch in range(4):
+            epochs.append({"study": "s", "trial_id": tid, "method": method, "epoch": epoch,
+                           "val_knn_top1": 0.1 * epoch + len(tid) / 100, "loss": 2.0 - epoch / 4,
+                           "lr": 0.01})
+    append(path, "epochs", epochs)
+    return path
+
+
+def _expected(path: str) -> dict[str, dict]:
+    """The leaderboard, computed independently with pandas."""
+    trials = pd.read_parquet(os.path.join(path, "tables", "trials"))
+    trials["method"] = trials["method"].astype(str)
+    trials = trials.sort_values("end_time", na_position="first")
+    trials = trials.drop_duplicates(["method", "trial_id"], keep="last")
+    evals = pd.read_parquet(os.path.join(path, "tables", "evals"))
+    evals["method"] = evals["method"].astype(str)
+    evals = evals[evals["split"] == "test"]
+    column = {("retrieval", "rank1"): "test_rank1", ("retrieval", "rank5"): "test_rank5",
+              ("retrieval", "map"): "test_map", ("knn", "top1"): "test_knn_top1",
+              ("linear", "top1"): "test_linear_top1"}
+    evals = evals.assign(col=[column.get((p, m)) for p, m in zip(evals.protocol, evals.metric)])
+    out = {}
+    for method, group in trials.groupby("method"):
+        ranked = group[group.status.isin(["completed", "stopped"])]
+        best = ranked.loc[ranked.best_val_knn_top1.idxmax()]
+        same = group[group.config_hash == best.config_hash].trial_id
+        mine = evals[(evals.method == method) & evals.trial_id.isin(same)]
+        row = {"best_trial": best.trial_id, "val_knn_top1": best.best_val_knn_top1,
+               "params": json.loads(best.params_json),
+               "trials_completed": int((group.status == "completed").sum()),
+               "trials_stopped": int((group.status == "stopped").sum()),
+               "trials_failed": int((group.status == "failed").sum()),
+               "trials_running": int((group.status == "running").sum()),
+               "gpu_hours": group.gpu_hours.sum(), "cpu_hours": group.cpu_hours.sum()}
+        for col in TEST_METRICS:
+            values = mine[mine.col == col].value
+            if values.empty:
+                values = group[group.config_hash == best.config_hash][col].dropna()
+            row[col] = values.mean() if len(values) else None
+            row[f"{col}_std"] = values.std() if len(values) >= 2 else None
+            row[f"{col}_n"] = len(values)
+        out[method] = row
+    return out
+
+
+def _assert_close(got, want):
+    if want is None or (isinstance(want, float) and np.isnan(want)):
+        assert got is None
+    else:
+        assert got == pytest.approx(want, rel=1e-12)
+
+
+def test_leaderboard_matches_independent_pandas(study):
+    rows = {r["method"]: r for r in leaderboard(study)}
+    expected = _expected(study)
+    assert sorted(rows) == sorted(expected) == ["lcr", "moco"]
+    for method, want in expected.items():
+        got = rows[method]
+        for key, value in want.items():
+            if key == "params" or key.startswith("trials_") or key.endswith("_n"):
+                assert got[key] == value, (method, key)
+            elif key == "best_trial":
+                assert got[key] == value
+            else:
+                _assert_close(got[key], value)
+    moco = rows["moco"]
+    # Hand check of the pandas reference itself: three seeds of configuration h2.
+    assert moco["best_trial"] == "m2" and moco["test_rank1_n"] == 3
+    assert moco["test_rank1"] == pytest.approx((0.50 + 0.54 + 0.49) / 3)
+    assert moco["test_rank1_std"] == pytest.approx(np.std([0.50, 0.54, 0.49], ddof=1))
+    assert moco["searched"] == {"lr": 0.1, "tau": 0.1}
+    assert moco["params"] == {"lr": 0.1, "tau": 0.1, "epochs": 4, "batch_size": 16}
+    lcr = rows["lcr"]
+    assert lcr["test_rank1"] == 0.45 and lcr["test_rank1_std"] is None
+    assert lcr["test_map"] is None and lcr["test_map_n"] == 0
+    assert lcr["trials_running"] == 1
+
+
+def test_render_formats(study):
+    rows = leaderboard(study)
+    parsed = json.loads(render(rows, "json"))
+    for got, want in zip(parsed, rows):
+        assert got["method"] == want["method"]
+        for key in ("val_knn_top1", "gpu_hours", *TEST_METRICS):
+            assert got[key] == want[key]
+        assert got["params"] == want["params"]
+
+    reader = list(csv.DictReader(io.StringIO(render(rows, "csv"))))
+    header = render(rows, "csv").splitlines()[0].split(",")
+    assert header[:5] == ["method", "best_trial", "best_epoch", "config_hash", "val_knn_top1"]
+    assert [r["method"] for r in reader] == [r["method"] for r in rows]
+    for got, want in zip(reader, rows):
+        assert float(got["test_rank1"]) == want["test_rank1"]
+        assert json.loads(got["params"]) == want["params"]
+
+    markdown = render(rows, "markdown").splitlines()
+    assert markdown[0].startswith("| method | best_trial | val_knn_top1 | test_rank1 |")
+    assert set(markdown[1]) == {"|", "-"}
+    moco_line = next(line for line in markdown if line.startswith("| moco |"))
+    mean, std = rows[1]["test_rank1"], rows[1]["test_rank1_std"]
+    assert f"{mean:.4f} ± {std:.4f}" in moco_line
+    assert "lr=0.1, tau=0.1" in moco_line
+
+    table = render(rows, "table").splitlines()
+    assert table[0].split()[:3] == ["method", "best_trial", "val_knn_top1"]
+    assert table[2].split()[:3] == ["lcr", "l1", "0.5500"]
+    # Columns are aligned: every header starts where its cells start.
+    start = table[0].index("val_knn_top1")
+    assert table[2][start:].startswith("0.5500") and table[3][start:].startswith("0.7200")
+
+    with pytest.raises(UserError, match="--format 'xml': expected one of table, csv, "
+                                        "markdown, json"):
+        render(rows, "xml")
+
+
+def test_results_command_with_tensorboard(study):
+    out = results_command(study, "table", tensorboard=True)
+    assert out.splitlines()[0].startswith("method")
+    assert f"TensorBoard: tensorboard --logdir {study}/tensorboard" in out
+    assert os.path.isdir(os.path.join(study, "tensorboard", "moco", "m2", "hparams"))
+    data = json.loads(results_command(study, "json", tensorboard=True))
+    assert data["tensorboard"] == f"tensorboard --logdir {study}/tensorboard"
+    assert [r["method"] for r in data["leaderboard"]] == ["lcr", "moco"]
+    assert json.loads(results_command(study, "json")) == json.loads(
+        render(leaderboard(study), "json"))
+    with pytest.raises(UserError, match="--format"):
+        results_command(study, "yaml")
+
+
+def test_results_command_on_missing_or_empty_study(tmp_path):
+    with pytest.raises(UserError, match="not an fgray study"):
+        results_command(str(tmp_path / "missing"))
+    (tmp_path / "empty" / "tables").mkdir(parents=True)
+    out = results_command(str(tmp_path / "empty"))
+    assert "(no trials recorded yet)" in out
+    assert json.loads(results_command(str(tmp_path / "empty"), "json")) == []
+
+
+def _is_png(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(8) == PNG_MAGIC
+
+
+def test_plots_without_optuna_journal(study):
+    notes: list[str] = []
+    paths = plots(study, notes=notes)
+    names = sorted(os.path.basename(p) for p in paths)
+    assert names == ["best_so_far.png", "cost_vs_accuracy.png", "val_vs_epoch_lcr.png",
+                     "val_vs_epoch_moco.png"]
+    assert all(os.path.dirname(p) == os.path.join(study, "plots") for p in paths)
+    assert all(_is_png(p) for p in paths)
+    assert any("no Optuna journal" in n for n in notes)
+
+
+def test_plots_param_importance_from_optuna_journal(study, tmp_path):
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+
+    os.makedirs(os.path.join(study, "optuna"))
+    storage = optuna.storages.JournalStorage(
+        JournalFileBackend(os.path.join(study, "optuna", "journal.log")))
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    moco = optuna.create_study(study_name="cub-moco", storage=storage, direction="maximize",
+                               sampler=optuna.samplers.RandomSampler(seed=0))
+    moco.set_user_attr("method", "moco")
+    moco.optimize(lambda t: -(np.log10(t.suggest_float("lr", 1e-4, 1, log=True)) + 2) ** 2
+                  + 0 * t.suggest_float("tau", 0.05, 0.5), n_trials=12)
+    lonely = optuna.create_study(study_name="lcr", storage=storage, direction="maximize")
+    lonely.optimize(lambda t: t.suggest_float("lam", 0, 1), n_trials=1)
+
+    out_dir = str(tmp_path / "figs")
+    notes: list[str] = []
+    paths = plots(study, out_dir=out_dir, notes=notes)
+    names = {os.path.basename(p) for p in paths}
+    assert "param_importance_moco.png" in names and "param_importance_lcr.png" not in names
+    assert all(_is_png(p) and p.startswith(out_dir) for p in paths)
+    assert any("'lcr': 1 completed trial(s), need 2" in n for n in notes)
+
+    text = results_command(study, "table", plots=True)
+    assert "plots:" in text and "param_importance_moco.png" in text
+    assert os.path.exists(os.path.join(study, "plots", "param_importance_moco.png"))
+
+
+def test_load_sees_all_rows_written_for_report(study):
+    # 9 trial rows (m2 twice), 4 x 5 + 2 eval rows, 8 x 4 epoch rows.
+    assert load(study, "trials").num_rows == len(TRIALS) + 1
+    assert load(study, "evals").num_rows == 22
+    assert load(study, "epochs").num_rows == 32
