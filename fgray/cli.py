@@ -1,4 +1,4 @@
-"""The `fgray` command: data, pretrain, eval, results.
+"""The `fgray` command: data, pretrain, eval, corpus, results.
 
 User mistakes (fgray.errors.UserError and bad flags) print one line and exit 2; anything
 else is a bug and keeps its traceback (exit 1).
@@ -91,6 +91,17 @@ def build_parser() -> argparse.ArgumentParser:
                     " checkpoint)")
     ev.set_defaults(handler=_eval)
 
+    corpus = sub.add_parser("corpus", help="embed PP-SSL's attribute-text corpus with CLIP")
+    corpus.add_argument("--dataset", choices=FORMATS, required=True)
+    corpus.add_argument("--data-root", required=True)
+    corpus.add_argument("--clip-model", default="ViT-B-32",
+                        help="open_clip model name, hf-hub:/local-dir: id or config JSON")
+    corpus.add_argument("--clip-weights", default=None,
+                        help="local CLIP weights file (or a pretrained tag when online)")
+    corpus.add_argument("--out", required=True, help="Parquet file to write")
+    corpus.add_argument("--max-size", type=int, default=None, help="keep at most N texts")
+    corpus.set_defaults(handler=_corpus)
+
     res = sub.add_parser("results", help="leaderboard, plots and TensorBoard of a study")
     res.add_argument("study_dir")
     res.add_argument("--format", default="table", choices=("table", "csv", "markdown", "json"))
@@ -132,6 +143,16 @@ def _eval(args) -> int:
     from fgray.engine.evaluate import eval_command
 
     return eval_command(args)
+
+
+def _corpus(args) -> int:
+    from fgray.methods.corpus import build_corpus, corpus_info
+
+    out = build_corpus(args.dataset, args.data_root, args.clip_model, args.clip_weights,
+                       args.out, max_size=args.max_size)
+    info = corpus_info(out)
+    print(f"wrote {out}: {info.get('count')} texts, {info.get('dim')}-d embeddings")
+    return 0
 
 
 def _results(args) -> int:

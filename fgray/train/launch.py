@@ -1,5 +1,6 @@
 """`fgray pretrain`: resolve the run from flags, then train in this process (`--workers 0`)
-or as a Ray Train job (`--workers N`)."""
+or as a Ray Train job (`--workers N`: the cluster at `--address` / RAY_ADDRESS, else a local
+Ray started for the run)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 from fgray.config import parse_set_flags
 from fgray.engine.spec import DataSpec, RunSpec, build_spec
+from fgray.errors import UserError
 
 
 def spec_from_args(args) -> RunSpec:
@@ -24,39 +26,58 @@ def run_name(spec: RunSpec) -> str:
     return f"{spec.method}-{spec.data.format}-{spec.hash()[:8]}"
 
 
-def print_epoch(metrics: dict) -> None:
-    parts = [f"epoch {metrics['epoch']}", f"loss {metrics['loss']:.4f}"]
-    if "val_knn_top1" in metrics:
-        parts.append(f"val kNN top-1 {metrics['val_knn_top1']:.2f}")
-    parts.append(f"{metrics['images_per_s']:.1f} img/s")
-    print("  ".join(parts), flush=True)
+def diverged(exc: FloatingPointError) -> UserError:
+    return UserError(f"training diverged ({exc}); expected finite losses: lower the learning "
+                     "rate (--set lr=...) or a loss weight")
 
 
 def pretrain_command(args) -> int:
-    from fgray.errors import UserError
-
     spec = spec_from_args(args)
     if args.workers < 0:
         raise UserError(f"--workers {args.workers}: expected 0 (in-process) or more")
     name = args.name or run_name(spec)
     if args.workers == 0:
-        from fgray.engine.run import resolve_device, run_pretraining
-        from fgray.train.records import EpochRecorder
-
-        run_dir = Path(args.storage) / name
-        recorder = EpochRecorder(str(args.storage), trial_id=name, spec=spec)
-        trainer = run_pretraining(
-            spec, run_dir, device=resolve_device(args.device),
-            on_epoch=lambda m, _ckpt: (print_epoch(m), recorder(m)),
-            progress=sys.stderr.isatty())
-        recorder.finish(trainer.history, status="completed")
-        print(f"run folder: {run_dir}")
-        print(f"best checkpoint (val kNN): {run_dir / 'checkpoints' / 'best'}")
-        return 0
+        return _in_process(args, spec, name)
     from fgray.train.trainer import ray_pretrain
 
-    result = ray_pretrain(spec, name=name, storage=args.storage, workers=args.workers,
-                          gpus_per_worker=args.gpus_per_worker,
-                          cpus_per_worker=args.cpus_per_worker, address=args.address)
+    try:
+        result = ray_pretrain(spec, name=name, storage=args.storage, workers=args.workers,
+                              gpus_per_worker=args.gpus_per_worker,
+                              cpus_per_worker=args.cpus_per_worker, address=args.address)
+    except FloatingPointError as exc:
+        raise diverged(exc) from None
     print(f"run folder: {result}")
+    print(f"results: fgray results {args.storage}")
+    return 0
+
+
+def _in_process(args, spec: RunSpec, name: str) -> int:
+    import torch
+
+    from fgray.engine.run import resolve_device, run_pretraining
+    from fgray.train.records import EpochRecorder, format_epoch, trial_history
+
+    device = resolve_device(args.device)
+    cuda = device.type == "cuda"
+    recorder = EpochRecorder(str(args.storage), trial_id=name, spec=spec,
+                             cpus=1.0 if cuda else float(torch.get_num_threads()),
+                             gpus=1.0 if cuda else 0.0)
+    run_dir = Path(args.storage) / name
+
+    def on_epoch(metrics, _checkpoint) -> None:
+        print(format_epoch(metrics), flush=True)
+        recorder(metrics)
+
+    try:
+        trainer = run_pretraining(spec, run_dir, device=device, on_epoch=on_epoch,
+                                  progress=sys.stderr.isatty())
+    except BaseException as exc:
+        recorder.finish(trial_history(str(args.storage), spec.method, name), "failed",
+                        error=f"{type(exc).__name__}: {exc}")
+        if isinstance(exc, FloatingPointError):
+            raise diverged(exc) from None
+        raise
+    recorder.finish(trainer.history, status="completed")
+    print(f"run folder: {run_dir}")
+    print(f"best checkpoint (val kNN): {run_dir / 'checkpoints' / 'best'}")
     return 0
