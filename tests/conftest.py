@@ -7,9 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub in tests
+# Tiny models on shared cores: thread hand-offs cost more than they save.
+torch.set_num_threads(1)
 
 
 def make_image(path: Path, seed: int, size=(40, 30), mode: str = "RGB") -> None:

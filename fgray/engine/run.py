@@ -122,6 +122,9 @@ def run_pretraining(spec: RunSpec, run_dir: str | Path, *, device: torch.device 
                     resume: bool = True, on_epoch=None, progress: bool = True) -> Pretrainer:
     """Train `spec` in this process under `run_dir`, continuing from its last checkpoint."""
     run_dir = Path(run_dir)
+    if not resume:  # a fresh start: stale checkpoints and metrics would mix with the new run
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     keeper = BestKeeper(run_dir)
 

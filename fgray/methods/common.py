@@ -67,8 +67,10 @@ def info_nce_in_batch(q: Tensor, k: Tensor, temperature: float) -> Tensor:
 @torch.no_grad()
 def ema_update(target: nn.Module, source: nn.Module, momentum: float) -> None:
     """target <- m * target + (1 - m) * source, parameter by parameter."""
-    t_params = [p for p in target.parameters()]
-    s_params = [p for p in source.parameters()]
+    t_params = list(target.parameters())
+    s_params = list(source.parameters())
+    if not t_params:  # e.g. an empty projector: nothing to average
+        return
     torch._foreach_mul_(t_params, momentum)
     torch._foreach_add_(t_params, s_params, alpha=1.0 - momentum)
 

@@ -54,7 +54,7 @@ from torch import Tensor, nn
 from fgray.config import check_range
 from fgray.errors import UserError
 from fgray.methods.base import StepInfo
-from fgray.methods.common import cosine_momentum, ema_update, momentum_copy
+from fgray.methods.common import momentum_copy
 from fgray.methods.moco import MoCoV3, MoCoV3Config
 from fgray.models.backbone import Backbone
 from fgray.models.heads import moco_v3_predictor
@@ -225,14 +225,6 @@ class LoDisc(MoCoV3):
         if self.cfg.embed == "encoder":
             return super().embed(images)
         return F.normalize(self.query(images), dim=1)
-
-    def momentum_update(self, progress: float) -> None:
-        if self.cfg.projector:
-            super().momentum_update(progress)
-            return
-        # No projector: nothing to average but the backbone (ema_update needs parameters).
-        self.current_momentum = cosine_momentum(self.cfg.momentum, progress)
-        ema_update(self.backbone_k, self.backbone, self.current_momentum)
 
     @torch.no_grad()
     def spatial_maps(self, images: Tensor) -> dict[str, Tensor]:

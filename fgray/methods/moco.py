@@ -151,8 +151,12 @@ class MoCoV3(Method):
         cfg.validate()
         self.cfg = cfg
         self.backbone = backbone
-        self.projector = moco_v3_projector(backbone.num_features, cfg.mlp_hidden, cfg.dim)
-        self.predictor = moco_v3_predictor(cfg.dim, cfg.mlp_hidden)
+        # moco-v3 builder: ViTs get a 3-layer projector and a predictor ending in BN,
+        # ResNets a 2-layer projector and a predictor without it.
+        vit = backbone.is_vit
+        self.projector = moco_v3_projector(backbone.num_features, cfg.mlp_hidden, cfg.dim,
+                                           num_layers=3 if vit else 2)
+        self.predictor = moco_v3_predictor(cfg.dim, cfg.mlp_hidden, last_bn=vit)
         self.backbone_k = momentum_copy(self.backbone)
         self.projector_k = momentum_copy(self.projector)
         self.current_momentum = cfg.momentum

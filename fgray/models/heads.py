@@ -61,6 +61,7 @@ def moco_v3_projector(
     return mlp(in_dim, hidden, dim, num_layers, batch_norm=True, last_bn=True)
 
 
-def moco_v3_predictor(dim: int = 256, hidden: int = 4096) -> nn.Sequential:
-    """MoCo v3 predictor: `Linear–BN–ReLU–Linear`, dim → hidden → dim, no final BN."""
-    return mlp(dim, hidden, dim, 2, batch_norm=True, last_bn=False)
+def moco_v3_predictor(dim: int = 256, hidden: int = 4096, last_bn: bool = False) -> nn.Sequential:
+    """MoCo v3 predictor: `Linear–BN–ReLU–Linear`, dim → hidden → dim; moco-v3 adds a final
+    affine-free BN for ViTs (`last_bn=True`) and none for ResNets."""
+    return mlp(dim, hidden, dim, 2, batch_norm=True, last_bn=last_bn)
