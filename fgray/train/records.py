@@ -1,0 +1,292 @@
+"""The bridge from per-epoch metrics to the results layer (Parquet tables + TensorBoard).
+
+`EpochRecorder` is one trial's recorder: calling it with an epoch's metrics appends a row to
+the `epochs` table and writes the TensorBoard scalars of run `<method>/<trial_id>`; `finish`
+writes the trial's row to the `trials` table. `record_test` adds the final test evaluation
+(`evals` rows and the `test_*` columns of the trial's row). No Ray here: `fgray pretrain
+--workers 0`, Ray Train's controller callback and the Tune study driver all use it.
+
+The trials table is append-only, so a trial's states (`running`, then a terminal state, then
+the same terminal state with test metrics) are separate rows; readers keep the latest
+(`fgray.results.tables.latest_trials`: terminal beats running, then the later `end_time`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from fgray import __version__
+from fgray.config import to_dict
+from fgray.engine.spec import RunSpec
+from fgray.results.schema import PARTITION_COLUMN, TEST_METRICS, param_fields
+from fgray.results.tables import append, latest_trials, load, resolve
+
+SELECTION_METRIC = "val_knn_top1"
+
+# Keys a Ray report adds to an epoch's metrics that are bookkeeping, not measurements.
+_NOT_RECORDED = frozenset({"checkpoint_path", "checkpoint_dir_name", "done",
+                           "training_iteration", "trial_id", "timestamp", "time_this_iter_s",
+                           "time_total_s", "pid", "hostname", "node_ip", "date",
+                           "time_since_restore", "iterations_since_restore", "config",
+                           "experiment_tag"})
+
+# evaluate_method's metric names -> (protocol, metric) of an `evals` row.
+_EVAL_ROWS = {
+    "rank1": ("retrieval", "rank1"), "rank5": ("retrieval", "rank5"), "map": ("retrieval", "map"),
+    "knn_top1": ("knn", "top1"), "knn_top5": ("knn", "top5"),
+    "linear_top1": ("linear", "top1"), "linear_top5": ("linear", "top5"),
+    "linear_paper_top1": ("linear", "paper_top1"),
+}
+
+
+def git_revision(start: str | Path | None = None) -> str | None:
+    """The commit the fgray source tree is checked out at, read from `.git` without running
+    git; None outside a git checkout (e.g. an installed wheel) or when it cannot be read."""
+    here = Path(start or __file__).resolve()
+    for folder in (here, *here.parents):
+        dot_git = folder / ".git"
+        if dot_git.is_file():  # a worktree or submodule: "gitdir: <path>"
+            text = dot_git.read_text().strip()
+            if not text.startswith("gitdir:"):
+                return None
+            dot_git = (folder / text.split(":", 1)[1].strip()).resolve()
+        if not dot_git.is_dir():
+            continue
+        try:
+            head = (dot_git / "HEAD").read_text().strip()
+            if not head.startswith("ref:"):
+                return head or None  # detached HEAD holds the commit itself
+            ref = head.split(":", 1)[1].strip()
+            for git_dir in (dot_git, _common_dir(dot_git)):
+                loose = git_dir / ref
+                if loose.is_file():
+                    return loose.read_text().strip() or None
+                packed = git_dir / "packed-refs"
+                if packed.is_file():
+                    for line in packed.read_text().splitlines():
+                        parts = line.split()
+                        if len(parts) == 2 and parts[1] == ref:
+                            return parts[0]
+        except OSError:
+            return None
+        return None  # a checkout whose branch has no commit yet
+    return None
+
+
+def _common_dir(git_dir: Path) -> Path:
+    common = git_dir / "commondir"
+    if common.is_file():
+        return (git_dir / common.read_text().strip()).resolve()
+    return git_dir
+
+
+def config_hash(spec: RunSpec) -> str:
+    """The experiment's identity without its seed: runs of one configuration with different
+    seeds share it, which is how the leaderboard groups them into mean ± std."""
+    return dataclasses.replace(spec, train=dataclasses.replace(spec.train, seed=0)).hash()
+
+
+def resolved_params(spec: RunSpec) -> dict[str, Any]:
+    """Every knob that defines the run, flat: the method's resolved config, the optimiser and
+    the budget. This is the trial's `params_json` next to the searched parameters."""
+    from fgray.methods import method_config
+
+    out: dict[str, Any] = {"backbone": spec.backbone_name, "init": spec.init,
+                           "epochs": spec.train.epochs, "batch_size": spec.train.batch_size,
+                           "image_size": spec.train.image_size}
+    method = to_dict(method_config(spec.method, spec.method_overrides))
+    # A method knob and an optimiser setting may share a name (MoCo's EMA `momentum` and
+    # SGD's); `--set` gives it to the method, so the optimiser's keeps an `optim.` prefix.
+    out.update({(f"optim.{k}" if k in method else k): v for k, v in to_dict(spec.optim).items()})
+    out.update(method)
+    return out
+
+
+def format_epoch(metrics: Mapping[str, Any]) -> str:
+    """One console line per epoch."""
+    parts = [f"epoch {metrics['epoch']}", f"loss {metrics['loss']:.4f}"]
+    if metrics.get(SELECTION_METRIC) is not None:
+        parts.append(f"val kNN top-1 {metrics[SELECTION_METRIC]:.2f}")
+    if metrics.get("images_per_s") is not None:
+        parts.append(f"{metrics['images_per_s']:.1f} img/s")
+    return "  ".join(parts)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def best_epoch(history: Iterable[Mapping[str, Any]]) -> tuple[float | None, int | None]:
+    """The best val kNN top-1 of a history and the epoch it was reached (the first on ties)."""
+    best, epoch = None, None
+    for row in history:
+        value = row.get(SELECTION_METRIC)
+        if _finite(value) and (best is None or value > best):
+            best, epoch = float(value), int(row["epoch"])
+    return best, epoch
+
+
+class EpochRecorder:
+    """Records one trial: an `epochs` row and TensorBoard scalars per epoch, a `trials` row at
+    the end. Picklable until first called (the TensorBoard writer opens lazily), so it can be
+    shipped to the Ray Train controller.
+
+    `cpus` and `gpus` are the resources the trial holds (all workers together); with the
+    wall time they give the trial's cpu_hours / gpu_hours. `start_time` (Unix seconds)
+    defaults to now; a resumed trial passes its original start.
+    """
+
+    def __init__(self, study_dir: str, trial_id: str, spec: RunSpec, *, study: str | None = None,
+                 params: dict[str, Any] | None = None, cpus: float = 1.0, gpus: float = 0.0,
+                 start_time: float | None = None) -> None:
+        self.study_dir = str(study_dir)
+        self.trial_id = trial_id
+        self.spec = spec
+        self.study = study
+        self.params = dict(params or {})
+        self.cpus, self.gpus = float(cpus), float(gpus)
+        self.start_time = time.time() if start_time is None else float(start_time)
+        self._writer = None
+
+    @property
+    def keys(self) -> dict[str, Any]:
+        return {"study": self.study, "trial_id": self.trial_id, PARTITION_COLUMN: self.spec.method}
+
+    def epoch_row(self, metrics: Mapping[str, Any]) -> dict[str, Any]:
+        row = dict(self.keys)
+        for key, value in metrics.items():
+            if key in _NOT_RECORDED or key in row:
+                continue
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                row[key] = value
+        row["epoch"] = int(metrics["epoch"])
+        return row
+
+    def __call__(self, metrics: Mapping[str, Any]) -> None:
+        row = self.epoch_row(metrics)
+        append(self.study_dir, "epochs", [row])
+        if self._writer is None:
+            from fgray.results.tensorboard import TrialWriter, run_name
+
+            self._writer = TrialWriter(self.study_dir, run_name(self.spec.method, self.trial_id))
+        scalars = {k: v for k, v in row.items() if k not in self.keys and k != "epoch"}
+        self._writer.scalars(row["epoch"], scalars)
+        # Flushed every epoch: a trial a scheduler stops is killed without a chance to close.
+        self._writer.flush()
+
+    def trial_row(self, history: list[Mapping[str, Any]], status: str, error: str | None = None,
+                  test_metrics: Mapping[str, float] | None = None,
+                  end_time: float | None = None) -> dict[str, Any]:
+        end = time.time() if end_time is None else float(end_time)
+        wall = max(0.0, end - self.start_time)
+        best, at = best_epoch(history)
+        epochs = [int(h["epoch"]) for h in history if h.get("epoch") is not None]
+        row = dict(self.keys)
+        row.update(
+            backbone=self.spec.backbone_name, dataset=self.spec.data.format,
+            image_size=self.spec.train.image_size, status=status,
+            error=_one_line(error) if error else None, best_val_knn_top1=best, best_epoch=at,
+            epochs_run=max(epochs) if epochs else 0, seed=self.spec.train.seed,
+            wall_time_s=wall, cpu_hours=wall * self.cpus / 3600,
+            gpu_hours=wall * self.gpus / 3600, start_time=self.start_time, end_time=end,
+            fgray_version=__version__, git_revision=git_revision(),
+            config_hash=config_hash(self.spec))
+        row.update(param_fields(self.params, resolved_params(self.spec)))
+        for name, value in (test_metrics or {}).items():
+            column = name if name.startswith("test_") else f"test_{name}"
+            if column in TEST_METRICS:
+                row[column] = value
+        return row
+
+    def finish(self, history: list[Mapping[str, Any]], status: str, error: str | None = None,
+               test_metrics: Mapping[str, float] | None = None) -> dict[str, Any]:
+        """Write the trial's row; returns it."""
+        row = self.trial_row(history, status, error, test_metrics)
+        append(self.study_dir, "trials", [row])
+        self.close()
+        return row
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_writer"] = None  # an open event file stays with the process that opened it
+        return state
+
+
+def _one_line(text: str, limit: int = 2000) -> str:
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[:limit - 1] + "…"
+
+
+def trial_history(study_dir: str, method: str, trial_id: str) -> list[dict[str, Any]]:
+    """A trial's recorded epochs in order, one row per epoch (the last write of an epoch wins,
+    should a restart have recorded it twice)."""
+    if not has_tables(study_dir):
+        return []
+    table = load(study_dir, "epochs", filter={PARTITION_COLUMN: method, "trial_id": trial_id})
+    by_epoch: dict[int, dict[str, Any]] = {}
+    for row in table.to_pylist():
+        if row.get("epoch") is not None:
+            by_epoch[int(row["epoch"])] = {k: v for k, v in row.items() if v is not None}
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def has_tables(study_dir: str) -> bool:
+    """Whether anything was recorded under `study_dir` yet."""
+    fs, root = resolve(study_dir)
+    return fs.get_file_info(f"{root}/tables").type == pafs.FileType.Directory
+
+
+def latest_trial_row(study_dir: str, method: str, trial_id: str) -> dict[str, Any] | None:
+    if not has_tables(study_dir):
+        return None
+    rows = load(study_dir, "trials",
+                filter={PARTITION_COLUMN: method, "trial_id": trial_id}).to_pylist()
+    latest = latest_trials(rows)
+    return latest[0] if latest else None
+
+
+def eval_rows(metrics: Mapping[str, float], *, study: str | None, method: str, trial_id: str,
+              seed: int) -> list[dict[str, Any]]:
+    """`evals` rows (split=test) for `evaluate_method`'s output."""
+    rows = []
+    for name, value in metrics.items():
+        if name not in _EVAL_ROWS:
+            continue
+        protocol, metric = _EVAL_ROWS[name]
+        rows.append({"study": study, "trial_id": trial_id, PARTITION_COLUMN: method,
+                     "split": "test", "protocol": protocol, "metric": metric,
+                     "value": float(value), "seed": int(seed)})
+    return rows
+
+
+def record_test(study_dir: str, method: str, trial_id: str, metrics: Mapping[str, float], *,
+                seed: int, study: str | None = None) -> dict[str, Any] | None:
+    """Record a trial's final test evaluation: its `evals` rows, and the trial's latest row
+    again with the `test_*` columns filled (end_time = now, so this state is the latest).
+    Returns the new trial row, or None when the trial has no row to extend."""
+    rows = eval_rows(metrics, study=study, method=method, trial_id=trial_id, seed=seed)
+    if rows:
+        append(study_dir, "evals", rows)
+    previous = latest_trial_row(study_dir, method, trial_id)
+    if previous is None:
+        return None
+    row = {k: v for k, v in previous.items() if v is not None}
+    for name, value in metrics.items():
+        column = f"test_{name}"
+        if column in TEST_METRICS:
+            row[column] = float(value)
+    row["end_time"] = time.time()
+    append(study_dir, "trials", [row])
+    return row

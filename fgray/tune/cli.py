@@ -1,0 +1,207 @@
+"""The command line shared by the scripts in studies/: flags -> StudyConfig -> run_study.
+
+    python studies/cub_sweep.py [--data-root ROOT | --synthetic] [--preset smoke|laptop|paper]
+        [--methods moco,lcr,...] [--trials N] [--epochs N] [--backbone NAME]
+        [--image-size PX] [--storage PATH_OR_URI] [--resume] [--name NAME] [--address ADDR]
+
+Run directly, a script starts a local Ray for the study; under `ray job submit` (or with
+RAY_ADDRESS / --address) it joins that cluster. User errors print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from fgray.cli import OneLineParser, run_main
+from fgray.config import parse_set_flags
+from fgray.data.cache import default_cache_dir
+from fgray.errors import UserError
+from fgray.methods import REGISTRY
+from fgray.tune.presets import PRESETS, Preset, get_preset
+from fgray.tune.spaces import SHARED_KNOBS
+
+
+def build_parser(prog: str, description: str, *, mode: str) -> argparse.ArgumentParser:
+    p = OneLineParser(prog=prog, description=description,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--data-root", help="dataset root folder")
+    source.add_argument("--synthetic", action="store_true",
+                        help="use the embedded fine-grained dataset (generated once, cached)")
+    p.add_argument("--preset", default="laptop", choices=tuple(PRESETS),
+                   help="study size: smoke (minutes on a laptop CPU), laptop, paper (GPUs)")
+    p.add_argument("--methods", help=f"comma list of {', '.join(REGISTRY)} (preset default)")
+    if mode == "search":
+        p.add_argument("--trials", type=int, help="trials per method (preset default)")
+    p.add_argument("--epochs", type=int, help="epochs per trial (preset default)")
+    p.add_argument("--backbone", help="timm model for every method (preset default)")
+    p.add_argument("--image-size", type=int, help="training image side in pixels")
+    p.add_argument("--batch-size", type=int, help="global batch size per trial")
+    p.add_argument("--init", help="random, imagenet or a weights file (preset default)")
+    p.add_argument("--storage", default="studies_out", help="parent folder or s3:// / gs:// URI")
+    p.add_argument("--name", help="study name: its folder under --storage")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted study --storage/--name")
+    p.add_argument("--address", help="Ray cluster address (default RAY_ADDRESS, else local)")
+    p.add_argument("--workers", type=int, default=1, help="Ray Train workers per trial")
+    p.add_argument("--cpus-per-worker", type=float, help="CPUs per worker (default 1)")
+    p.add_argument("--gpus-per-worker", type=float,
+                   help="GPUs per worker, fractions allowed for one-worker trials "
+                        "(default: 1 when the cluster has GPUs)")
+    p.add_argument("--concurrency", type=int, help="trials at a time (default: what fits)")
+    if mode == "search":
+        p.add_argument("--grace-period", type=int, help="ASHA: epochs before a trial may stop")
+        p.add_argument("--reduction-factor", type=int, help="ASHA: keep 1/N at each rung")
+        p.add_argument("--search-shared", default="lr",
+                       help=f"shared knobs to search besides each method's own: comma list of "
+                            f"{', '.join(SHARED_KNOBS)}, or 'none'")
+        p.add_argument("--points", metavar="JSON",
+                       help="configurations to try first, after each method's paper recipe: a "
+                            "JSON file holding a list of {knob: value} (every method) or "
+                            "{method: [...]}")
+        p.add_argument("--seeds", type=int, default=1,
+                       help="seeds of the final test evaluation of each method's best config "
+                            "(extra seeds retrain it)")
+    else:
+        p.add_argument("--seeds", type=int, default=3, help="seeds per method")
+    p.add_argument("--seed", type=int, default=0, help="first training seed; also seeds TPE")
+    p.add_argument("--protocols", default="retrieval,knn,linear",
+                   help="final test protocols: retrieval, knn, linear, linear-paper")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="fixed setting for every method, or METHOD.KEY=VALUE for one")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="share of each class's train images held out for model selection")
+    p.add_argument("--cache-dir", help="decoded-cache folder (default FGRAY_CACHE)")
+    return p
+
+
+def _methods(text: str | None, preset: Preset) -> list[str]:
+    if not text:
+        return list(preset.methods)
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in REGISTRY]
+    if unknown or not methods:
+        raise UserError(f"--methods {text!r}: expected a comma list of {', '.join(REGISTRY)}")
+    return list(dict.fromkeys(methods))
+
+
+def _fixed(pairs: list[str], methods: list[str], preset: Preset) -> dict[str, dict[str, Any]]:
+    sets = parse_set_flags(pairs)
+    out = {m: preset.settings_for(m) for m in methods}
+    for key, value in sets.items():
+        target, _, name = key.partition(".")
+        if name and target in REGISTRY:
+            if target in out:
+                out[target][name] = value
+        else:
+            for m in methods:
+                out[m][key] = value
+    return out
+
+
+def _points(path: str | None, methods: list[str]) -> dict[str, list[dict[str, Any]]]:
+    if not path:
+        return {}
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--points {path}: cannot read a JSON file ({exc})") from None
+    if isinstance(data, list):
+        data = {m: data for m in methods}
+    if not isinstance(data, dict) or not all(
+            isinstance(v, list) and all(isinstance(p, dict) for p in v) for v in data.values()):
+        raise UserError(f"--points {path}: expected a list of {{knob: value}} objects or "
+                        "{method: [...]}")
+    return {m: list(v) for m, v in data.items() if m in methods}
+
+
+def synthetic_root(preset: Preset) -> str:
+    """The embedded dataset at the preset's size, generated once under the cache folder."""
+    from fgray.data.synth import write_synthetic
+
+    params = {"classes": 10, "per_class": 24, "size": 64, "seed": 0, **preset.synthetic}
+    root = default_cache_dir() / "synthetic" / (
+        f"c{params['classes']}-n{params['per_class']}-s{params['size']}-seed{params['seed']}")
+    summary = write_synthetic(root, progress=sys.stderr.isatty(), **params)
+    if not summary["skipped"]:
+        print(f"wrote the embedded dataset: {root} ({summary['images']} images)", flush=True)
+    return str(root)
+
+
+def study_from_args(args, *, dataset: str, mode: str, default_name: str):
+    from fgray.train.trainer import join
+    from fgray.tune.study import StudyConfig, load_study
+
+    preset = get_preset(args.preset)
+    if args.resume:
+        # The stored study.json decides everything else; only where it lives is needed.
+        return load_study(join(_absolute(args.storage), args.name or default_name))
+    if not (args.synthetic or args.data_root):
+        raise UserError("no dataset: expected --data-root ROOT or --synthetic")
+    methods = _methods(args.methods, preset)
+    if args.synthetic:
+        root, fmt = synthetic_root(preset), "cub"
+    else:
+        root, fmt = str(Path(args.data_root).expanduser().resolve()), dataset
+    shared: list[str] = []
+    if mode == "search" and args.search_shared.strip().lower() != "none":
+        shared = [s.strip() for s in args.search_shared.split(",") if s.strip()]
+    cache_dir = str(Path(args.cache_dir).expanduser().resolve()) if args.cache_dir else None
+    return StudyConfig(
+        name=args.name or default_name, storage=_absolute(args.storage),
+        data={"format": fmt, "root": root, "val_fraction": args.val_fraction,
+              "cache_dir": cache_dir},
+        methods=methods, mode=mode,
+        trials=getattr(args, "trials", None) or preset.trials,
+        epochs=args.epochs or preset.epochs,
+        batch_size=args.batch_size or preset.batch_size,
+        image_size=args.image_size or preset.image_size,
+        backbones={m: args.backbone or preset.backbone_for(m) for m in methods},
+        init=args.init or preset.init,
+        fixed=_fixed(args.set, methods, preset), shared=shared,
+        grace_period=getattr(args, "grace_period", None) or preset.grace_period,
+        reduction_factor=getattr(args, "reduction_factor", None) or preset.reduction_factor,
+        workers=args.workers, cpus_per_worker=args.cpus_per_worker,
+        gpus_per_worker=(args.gpus_per_worker if args.gpus_per_worker is not None
+                         else preset.gpus_per_worker),
+        concurrency=args.concurrency, seed=args.seed, seeds=args.seeds,
+        points=_points(getattr(args, "points", None), methods),
+        protocols=[p.strip() for p in args.protocols.split(",") if p.strip()])
+
+
+def _absolute(storage: str) -> str:
+    from fgray.train.trainer import absolute_storage
+
+    return absolute_storage(storage)
+
+
+def study_main(argv: list[str] | None = None, *, prog: str, description: str, dataset: str,
+               mode: str = "search") -> int:
+    """Entry point of a study script; returns the exit code."""
+
+    def body() -> int:
+        from fgray.results.report import results_command
+        from fgray.train.cluster import ray_session
+        from fgray.tune.study import run_study
+
+        args = build_parser(prog, description, mode=mode).parse_args(argv)
+        default_name = f"{Path(prog).stem}-{args.preset}"
+        study = study_from_args(args, dataset=dataset, mode=mode, default_name=default_name)
+        with ray_session(args.address):
+            summary = run_study(study, resume=args.resume)
+        print()
+        print(results_command(summary.study_dir))
+        print(f"study wall time {summary.wall_time_s:.0f} s; {summary.trials} trials "
+              f"({summary.stopped} stopped early by ASHA, {summary.failed} failed); "
+              f"trial time {summary.trial_time_s:.0f} s at {summary.concurrency} at a time; "
+              f"overhead ratio {summary.overhead_ratio:.2f}")
+        print(f"tables: {summary.study_dir}/tables   TensorBoard: tensorboard --logdir "
+              f"{summary.study_dir}/tensorboard   Optuna: optuna-dashboard "
+              f"{summary.study_dir}/optuna/journal.log")
+        return 0
+
+    return run_main(body, prog)

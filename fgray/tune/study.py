@@ -1,0 +1,605 @@
+"""The study driver: Ray Tune trials, each launching a Ray Train run of one configuration.
+
+A study lives in one folder, STUDY_DIR = STORAGE/NAME (a local path, or s3:// / gs://):
+
+    study.json            the study's settings (what `--resume` continues)
+    tune/<experiment>/    Ray Tune's experiment state (Tuner.restore reads it)
+    train/<trial_id>/     each trial's Ray Train run: checkpoints, ranks/, state
+    optuna/journal.log    the Optuna studies (JournalStorage; optuna-dashboard opens it)
+    tables/{trials,epochs,evals}/  Parquet results;  tensorboard/  scalars and HParams
+
+Search (`mode="search"`): one Tune experiment and one Optuna study per method, run one method
+after the other. Each method has its own conditional knobs (a define-by-run space from
+fgray.tune.spaces), its own TPE model and its own ASHA rungs, so methods whose losses and
+learning curves differ never compete inside one model or bracket, and the leaderboard's "best
+config per method" is the best of that method's search. The price: the methods do not share
+the cluster at the same time (a method's last trials may leave it part-idle). TPE is seeded;
+the first trial of every method is the paper's recipe (`points_to_evaluate`). ASHA stops
+trials on per-epoch val kNN top-1 (grace period and reduction factor configurable); TPE learns
+from each trial's best val kNN top-1 so far.
+
+Compare (`mode="compare"`): every method x seed at a fixed budget with the recipe defaults,
+one experiment, no search and no early stopping.
+
+A Tune trial is only a driver for its Train run: it asks for no CPU (a little memory so Ray
+can place it), and `max_concurrent_trials` is what the cluster's CPUs / GPUs fit of the
+Train workers (fractional GPUs allowed, e.g. 0.5 for two small-backbone trials per GPU).
+A trial whose Train run fails -- a non-finite loss, a crash past FailureConfig's retries --
+is recorded as failed with its error and the study goes on. After the runs, the best trial
+of each method (by val kNN top-1, as the leaderboard ranks it) is evaluated once on test
+with its best checkpoint, optionally over extra seeds (retrained with the same config), and
+the results are recorded in the tables (`evals`, and `test_*` on the trial's row).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+import warnings
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import pyarrow.fs as pafs
+import ray
+import ray.tune
+from ray.tune import Callback, Tuner
+from ray.tune.search.optuna import OptunaSearch
+
+from fgray.engine.spec import DataSpec, RunSpec, build_spec
+from fgray.errors import UserError
+from fgray.results.tables import resolve
+from fgray.train.cluster import ClusterResources
+from fgray.train.records import (
+    SELECTION_METRIC,
+    EpochRecorder,
+    latest_trial_row,
+    record_test,
+    trial_history,
+)
+from fgray.train.trainer import (
+    WorkerResources,
+    best_checkpoint_dir,
+    build_trainer,
+    join,
+    resolve_resources,
+    run_trainer,
+)
+from fgray.tune.journal import Journal
+from fgray.tune.spaces import Space, space_for
+
+STUDY_FILE = "study.json"
+TUNE_DIR, TRAIN_DIR = "tune", "train"
+SEARCH_METRIC = f"best_{SELECTION_METRIC}"  # what TPE learns from
+DRIVER_MEMORY = 256 * 2**20  # what a trial's driver actor reserves: it needs no CPU
+PROTOCOLS = ("retrieval", "knn", "linear")
+POINT = "point"  # the config key of a fixed-point experiment's grid
+
+
+@dataclass
+class StudyConfig:
+    """Everything a study needs; stored as STUDY_DIR/study.json so `--resume` continues
+    exactly the study that was started."""
+
+    name: str
+    storage: str
+    data: dict[str, Any]  # DataSpec fields
+    methods: list[str]
+    mode: Literal["search", "compare"] = "search"
+    trials: int = 4  # per method (search)
+    epochs: int = 4
+    batch_size: int = 32
+    image_size: int = 32
+    backbones: dict[str, str | None] = field(default_factory=dict)  # per method; None: default
+    init: str = "random"
+    fixed: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-method --set pairs
+    shared: list[str] = field(default_factory=lambda: ["lr"])  # shared knobs searched
+    grace_period: int = 1
+    reduction_factor: int = 2
+    workers: int = 1
+    cpus_per_worker: float | None = None
+    gpus_per_worker: float | None = None
+    concurrency: int | None = None  # None: what the cluster fits
+    seed: int = 0
+    seeds: int = 1  # compare: seeds per method; search: seeds of the final test evaluation
+    protocols: list[str] = field(default_factory=lambda: list(PROTOCOLS))
+    max_failures: int = 1  # Ray Train worker-group restarts per trial
+    keep_best: int = 2  # checkpoints kept per trial besides the latest
+    points: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # extra first points
+
+    def __post_init__(self) -> None:
+        if not self.methods:
+            raise UserError("no methods to study: expected --methods with at least one")
+        if self.mode not in ("search", "compare"):
+            raise UserError(f"study mode {self.mode!r}: expected search or compare")
+        for name, value, low in (("--trials", self.trials, 1), ("--epochs", self.epochs, 1),
+                                 ("--grace-period", self.grace_period, 1),
+                                 ("--reduction-factor", self.reduction_factor, 2),
+                                 ("--seeds", self.seeds, 1), ("--workers", self.workers, 1)):
+            if value < low:
+                raise UserError(f"{name} {value}: expected {low} or more")
+        if self.grace_period > self.epochs:
+            raise UserError(f"--grace-period {self.grace_period} exceeds --epochs "
+                            f"{self.epochs}: expected at most the epoch budget")
+        if self.concurrency is not None and self.concurrency < 1:
+            raise UserError(f"--concurrency {self.concurrency}: expected 1 or more")
+        unknown = sorted(set(self.protocols) - set(PROTOCOLS) - {"linear-paper"})
+        if unknown:
+            raise UserError(f"protocol {unknown[0]!r}: expected some of "
+                            f"{', '.join(PROTOCOLS)}, linear-paper")
+
+    @property
+    def study_dir(self) -> str:
+        return join(self.storage, self.name)
+
+    @property
+    def data_spec(self) -> DataSpec:
+        return DataSpec(**self.data)
+
+    def space(self, method: str, *, validate: bool = False) -> Space:
+        if validate:
+            return space_for(method, shared=self.shared, fixed=self.fixed.get(method, {}))
+        return Space(method, tuple(self.shared), tuple(sorted(self.fixed.get(method, {}).items())))
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> StudyConfig:
+        data = json.loads(text)
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+# ---------------------------------------------------------------- one trial
+
+
+@dataclass(frozen=True)
+class TrialSetup:
+    """What every trial of one experiment shares; the trial's own config is its sampled
+    parameters (plus `method` and `seed` in a compare / final-seed experiment)."""
+
+    study: StudyConfig
+    resources: WorkerResources
+    method: str | None = None
+
+    @staticmethod
+    def point(config: dict[str, Any]) -> dict[str, Any]:
+        """The trial's parameters: a fixed-point experiment grids over whole points."""
+        return dict(config.get(POINT, config))
+
+    def method_of(self, config: dict[str, Any]) -> str:
+        return self.point(config).get("method") or self.method
+
+    def params_of(self, config: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in self.point(config).items() if k != "method"}
+
+    def spec_for(self, config: dict[str, Any]) -> RunSpec:
+        method = self.method_of(config)
+        config = self.point(config)
+        knobs = {k: v for k, v in config.items() if k not in ("method", "seed")}
+        sets = {**self.study.fixed.get(method, {}), **self.study.space(method).settings(knobs)}
+        train = {"epochs": self.study.epochs, "batch_size": self.study.batch_size,
+                 "image_size": self.study.image_size,
+                 "seed": int(config.get("seed", self.study.seed)),
+                 "eval_every": 1}  # ASHA and TPE read val kNN top-1 every epoch
+        return build_spec(method, self.study.data_spec, backbone=self.study.backbones.get(method),
+                          init=self.study.init, train=train, sets=sets)
+
+    def recorder(self, trial_id: str, config: dict[str, Any], spec: RunSpec,
+                 start_time: float | None = None) -> EpochRecorder:
+        return EpochRecorder(self.study.study_dir, trial_id, spec, study=self.study.name,
+                             params=self.params_of(config), cpus=self.resources.cpus,
+                             gpus=self.resources.gpus, start_time=start_time)
+
+
+def train_trial(config: dict[str, Any], setup: TrialSetup) -> None:
+    """A Tune trial: launch the Train run of this configuration, named after the trial so a
+    restored trial resumes its run; results reach Tune through TuneReportCallback."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    spec = setup.spec_for(config)
+    trainer = build_trainer(spec, name=trial_id, storage=join(setup.study.study_dir, TRAIN_DIR),
+                            resources=setup.resources,
+                            recorder=setup.recorder(trial_id, config, spec),
+                            callbacks=[TuneReportCallback()],
+                            max_failures=setup.study.max_failures,
+                            keep_best=setup.study.keep_best)
+    run_trainer(trainer)
+
+
+def error_line(text: str | None) -> str:
+    """The exception line of a traceback (`FloatingPointError: non-finite loss ...`)."""
+    if not text:
+        return "unknown error"
+    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+    for line in reversed(lines):
+        head = line.split(":", 1)[0]
+        if head.replace(".", "").isidentifier() and (head.endswith("Error")
+                                                      or head.endswith("Exception")):
+            return line
+    return lines[-1]
+
+
+class StudyRecorder(Callback):
+    """Tune callback on the study driver: a `running` trials row when a trial starts, its
+    final row when it completes (`completed`, or `stopped` by ASHA before its budget) or
+    fails (`failed`, with the error). Epoch rows come from the Train controller."""
+
+    def __init__(self, setup: TrialSetup) -> None:
+        self.trial_setup = setup
+        self._start: dict[str, float] = {}
+
+    def _start_time(self, trial) -> float:
+        if trial.trial_id not in self._start:
+            setup = self.trial_setup
+            row = latest_trial_row(setup.study.study_dir, setup.method_of(trial.config),
+                                   trial.trial_id)
+            self._start[trial.trial_id] = (row["start_time"].timestamp()
+                                           if row and row.get("start_time") else time.time())
+        return self._start[trial.trial_id]
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        method = self.trial_setup.method_of(trial.config)
+        known = latest_trial_row(self.trial_setup.study.study_dir, method, trial.trial_id)
+        start = self._start_time(trial)
+        if known is None:
+            setup = self.trial_setup
+            spec = setup.spec_for(trial.config)
+            setup.recorder(trial.trial_id, trial.config, spec, start).finish([], "running")
+
+    def _finish(self, trial, status: str, error: str | None = None) -> None:
+        setup = self.trial_setup
+        method = setup.method_of(trial.config)
+        spec = setup.spec_for(trial.config)
+        history = trial_history(setup.study.study_dir, method, trial.trial_id)
+        if status == "completed" and (not history or history[-1]["epoch"] < spec.train.epochs):
+            status = "stopped"  # ended by the scheduler before its epoch budget
+        known = latest_trial_row(setup.study.study_dir, method, trial.trial_id)
+        ran = history[-1]["epoch"] if history else 0
+        if known and known.get("status") == status and known.get("epochs_run") == ran:
+            # A trial that finished just before its driver was killed is finished again by
+            # the restored experiment (its Train run resumes at its end): nothing new.
+            return
+        recorder = setup.recorder(trial.trial_id, trial.config, spec, self._start_time(trial))
+        recorder.finish(history, status, error=error)
+        Journal(setup.study.study_dir).upload()
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self._finish(trial, "completed")
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        # The driver's copy of the error file; the one in storage is synced later.
+        local = Path(trial.error_file) if trial.error_file else None
+        text = local.read_text() if local and local.is_file() else trial.get_error()
+        self._finish(trial, "failed", error=error_line(text))
+
+
+# ---------------------------------------------------------------- experiments
+
+
+def concurrency_for(resources: WorkerResources, cluster: ClusterResources,
+                    override: int | None = None) -> int:
+    """How many trials the cluster runs at once: its CPUs (and GPUs) over one trial's."""
+    if override:
+        return override
+    fits = math.floor(cluster.cpus / resources.cpus + 1e-9)
+    if resources.gpus > 0:
+        fits = min(fits, math.floor(cluster.gpus / resources.gpus + 1e-9))
+    if fits < 1:
+        raise UserError(f"one trial needs {resources.cpus:g} CPUs and {resources.gpus:g} GPUs "
+                        f"but the cluster has {cluster.cpus:g} CPUs and {cluster.gpus:g} GPUs: "
+                        "expected fewer --workers or fewer CPUs/GPUs per worker (on an "
+                        "autoscaling cluster, pass --concurrency N)")
+    return fits
+
+
+def _trainable(setup: TrialSetup):
+    return ray.tune.with_resources(ray.tune.with_parameters(train_trial, setup=setup),
+                                   {"cpu": 0, "memory": DRIVER_MEMORY})
+
+
+def _run_config(study: StudyConfig, name: str, setup: TrialSetup) -> ray.tune.RunConfig:
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    # Tune's own TensorBoard logger would put a second set of event files in the study;
+    # fgray writes TensorBoard itself (STUDY_DIR/tensorboard).
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    return ray.tune.RunConfig(
+        name=name, storage_path=join(study.study_dir, TUNE_DIR),
+        callbacks=[CSVLoggerCallback(), JsonLoggerCallback(), StudyRecorder(setup)],
+        failure_config=ray.tune.FailureConfig(max_failures=0), verbose=1)
+
+
+def _fit(study: StudyConfig, name: str, setup: TrialSetup, fresh) -> None:
+    """Run experiment `name`, restoring it when a previous run of the study left it behind
+    (finished trials are not repeated; unfinished ones resume from their checkpoints)."""
+    path = join(study.study_dir, TUNE_DIR, name)
+    if Tuner.can_restore(path):
+        tuner = Tuner.restore(path, trainable=_trainable(setup), resume_unfinished=True,
+                              resume_errored=False, restart_errored=False)
+    else:
+        tuner = fresh()
+    tuner.fit()
+
+
+class ResumableOptunaSearch(OptunaSearch):
+    """OptunaSearch whose restore also mends what a killed driver left in the journal.
+
+    The journal is written as trials are asked, Tune's snapshot of the searcher only every
+    so often: an Optuna trial asked after the last snapshot belongs to no Tune trial after
+    a restore and would stay RUNNING forever, and when it was an enqueued point (the
+    recipe, a --points entry) that configuration would never run. Such orphans are marked
+    failed and their enqueued points enqueued again.
+    """
+
+    def restore(self, checkpoint_path: str) -> None:
+        import optuna
+
+        super().restore(checkpoint_path)
+        tracked = {t.number for t in self._ot_trials.values()}
+        running = self._ot_study.get_trials(deepcopy=False,
+                                            states=(optuna.trial.TrialState.RUNNING,))
+        for orphan in (t for t in running if t.number not in tracked):
+            fixed = orphan.system_attrs.get("fixed_params")
+            self._ot_study.tell(orphan.number, state=optuna.trial.TrialState.FAIL)
+            if fixed:
+                self._ot_study.enqueue_trial(fixed)
+
+
+def make_searcher(study: StudyConfig, method: str):
+    """OptunaSearch over the method's define-by-run space: a seeded TPE sampler, the paper's
+    recipe as the first point, the study stored in the journal (named after the method)."""
+    import optuna
+
+    space = study.space(method)
+    storage = Journal(study.study_dir).storage()
+    record = optuna.create_study(study_name=method, storage=storage, direction="maximize",
+                                 load_if_exists=True)
+    record.set_user_attr("method", method)
+    record.set_user_attr("metric", SEARCH_METRIC)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        sampler = optuna.samplers.TPESampler(
+            seed=study.seed + zlib.crc32(method.encode()) % 10_000, multivariate=True,
+            group=True)  # group: the conditional branches get their own models
+    points = [space.defaults(), *study.points.get(method, [])]
+    return ResumableOptunaSearch(space=space, metric=SEARCH_METRIC, mode="max",
+                                 points_to_evaluate=points, sampler=sampler,
+                                 study_name=method, storage=storage)
+
+
+def make_scheduler(study: StudyConfig):
+    """ASHA on per-epoch val kNN top-1 (one bracket)."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(time_attr="epoch", metric=SELECTION_METRIC, mode="max",
+                         max_t=study.epochs, grace_period=study.grace_period,
+                         reduction_factor=study.reduction_factor,
+                         stop_last_trials=False)  # a full run ends by itself
+
+
+def search_method(study: StudyConfig, method: str, resources: WorkerResources,
+                  concurrency: int) -> None:
+    """One method's search: TPE over its define-by-run space, ASHA on val kNN top-1."""
+    setup = TrialSetup(study, resources, method)
+
+    def fresh() -> Tuner:
+        return Tuner(_trainable(setup),
+                     tune_config=ray.tune.TuneConfig(search_alg=make_searcher(study, method),
+                                                     scheduler=make_scheduler(study),
+                                                     num_samples=study.trials,
+                                                     max_concurrent_trials=concurrency),
+                     run_config=_run_config(study, method, setup))
+
+    _fit(study, method, setup, fresh)
+
+
+def run_points(study: StudyConfig, name: str, points: list[dict[str, Any]],
+               resources: WorkerResources, concurrency: int) -> None:
+    """Fixed configurations (each with its `method` and `seed`), no search, no stopping."""
+    if not points:
+        return
+    setup = TrialSetup(study, resources)
+
+    def fresh() -> Tuner:
+        return Tuner(_trainable(setup), param_space={POINT: ray.tune.grid_search(points)},
+                     tune_config=ray.tune.TuneConfig(max_concurrent_trials=concurrency),
+                     run_config=_run_config(study, name, setup))
+
+    _fit(study, name, setup, fresh)
+
+
+# ---------------------------------------------------------------- final test evaluation
+
+
+def _evaluate_checkpoint(checkpoint: str, data: dict[str, Any], protocols: list[str],
+                         seed: int) -> dict[str, float]:
+    """Runs as a Ray task with a trial's resources, next to the data like the trials."""
+    from fgray.engine.evaluate import evaluate_method, load_checkpoint
+    from fgray.engine.run import resolve_device
+
+    device = resolve_device(None)
+    with ray.train.Checkpoint(checkpoint).as_directory() as folder:
+        method, spec, _ = load_checkpoint(folder, device)
+    return evaluate_method(method, spec, DataSpec(**data), protocols, split="test",
+                           device=device, seed=seed, progress=False)
+
+
+def _tested(study_dir: str, trial_ids: set[str]) -> set[str]:
+    from fgray.results.tables import load
+
+    table = load(study_dir, "evals").to_pylist()
+    return {r["trial_id"] for r in table if r.get("split") == "test"} & trial_ids
+
+
+def evaluate_trials(study: StudyConfig, trials: list[dict[str, Any]],
+                    resources: WorkerResources) -> list[dict[str, Any]]:
+    """Test metrics of each trial's best checkpoint, as Ray tasks; recorded in the tables.
+    Trials already evaluated (a resumed study) are skipped."""
+    done = _tested(study.study_dir, {t["trial_id"] for t in trials})
+    task = ray.remote(num_cpus=resources.cpus_per_worker,
+                      num_gpus=resources.gpus_per_worker)(_evaluate_checkpoint)
+    pending = []
+    for trial in trials:
+        if trial["trial_id"] in done:
+            continue
+        checkpoint = best_checkpoint_dir(join(study.study_dir, TRAIN_DIR, trial["trial_id"]))
+        if checkpoint is None:
+            continue
+        seed = int(trial.get("seed") or 0)
+        pending.append((trial, seed, task.remote(checkpoint, study.data, study.protocols, seed)))
+    rows = []
+    for trial, seed, ref in pending:
+        metrics = ray.get(ref)
+        row = record_test(study.study_dir, trial["method"], trial["trial_id"], metrics,
+                          seed=seed, study=study.name)
+        rows.append({"trial_id": trial["trial_id"], "method": trial["method"], **metrics,
+                     "recorded": row is not None})
+    return rows
+
+
+# ---------------------------------------------------------------- the study
+
+
+def _read_text(uri: str) -> str | None:
+    fs, path = resolve(uri)
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as src:
+        return src.read().decode()
+
+
+def _write_text(uri: str, text: str) -> None:
+    fs, path = resolve(uri)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as out:
+        out.write(text.encode())
+
+
+def load_study(study_dir: str) -> StudyConfig:
+    """The study stored at `study_dir` (what `--resume` continues)."""
+    stored = _read_text(join(study_dir, STUDY_FILE))
+    if stored is None:
+        raise UserError(f"--resume: no study at {study_dir} (no {STUDY_FILE}); expected the "
+                        "--storage and --name of an interrupted study")
+    return StudyConfig.from_json(stored)
+
+
+def prepare(study: StudyConfig) -> None:
+    """Validate a new study before any trial runs and store it as STUDY_DIR/study.json."""
+    if _read_text(join(study.study_dir, STUDY_FILE)) is not None:
+        raise UserError(f"a study already exists at {study.study_dir}: pass --resume to "
+                        "continue it, or a new --name")
+    for method in study.methods:
+        space = study.space(method, validate=True)  # a typo fails before any trial
+        TrialSetup(study, WorkerResources()).spec_for({"method": method})
+        knobs = space.knob_names()
+        for point in study.points.get(method, []):
+            unknown = sorted(set(point) - knobs)
+            if unknown:
+                raise UserError(f"point {point} for {method}: {unknown[0]!r} is not a knob of "
+                                f"its search space: expected some of {', '.join(sorted(knobs))}")
+    _write_text(join(study.study_dir, STUDY_FILE), study.to_json())
+
+
+def best_trials(study_dir: str) -> list[dict[str, Any]]:
+    """Per method, the leaderboard's best trial (by val kNN top-1) as its latest row."""
+    from fgray.results.report import leaderboard
+
+    out = []
+    for row in leaderboard(study_dir):
+        if row.get("best_trial"):
+            trial = latest_trial_row(study_dir, row["method"], row["best_trial"])
+            if trial is not None:
+                out.append(trial)
+    return out
+
+
+@dataclass
+class StudySummary:
+    study_dir: str
+    wall_time_s: float
+    trial_time_s: float
+    trials: int
+    concurrency: int
+    stopped: int
+    failed: int
+
+    @property
+    def overhead_ratio(self) -> float:
+        """Study wall time over the ideal (trial time spread over the concurrent slots)."""
+        ideal = self.trial_time_s / max(self.concurrency, 1)
+        return self.wall_time_s / ideal if ideal > 0 else float("nan")
+
+
+def run_study(study: StudyConfig, *, resume: bool = False) -> StudySummary:
+    """Run a new study, or continue `study` (from `load_study`) with `resume=True`, on the
+    connected Ray cluster; see the module docstring."""
+    import optuna
+
+    from fgray.results.tables import latest_trials, load
+    from fgray.results.tensorboard import write_hparams
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    start = time.time()
+    if not resume:
+        prepare(study)
+    cluster = ClusterResources.current()
+    resources = resolve_resources(study.workers, cpus_per_worker=study.cpus_per_worker,
+                                  gpus_per_worker=study.gpus_per_worker,
+                                  cluster_gpus=cluster.gpus)
+    concurrency = concurrency_for(resources, cluster, study.concurrency)
+    print(f"study {study.name}: {study.study_dir}  ({concurrency} trials at a time, each "
+          f"{resources.workers} worker(s) x {resources.cpus_per_worker:g} CPU"
+          f"{f' + {resources.gpus_per_worker:g} GPU' if resources.use_gpu else ''})", flush=True)
+    if study.mode == "search":
+        for method in study.methods:
+            search_method(study, method, resources, concurrency)
+        best = best_trials(study.study_dir)
+        extra = [{"method": t["method"], "seed": study.seed + k,
+                  **_searched(t)} for t in best for k in range(1, study.seeds)]
+        run_points(study, "final-seeds", extra, resources, concurrency)
+        chosen = best + _same_config(study.study_dir, best)
+    else:
+        points = [{"method": m, "seed": study.seed + k}
+                  for m in study.methods for k in range(study.seeds)]
+        run_points(study, "compare", points, resources, concurrency)
+        rows = latest_trials(load(study.study_dir, "trials").to_pylist())
+        chosen = [r for r in rows if r.get("status") == "completed"]
+    evaluate_trials(study, chosen, resources)
+    rows = latest_trials(load(study.study_dir, "trials").to_pylist())
+    write_hparams(study.study_dir, rows)
+    Journal(study.study_dir).upload()
+    ran = [r for r in rows if r.get("status") != "running"]
+    return StudySummary(
+        study_dir=study.study_dir, wall_time_s=time.time() - start,
+        trial_time_s=sum(float(r.get("wall_time_s") or 0.0) for r in ran
+                         if r.get("start_time") and r["start_time"].timestamp() >= start),
+        trials=len(ran), concurrency=concurrency,
+        stopped=sum(r.get("status") == "stopped" for r in ran),
+        failed=sum(r.get("status") == "failed" for r in ran))
+
+
+def _searched(trial: dict[str, Any]) -> dict[str, Any]:
+    """The searched parameters of a trial row (its `param.<name>` columns), seed excluded."""
+    from fgray.results.schema import PARAM_PREFIX
+
+    return {k[len(PARAM_PREFIX):]: v for k, v in trial.items()
+            if k.startswith(PARAM_PREFIX) and v is not None and k != f"{PARAM_PREFIX}seed"}
+
+
+def _same_config(study_dir: str, best: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Completed trials that re-ran a best trial's configuration with another seed."""
+    from fgray.results.tables import latest_trials, load
+
+    hashes = {(t["method"], t["config_hash"]) for t in best}
+    ids = {t["trial_id"] for t in best}
+    rows = latest_trials(load(study_dir, "trials").to_pylist())
+    return [r for r in rows if (r["method"], r.get("config_hash")) in hashes
+            and r["trial_id"] not in ids and r.get("status") == "completed"]

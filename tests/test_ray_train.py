@@ -1,0 +1,125 @@
+"""Ray Train around the engine: 2 CPU workers with gloo keep identical parameters, a worker
+killed mid-run restarts the group from the last checkpoint with every epoch reported once,
+and a rerun of the same name resumes instead of retraining."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from fgray.engine.spec import DataSpec, build_spec
+from fgray.errors import UserError
+from fgray.results.tables import latest_trials, load
+from fgray.train.trainer import (
+    FAIL_AT_ENV,
+    FAIL_MARKER_ENV,
+    FAIL_RANK_ENV,
+    RANKS_DIR,
+    WorkerResources,
+    absolute_storage,
+    best_checkpoint_dir,
+    resolve_resources,
+)
+
+EPOCHS = 3
+FAIL_AT = 2
+
+
+def test_worker_resources():
+    res = WorkerResources(workers=2, cpus_per_worker=1.5)
+    scaling = res.scaling_config()
+    assert scaling.num_workers == 2 and not scaling.use_gpu
+    assert scaling.resources_per_worker == {"CPU": 1.5}
+    assert res.torch_config().backend == "gloo" and res.cpus == 3.0 and res.gpus == 0
+    gpu = WorkerResources(workers=4, gpus_per_worker=1)
+    assert gpu.torch_config().backend == "nccl" and gpu.scaling_config().use_gpu
+    assert gpu.scaling_config().resources_per_worker == {"CPU": 1.0, "GPU": 1}
+    assert resolve_resources(2, cluster_gpus=8).gpus_per_worker == 1.0
+    assert resolve_resources(2, cluster_gpus=0).gpus_per_worker == 0.0
+    assert resolve_resources(1, gpus_per_worker=0.25, cluster_gpus=1).gpus_per_worker == 0.25
+    with pytest.raises(UserError, match="NCCL needs a whole GPU per rank"):
+        WorkerResources(workers=2, gpus_per_worker=0.5)
+    with pytest.raises(UserError, match="--workers 0: expected 1 or more"):
+        WorkerResources(workers=0)
+    assert absolute_storage("s3://bucket/x/") == "s3://bucket/x"
+    assert absolute_storage("runs") == os.path.abspath("runs")
+
+
+@pytest.fixture(scope="module")
+def failed_once_run(synth_root, tmp_path_factory):
+    """One 2-worker run in which rank 1 dies after training epoch 2, before reporting it."""
+    from fgray.train.cluster import ray_session
+    from fgray.train.trainer import ray_pretrain
+
+    tmp = tmp_path_factory.mktemp("raytrain")
+    marker = tmp / "failed-once"
+    env = {FAIL_AT_ENV: str(FAIL_AT), FAIL_RANK_ENV: "1", FAIL_MARKER_ENV: str(marker)}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    temp_dir = tempfile.mkdtemp(prefix="r", dir="/tmp")  # short: unix socket paths
+    spec = build_spec("moco", DataSpec(format="cub", root=str(synth_root),
+                                       cache_dir=str(tmp / "cache")),
+                      backbone="test_resnet",
+                      train={"epochs": EPOCHS, "batch_size": 32, "image_size": 32, "seed": 1},
+                      sets={"queue_size": 64, "mlp_hidden": 32})
+    storage = str(tmp / "runs")
+    try:
+        with ray_session(num_cpus=2, temp_dir=temp_dir):
+            run = ray_pretrain(spec, name="ddp", storage=storage, workers=2, max_failures=2,
+                               keep_best=1)
+            first_epochs = load(storage, "epochs").to_pylist()
+            os.environ.pop(FAIL_AT_ENV)
+            again = ray_pretrain(spec, name="ddp", storage=storage, workers=2, keep_best=1)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    return {"run": Path(run), "again": Path(again), "storage": storage, "marker": marker,
+            "first_epochs": first_epochs}
+
+
+@pytest.mark.slow
+def test_ranks_keep_identical_parameters(failed_once_run):
+    run = failed_once_run["run"]
+    files = sorted((run / RANKS_DIR).glob("epoch-*.json"))
+    assert [f.name for f in files] == [f"epoch-{e:04d}.json" for e in range(1, EPOCHS + 1)]
+    for f in files:
+        ranks = json.loads(f.read_text())
+        assert len(ranks) == 2
+        assert ranks[0]["param_checksum"] == ranks[1]["param_checksum"]
+        assert ranks[0]["loss"] == ranks[1]["loss"]  # all-reduced
+        assert "val_knn_top1" in ranks[0] and "val_knn_top1" not in ranks[1]  # rank 0 evaluates
+
+
+@pytest.mark.slow
+def test_killed_worker_resumes_with_each_epoch_once(failed_once_run):
+    assert failed_once_run["marker"].is_file()  # rank 1 did exit hard once
+    epochs = failed_once_run["first_epochs"]
+    assert sorted(e["epoch"] for e in epochs) == list(range(1, EPOCHS + 1))
+    trials = latest_trials(load(failed_once_run["storage"], "trials").to_pylist())
+    assert len(trials) == 1 and trials[0]["status"] == "completed"
+    assert trials[0]["epochs_run"] == EPOCHS
+    best = max(epochs, key=lambda e: (e["val_knn_top1"], -e["epoch"]))
+    assert trials[0]["best_val_knn_top1"] == best["val_knn_top1"]
+    # Kept: the best checkpoint by val kNN top-1 and the latest.
+    kept = sorted(p.name for p in failed_once_run["run"].glob("epoch-*") if p.is_dir())
+    assert f"epoch-{EPOCHS:04d}" in kept and f"epoch-{best['epoch']:04d}" in kept
+    assert len(kept) <= 2
+    chosen = best_checkpoint_dir(str(failed_once_run["run"]))
+    assert chosen.endswith(f"epoch-{best['epoch']:04d}")
+    assert (Path(chosen) / "checkpoint.pt").is_file() and (Path(chosen) / "splits.json").is_file()
+
+
+@pytest.mark.slow
+def test_rerun_of_the_same_name_resumes(failed_once_run):
+    assert failed_once_run["again"] == failed_once_run["run"]
+    epochs = load(failed_once_run["storage"], "epochs").to_pylist()
+    assert sorted(e["epoch"] for e in epochs) == list(range(1, EPOCHS + 1))  # nothing retrained

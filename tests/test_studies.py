@@ -1,0 +1,262 @@
+"""The study scripts: `--help` and one-line user errors, `ray job submit` of a smoke study to a
+real local head (token auth on), and a study whose driver is killed mid-way and resumed: ASHA
+stops trials early, a diverging trial is recorded as failed while the study goes on, and
+finished trials are not repeated."""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from fgray.results.report import leaderboard
+from fgray.results.tables import latest_trials, load
+from fgray.train.cluster import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = ("cub_sweep.py", "cars_sweep.py", "aircraft_sweep.py", "compare_methods.py")
+PYTHON = sys.executable
+RAY = str(Path(sys.executable).with_name("ray"))
+EPOCHS = 4
+
+
+def _script(name: str) -> str:
+    return str(REPO / "studies" / name)
+
+
+def _run_script(name: str, args: list[str], monkeypatch) -> int:
+    """Run a study script as `python studies/NAME ARGS` would, in this process."""
+    monkeypatch.setattr(sys, "argv", [_script(name), *args])
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(_script(name), run_name="__main__")
+    return exit_info.value.code
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_scripts_answer_help(name, monkeypatch, capsys):
+    assert _run_script(name, ["--help"], monkeypatch) == 0
+    out = capsys.readouterr().out
+    for flag in ("--data-root", "--synthetic", "--preset", "--methods", "--epochs",
+                 "--backbone", "--image-size", "--storage", "--resume"):
+        assert flag in out
+    assert ("--trials" in out) == (name != "compare_methods.py")
+
+
+def test_help_as_a_subprocess():
+    out = subprocess.run([PYTHON, _script("cub_sweep.py"), "--help"], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and "--synthetic" in out.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--preset", "smoke"], "expected --data-root ROOT or --synthetic"),
+    (["--synthetic", "--preset", "huge"], "argument --preset: invalid choice"),
+    (["--synthetic", "--methods", "moco,byol"], "--methods 'moco,byol'"),
+    (["--resume", "--storage", "/nonexistent/x"], "--resume: no study at /nonexistent/x"),
+])
+def test_user_errors_are_one_line(args, message, monkeypatch, capsys):
+    assert _run_script("cub_sweep.py", args, monkeypatch) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and lines[0].startswith("cub_sweep.py")
+
+
+# ---------------------------------------------------------------- a real local head
+
+
+def _children() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        kids.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    return kids
+
+
+def _session_pids(temp_dir: str, token: str) -> set[int]:
+    """The processes of our head: those whose command line names its temp dir or whose
+    environment holds its auth token (GCS, raylet, dashboard, agents, the client server that
+    `ray start` leaves behind), and everything they started (Ray's workers)."""
+    marks = (temp_dir.encode(), f"RAY_AUTH_TOKEN={token}".encode())
+    roots = set()
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            text = (proc / "cmdline").read_bytes() + (proc / "environ").read_bytes()
+        except OSError:
+            continue
+        if any(mark in text for mark in marks):
+            roots.add(int(proc.name))
+    kids, found, todo = _children(), set(), list(roots)
+    while todo:
+        pid = todo.pop()
+        if pid not in found:
+            found.add(pid)
+            todo.extend(kids.get(pid, []))
+    return found - {os.getpid()}
+
+
+def _stop(pids: set[int]) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + 10
+        while time.time() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
+            time.sleep(0.3)
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    """`ray start --head` on free ports with token auth; stopped by PID, never `ray stop`."""
+    temp_dir = tempfile.mkdtemp(prefix="r", dir="/tmp")
+    # Every port free, not Ray's defaults: other Rays may run on this machine (the dashboard
+    # agent's fixed default, 52365, would clash and leave the head unable to take jobs).
+    port, dash, client, agent = free_port(), free_port(), free_port(), free_port()
+    token = uuid.uuid4().hex
+    env = {**os.environ,
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
+           # Processes of this head find it (not another Ray on this machine) through this.
+           "RAY_ADDRESS": f"127.0.0.1:{port}",
+           "FGRAY_CACHE": str(tmp_path_factory.mktemp("fgray-cache")),
+           "PATH": f"{Path(PYTHON).parent}:{os.environ.get('PATH', '')}"}
+    start = subprocess.run(
+        [RAY, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
+         f"--temp-dir={temp_dir}", "--num-cpus=2", "--include-dashboard=true",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+         f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
+         "--disable-usage-stats"],
+        env=env, capture_output=True, text=True, timeout=300)
+    try:
+        assert start.returncode == 0, start.stdout + start.stderr
+        yield {"env": env, "dashboard": f"http://127.0.0.1:{dash}", "temp_dir": temp_dir}
+    finally:
+        _stop(_session_pids(temp_dir, token))
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_job_submit_smoke_study(head, tmp_path):
+    storage = tmp_path / "studies"
+    out = subprocess.run(
+        [RAY, "job", "submit", "--address", head["dashboard"], "--working-dir", str(REPO),
+         "--", PYTHON, "studies/cub_sweep.py", "--synthetic", "--preset", "smoke",
+         "--methods", "moco", "--trials", "1", "--epochs", "1", "--storage", str(storage),
+         "--name", "job", "--protocols", "retrieval,knn"],
+        env=head["env"], capture_output=True, text=True, timeout=900)
+    (tmp_path / "job.log").write_text(out.stdout + out.stderr)
+    assert out.returncode == 0, out.stdout[-8000:] + out.stderr[-8000:]
+    assert "succeeded" in (out.stdout + out.stderr).lower()
+    assert "overhead ratio" in out.stdout
+    study = str(storage / "job")
+    trials = latest_trials(load(study, "trials").to_pylist())
+    assert [t["status"] for t in trials] == ["completed"]
+    assert trials[0]["test_rank1"] is not None  # the final test evaluation ran
+    assert json.loads((storage / "job" / "study.json").read_text())["methods"] == ["moco"]
+
+
+def _study_args(synth_root: Path, storage: Path, points: Path) -> list[str]:
+    return [PYTHON, _script("cub_sweep.py"), "--data-root", str(synth_root), "--preset",
+            "smoke", "--methods", "moco", "--trials", "5", "--epochs", str(EPOCHS),
+            "--grace-period", "1", "--reduction-factor", "2", "--concurrency", "1",
+            "--batch-size", "16", "--val-fraction", "0.5", "--points", str(points),
+            "--protocols", "retrieval", "--storage", str(storage), "--name", "asha"]
+
+
+def _finished(study: str) -> list[dict]:
+    try:
+        rows = latest_trials(load(study, "trials").to_pylist())
+    except Exception:  # noqa: BLE001 - nothing written yet
+        return []
+    return [r for r in rows if r.get("status") in ("completed", "stopped", "failed")]
+
+
+@pytest.fixture(scope="module")
+def resumed_study(head, synth_root, tmp_path_factory):
+    """A 5-trial ASHA study (one point diverges), its driver killed once the first trial has
+    finished, then resumed with --resume."""
+    tmp = tmp_path_factory.mktemp("asha")
+    storage = tmp / "studies"
+    points = tmp / "points.json"
+    # Strongly different learning rates after the recipe's (0.03); 1e30 diverges.
+    points.write_text(json.dumps([{"lr": 1e30}, {"lr": 3.0}, {"lr": 1e-4}, {"lr": 0.3}]))
+    args = _study_args(synth_root, storage, points)
+    study = str(storage / "asha")
+    log = open(tmp / "first.log", "w")
+    driver = subprocess.Popen(args, env=head["env"], stdout=log, stderr=subprocess.STDOUT,
+                              start_new_session=True)  # its own group: we kill only it
+    deadline = time.time() + 900
+    while time.time() < deadline and driver.poll() is None and not _finished(study):
+        time.sleep(2)
+    assert driver.poll() is None, (tmp / "first.log").read_text()[-4000:]
+    before = {r["trial_id"]: r for r in _finished(study)}
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait(60)
+    log.close()
+    epochs_before = load(study, "epochs").to_pylist()
+    second = subprocess.run([*args, "--resume"], env=head["env"], capture_output=True,
+                            text=True, timeout=1200)
+    assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
+    return {"study": study, "before": before, "epochs_before": epochs_before,
+            "stdout": second.stdout}
+
+
+@pytest.mark.slow
+def test_resume_does_not_repeat_finished_trials(resumed_study):
+    study = resumed_study["study"]
+    rows = load(study, "trials").to_pylist()
+    trials = latest_trials(rows)
+    assert len(trials) == 5  # no extra trials after the restore
+    assert all(t["status"] in ("completed", "stopped", "failed") for t in trials)
+    for trial_id, first in resumed_study["before"].items():
+        # One terminal row (plus, for the best trial, its copy with the test metrics).
+        terminal = [r for r in rows if r["trial_id"] == trial_id and r["status"] != "running"
+                    and r["test_rank1"] is None]
+        assert len(terminal) == 1 and terminal[0]["status"] == first["status"]
+        # Its epochs were recorded once, before the kill, and never again.
+        epochs = [e["epoch"] for e in load(study, "epochs").to_pylist()
+                  if e["trial_id"] == trial_id]
+        assert sorted(epochs) == sorted(e["epoch"] for e in resumed_study["epochs_before"]
+                                        if e["trial_id"] == trial_id)
+        assert len(epochs) == len(set(epochs))
+    for t in trials:
+        epochs = [e["epoch"] for e in load(study, "epochs").to_pylist()
+                  if e["trial_id"] == t["trial_id"]]
+        assert len(epochs) == len(set(epochs))  # every epoch recorded once
+
+
+@pytest.mark.slow
+def test_asha_stops_trials_early(resumed_study):
+    trials = latest_trials(load(resumed_study["study"], "trials").to_pylist())
+    stopped = [t for t in trials if t["status"] == "stopped"]
+    completed = [t for t in trials if t["status"] == "completed"]
+    assert stopped, [(t["trial_id"], t["status"], t["epochs_run"]) for t in trials]
+    assert all(t["epochs_run"] < EPOCHS for t in stopped)
+    assert completed and all(t["epochs_run"] == EPOCHS for t in completed)
+    assert "stopped early by ASHA" in resumed_study["stdout"]
+
+
+@pytest.mark.slow
+def test_diverging_trial_is_failed_and_the_study_goes_on(resumed_study):
+    trials = latest_trials(load(resumed_study["study"], "trials").to_pylist())
+    failed = [t for t in trials if t["status"] == "failed"]
+    assert len(failed) == 1
+    assert failed[0]["error"].startswith("FloatingPointError: non-finite loss")
+    assert json.loads(failed[0]["params_json"])["lr"] == 1e30
+    assert len([t for t in trials if t["status"] != "failed"]) == 4
+    best = leaderboard(resumed_study["study"])[0]["best_trial"]
+    tested = [t for t in trials if t["trial_id"] == best]
+    assert tested[0]["test_rank1"] is not None  # the best config was evaluated on test

@@ -1,0 +1,294 @@
+"""fgray.tune without a cluster: search spaces (validated against each method's Config), the
+Optuna searcher and ASHA wiring, trial specs, concurrency, the study CLI's flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import pickle
+
+import optuna
+import pytest
+
+from fgray.engine.optim import OptimConfig
+from fgray.errors import UserError
+from fgray.methods import REGISTRY, method_class
+from fgray.train.cluster import ClusterResources
+from fgray.train.trainer import WorkerResources
+from fgray.tune import spaces
+from fgray.tune.cli import _fixed, _methods, build_parser, study_from_args
+from fgray.tune.presets import PRESETS
+from fgray.tune.spaces import SHARED_KNOBS, Space, space_for
+from fgray.tune.study import (
+    SEARCH_METRIC,
+    StudyConfig,
+    TrialSetup,
+    concurrency_for,
+    error_line,
+    make_scheduler,
+    make_searcher,
+    prepare,
+)
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def _available(method: str) -> bool:
+    module = REGISTRY[method].split(":")[0]
+    return importlib.util.find_spec(module) is not None
+
+
+METHODS = [m for m in spaces.METHOD_KNOBS if _available(m)]
+# The knobs METHODS.md names for each method's sweep (Config field names).
+EXPECTED = {
+    "lcr": {"capacity", "depth", "nu", "t"},
+    "lodisc": {"keep_ratio", "local_weight", "fusion", "sample_temperature"},
+    "sdf": {"epsilon", "q_var", "q_cam", "set_rule", "alpha", "nu", "perturb"},
+    "ppssl": {"iadm_weight", "keep_fraction"},
+    "moco": set(), "mocov3": set(),
+}
+
+
+def _study(tmp_path, **kw) -> StudyConfig:
+    base = dict(name="s", storage=str(tmp_path), data={"format": "cub", "root": "/data/cub"},
+                methods=["moco"], epochs=4, image_size=32, batch_size=16,
+                backbones={"moco": "test_resnet", "lcr": "test_resnet"},
+                fixed={"moco": {"queue_size": 64, "mlp_hidden": 32},
+                       "lcr": {"queue_size": 64, "mlp_hidden": 32}})
+    base.update(kw)
+    return StudyConfig(**base)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_space_knobs_are_config_fields(method):
+    space = space_for(method, shared=SHARED_KNOBS)  # validates
+    fields = {f.name for f in dataclasses.fields(method_class(method).Config)}
+    optim = {f.name for f in dataclasses.fields(OptimConfig)}
+    names = space.knob_names() - set(space.structural)
+    assert EXPECTED[method] <= names
+    assert names - set(SHARED_KNOBS) <= fields
+    assert names & set(SHARED_KNOBS) <= fields | optim
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_defaults_are_the_config_defaults(method):
+    space = Space(method, shared=("lr", "weight_decay"))
+    point = space.defaults()
+    cls = method_class(method)
+    cfg = cls.Config()
+    for name, value in space.settings(point).items():
+        if hasattr(cfg, name):
+            assert value == getattr(cfg, name), name
+        else:
+            assert value == cls.optim_defaults.get(name, getattr(OptimConfig(), name)), name
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_sampled_points_build_valid_runs(tmp_path, method):
+    study = _study(tmp_path, methods=[method], shared=["lr", "temperature", "momentum"],
+                   fixed={method: {}}, backbones={method: None})
+    setup = TrialSetup(study, WorkerResources(), method)
+    space = study.space(method)
+    ot = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    for _ in range(8):
+        trial = ot.ask()
+        space(trial)
+        params = trial.params
+        spec = setup.spec_for(params)  # raises on a value the Config rejects
+        for name, value in space.settings(params).items():
+            got = spec.method_overrides.get(name, getattr(spec.optim, name, None))
+            assert got == value
+        ot.tell(trial, 0.0)
+
+
+def test_a_misspelled_knob_fails_fast(monkeypatch):
+    def bad(s, fixed):
+        s.float("capacityy", 1, 256, default=32)
+
+    monkeypatch.setitem(spaces.METHOD_KNOBS, "moco", bad)
+    with pytest.raises(UserError, match="'capacityy' is not a field of MoCoV2Config"):
+        space_for("moco")
+
+
+def test_a_default_outside_its_range_fails_fast(tmp_path):
+    with pytest.raises(UserError, match="lies outside its search range"):
+        space_for("lcr", fixed={"capacity": 512})
+
+
+@pytest.mark.skipif(not _available("lodisc") or not _available("sdf"),
+                    reason="method modules not present")
+def test_conditional_knobs():
+    lodisc, sdf = Space("lodisc", ()), Space("sdf", ())
+    ot = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = {"topk": 0, "stochastic": 0, "gaussian": 0, "shuffle": 0}
+    for _ in range(40):
+        trial = ot.ask()
+        p = lodisc._run(trial)
+        seen[p["sampling"]] += 1
+        assert ("sample_temperature" in p) == (p["sampling"] == "stochastic")
+        q = sdf._run(trial)
+        seen[q["perturb"]] += 1
+        assert ("epsilon" in q) == (q["perturb"] == "gaussian")
+        ot.tell(trial, 0.0)
+    assert min(seen.values()) > 0
+    assert lodisc.defaults()["sampling"] == "topk"
+    assert "sampling" not in lodisc.settings(lodisc.defaults())
+
+
+@pytest.mark.skipif(not _available("ppssl"), reason="method module not present")
+def test_ppssl_distillation_knobs_need_a_teacher():
+    assert "kd_weight" not in Space("ppssl", ()).knob_names()
+    with_teacher = Space("ppssl", (), (("clip_weights", "/w.bin"), ("corpus_path", "/c.arrow")))
+    assert {"kd_weight", "kd_temperature"} <= with_teacher.knob_names()
+
+
+def test_shared_ranges_sit_around_the_recipe():
+    ot = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    space = Space("moco", SHARED_KNOBS)
+    for _ in range(30):
+        trial = ot.ask()
+        p = space._run(trial)
+        assert 0.003 <= p["lr"] <= 0.3 and 1e-5 <= p["weight_decay"] <= 1e-3
+        assert 0.99 <= p["momentum"] <= 0.9999 and 0.05 <= p["temperature"] <= 0.5
+        ot.tell(trial, 0.0)
+    with pytest.raises(UserError, match="shared knob 'beta'"):
+        Space("moco", ("beta",))
+
+
+def test_searcher_starts_with_the_recipe_and_stores_a_journal(tmp_path):
+    study = _study(tmp_path, methods=["lcr"], points={"lcr": [{"capacity": 200}]})
+    searcher = make_searcher(study, "lcr")
+    first, second = searcher.suggest("a"), searcher.suggest("b")
+    assert first == Space("lcr", ("lr",)).defaults()
+    assert second["capacity"] == 200 and set(second) == set(first)
+    journal = tmp_path / "s" / "optuna" / "journal.log"
+    assert journal.is_file()
+    stored = optuna.load_study(study_name="lcr", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(journal))))
+    assert stored.user_attrs == {"method": "lcr", "metric": SEARCH_METRIC}
+    assert len(stored.trials) == 2
+
+
+def test_scheduler_reads_per_epoch_val(tmp_path):
+    asha = make_scheduler(_study(tmp_path, grace_period=1, reduction_factor=3, epochs=9))
+    assert (asha._time_attr, asha._metric, asha._max_t) == ("epoch", "val_knn_top1", 9)
+    assert [milestone for milestone, _ in asha._brackets[0]._rungs] == [9, 3, 1]
+
+
+def test_trial_spec_from_params(tmp_path):
+    study = _study(tmp_path, methods=["lcr"], seed=5)
+    setup = TrialSetup(study, WorkerResources(), "lcr")
+    spec = setup.spec_for({"capacity": 8, "lr": 0.1, "nu": 0.02})
+    assert spec.method == "lcr" and spec.backbone == "test_resnet"
+    assert spec.method_overrides["capacity"] == 8 and spec.optim.lr == 0.1
+    assert spec.method_overrides["queue_size"] == 64
+    assert spec.train.seed == 5 and spec.train.eval_every == 1 and spec.train.epochs == 4
+    other = TrialSetup(study, WorkerResources()).spec_for({"method": "moco", "seed": 2})
+    assert other.method == "moco" and other.train.seed == 2
+    assert setup.params_of({"method": "moco", "seed": 2}) == {"seed": 2}
+
+
+def test_concurrency_from_cluster_resources():
+    cpu = WorkerResources(workers=2, cpus_per_worker=1)
+    assert concurrency_for(cpu, ClusterResources(cpus=8, gpus=0)) == 4
+    gpu = WorkerResources(workers=1, cpus_per_worker=2, gpus_per_worker=0.5)
+    assert concurrency_for(gpu, ClusterResources(cpus=16, gpus=2)) == 4  # two per GPU
+    assert concurrency_for(gpu, ClusterResources(cpus=3, gpus=2)) == 1  # CPUs limit
+    assert concurrency_for(cpu, ClusterResources(cpus=8, gpus=0), override=3) == 3
+    with pytest.raises(UserError, match="one trial needs 2 CPUs"):
+        concurrency_for(cpu, ClusterResources(cpus=1, gpus=0))
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"grace_period": 5}, "--grace-period 5 exceeds --epochs 4"),
+    ({"reduction_factor": 1}, "--reduction-factor 1: expected 2 or more"),
+    ({"methods": []}, "no methods"),
+    ({"protocols": ["lineer"]}, "protocol 'lineer'"),
+])
+def test_study_config_checks(tmp_path, kw, message):
+    with pytest.raises(UserError, match=message):
+        _study(tmp_path, **kw)
+
+
+def test_prepare_stores_the_study_and_refuses_to_overwrite(tmp_path):
+    study = _study(tmp_path, methods=["moco", "lcr"])
+    prepare(study)
+    stored = StudyConfig.from_json((tmp_path / "s" / "study.json").read_text())
+    assert stored == study
+    with pytest.raises(UserError, match="already exists.*--resume"):
+        prepare(study)
+    bad = _study(tmp_path, name="t", points={"moco": [{"capacity": 3}]})
+    with pytest.raises(UserError, match="'capacity' is not a knob"):
+        prepare(bad)
+    typo = _study(tmp_path, name="u", fixed={"moco": {"queue_sise": 3}})
+    with pytest.raises(UserError, match="unknown setting 'queue_sise'"):
+        prepare(typo)
+
+
+def test_error_line_takes_the_exception():
+    trace = ("Traceback (most recent call last):\n  File \"x.py\", line 3, in f\n"
+             "    raise FloatingPointError('non-finite loss at epoch 2: {}')\n"
+             "FloatingPointError: non-finite loss at epoch 2: {'loss': nan}\n")
+    assert error_line(trace) == "FloatingPointError: non-finite loss at epoch 2: {'loss': nan}"
+    assert error_line("ray.exceptions.RayTaskError(KeyError): boom").startswith("ray.exc")
+    assert error_line(None) == "unknown error"
+
+
+def test_cli_flags_to_study(tmp_path, synth_root):
+    points = tmp_path / "points.json"
+    points.write_text(json.dumps([{"lr": 0.1}]))
+    parser = build_parser("cub_sweep.py", "x", mode="search")
+    args = parser.parse_args(["--data-root", str(synth_root), "--preset", "smoke", "--methods",
+                              "moco,lcr", "--trials", "5", "--storage", str(tmp_path),
+                              "--set", "lcr.capacity=16", "--set", "queue_size=128",
+                              "--points", str(points), "--search-shared", "lr,momentum"])
+    study = study_from_args(args, dataset="cub", mode="search", default_name="cub_sweep-smoke")
+    smoke = PRESETS["smoke"]
+    assert study.methods == ["moco", "lcr"] and study.trials == 5
+    assert study.epochs == smoke.epochs and study.image_size == smoke.image_size
+    assert study.backbones == {"moco": "test_resnet", "lcr": "test_resnet"}
+    assert study.fixed["lcr"]["capacity"] == "16" and "capacity" not in study.fixed["moco"]
+    assert study.fixed["moco"]["queue_size"] == "128"
+    assert study.fixed["moco"]["mlp_hidden"] == 256  # the preset's scale
+    assert study.points == {"moco": [{"lr": 0.1}], "lcr": [{"lr": 0.1}]}
+    assert study.shared == ["lr", "momentum"] and study.data["root"] == str(synth_root)
+    assert study.study_dir == f"{tmp_path}/cub_sweep-smoke"
+
+
+def test_cli_user_errors():
+    smoke = PRESETS["smoke"]
+    with pytest.raises(UserError, match="--methods 'moco,nope'"):
+        _methods("moco,nope", smoke)
+    assert _fixed(["sdf.alpha=2"], ["moco"], smoke)["moco"] == smoke.settings_for("moco")
+    parser = build_parser("cub_sweep.py", "x", mode="search")
+    with pytest.raises(UserError, match="not allowed with argument"):
+        parser.parse_args(["--synthetic", "--data-root", "/x"])
+    args = parser.parse_args([])
+    with pytest.raises(UserError, match="expected --data-root ROOT or --synthetic"):
+        study_from_args(args, dataset="cub", mode="search", default_name="x")
+
+
+def test_presets_fit_their_methods():
+    for preset in PRESETS.values():
+        for method in preset.methods:
+            if _available(method):
+                fields = {f.name for f in dataclasses.fields(method_class(method).Config)}
+                assert set(preset.settings_for(method)) <= fields
+        assert math.isfinite(preset.epochs) and preset.grace_period <= preset.epochs
+
+
+def test_restored_searcher_reruns_a_point_asked_after_its_snapshot(tmp_path):
+    study = _study(tmp_path, methods=["lcr"], points={"lcr": [{"capacity": 200}]})
+    searcher = make_searcher(study, "lcr")
+    as_pickled = pickle.dumps(searcher)  # what tuner.pkl holds
+    assert searcher.suggest("a") == Space("lcr", ("lr",)).defaults()
+    snapshot = tmp_path / "searcher.pkl"
+    searcher.save(str(snapshot))
+    assert searcher.suggest("b")["capacity"] == 200  # asked, then the driver dies
+    restored = pickle.loads(as_pickled)
+    restored.restore(str(snapshot))
+    assert restored.suggest("b2")["capacity"] == 200  # the point is not lost
+    states = [t.state.name for t in restored._ot_study.trials]
+    assert states.count("FAIL") == 1 and states.count("RUNNING") == 2
