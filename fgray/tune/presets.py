@@ -1,6 +1,7 @@
 """Study presets: how big a study is, from a laptop smoke test to the papers' protocol.
 
-- `smoke`: tiny timm models (test_resnet / test_vit) at 32 px on a small embedded dataset,
+- `smoke`: tiny timm models (test_resnet / test_vit) at 48 px (the smallest size at which
+  test_resnet still has a 2x2 feature map for LCR) on a small embedded dataset,
   a few epochs and trials: the whole pipeline end to end in minutes on a laptop CPU.
 - `laptop`: small real backbones (resnet18 / vit_tiny) at 64 px, tens of epochs.
 - `paper`: the papers' protocol -- ResNet-50 or ViT-B/16 at 224 px, 100 epochs, ImageNet
@@ -47,7 +48,7 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     "smoke": Preset(
-        cnn_backbone="test_resnet", vit_backbone="test_vit", image_size=32, epochs=3, trials=2,
+        cnn_backbone="test_resnet", vit_backbone="test_vit", image_size=48, epochs=3, trials=2,
         batch_size=32, methods=("moco", "lcr", "sdf", "ppssl", "lodisc"), grace_period=1,
         reduction_factor=2,
         synthetic={"classes": 10, "per_class": 24, "size": 48},
