@@ -24,6 +24,8 @@ from fgray.eval.retrieval import retrieval_metrics
 from fgray.methods import Method, build_method
 
 PROTOCOLS = ("retrieval", "knn", "linear", "linear-paper")
+# (features (N, D), labels (N,), class names by label) of the evaluated split.
+Features = tuple[torch.Tensor, torch.Tensor, list[str]]
 
 
 def load_checkpoint(path: str | Path, device: torch.device) -> tuple[Method, RunSpec, dict]:
@@ -45,7 +47,10 @@ def load_checkpoint(path: str | Path, device: torch.device) -> tuple[Method, Run
 
 def evaluate_method(method: Method, spec: RunSpec, data: DataSpec, protocols: list[str], *,
                     split: str = "test", device: torch.device, seed: int = 0,
-                    progress: bool = True) -> dict[str, float]:
+                    progress: bool = True, return_features: bool = False,
+                    ) -> dict[str, float] | tuple[dict[str, float], Features]:
+    """The metrics of `protocols` on `split`; with `return_features`, also that split's
+    features, labels and the dataset's class names (for the embedding projector)."""
     unknown = [p for p in protocols if p not in PROTOCOLS]
     if unknown:
         raise UserError(f"unknown protocol {unknown[0]!r}: expected {', '.join(PROTOCOLS)}")
@@ -89,6 +94,8 @@ def evaluate_method(method: Method, spec: RunSpec, data: DataSpec, protocols: li
             train_transform=lambda x: crop.view(x, 0), eval_transform=lambda x: eval_transform(
                 x, size), feature_dim=dim, num_classes=n_cls, seed=seed, device=device)
         out.update(linear_paper_top1=lin["top1"])
+    if return_features:
+        return out, (feats.float().cpu(), labels.cpu(), list(splits.dataset.classes))
     return out
 
 

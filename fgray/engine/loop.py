@@ -5,6 +5,8 @@ epoch by epoch; after each it evaluates kNN on the validation split (rank 0), wr
 checkpoint holding everything needed to continue exactly (model, momentum encoders and queue,
 optimiser, epoch, RNG and augmentation generator states) and calls the epoch hook. Loss terms
 are accumulated on the device and read once per epoch, so the step never waits on the host.
+Every `visual_every` epochs, a visuals hook gets the methods' spatial maps and image pairs of
+a fixed set of validation images (for TensorBoard); the engine never writes them itself.
 """
 
 from __future__ import annotations
@@ -18,11 +20,18 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 
-from fgray.data.augment import AugmentConfig, TwoViewAugment
+from fgray.data.augment import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    AugmentConfig,
+    TwoViewAugment,
+    eval_transform,
+)
 from fgray.data.cache import CachedSplit
 from fgray.data.loader import CachedBatches
 from fgray.engine.features import embed_split
@@ -33,6 +42,9 @@ from fgray.eval.knn import knn_classify
 from fgray.methods.base import Method, StepInfo
 
 EpochHook = Callable[[dict[str, Any], Path | None], None]
+# (epoch, images uint8 (N,3,S,S), {name: map (N,h,w)}, {name: (a, b) images in [0, 1]})
+Visuals = tuple[Tensor, dict[str, Tensor], dict[str, tuple[Tensor, Tensor]]]
+VisualsHook = Callable[[int, Tensor, dict[str, Tensor], dict[str, tuple[Tensor, Tensor]]], None]
 CHECKPOINT_FILE = "checkpoint.pt"
 
 
@@ -54,12 +66,16 @@ class Pretrainer:
                  cfg: TrainConfig, optim_cfg: OptimConfig, aug_cfg: AugmentConfig, *,
                  device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1,
                  checkpoint_dir: str | Path | None = None, meta: dict | None = None,
-                 on_epoch: EpochHook | None = None) -> None:
+                 on_epoch: EpochHook | None = None,
+                 on_visuals: VisualsHook | None = None) -> None:
+        """`on_visuals` is called on rank 0 only, but with several workers every rank must be
+        given one: the maps are computed on all ranks, as a method may all-gather inside."""
         self.device = torch.device(device)
         self.cfg, self.optim_cfg = cfg, optim_cfg
         self.rank, self.world_size = rank, world_size
         self.meta = meta or {}
         self.on_epoch = on_epoch
+        self.on_visuals = on_visuals
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.train_data, self.val_data = train_data, val_data
         if cfg.batch_size % world_size:
@@ -196,6 +212,34 @@ class Pretrainer:
                            num_classes=self.train_data.num_classes)
         return {"val_knn_top1": knn["top1"], "val_knn_top5": knn["top5"]}
 
+    def visuals(self, count: int = 8) -> Visuals | None:
+        """The first `count` validation images (the same every epoch) as uint8 at image_size,
+        cropped like the eval transform, with the method's spatial maps and image pairs of
+        them, all on the CPU; None without a validation split.
+
+        Runs in eval mode on every rank that calls it (shuffle-BN may all-gather); the RNG
+        state is restored afterwards, so visuals never change the training that follows."""
+        if self.val_data is None or len(self.val_data) == 0:
+            return None
+        raw = torch.from_numpy(np.array(self.val_data.images[:count])).to(self.device)
+        view = eval_transform(raw, self.cfg.image_size)
+        mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
+        shown = ((view * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
+        was_training = self.method.training
+        self.method.eval()
+        devices = [self.device] if self.device.type == "cuda" else []
+        try:  # no_grad outside; a method that needs input gradients enables them itself
+            with torch.random.fork_rng(devices=devices), torch.no_grad():
+                maps = self.method.spatial_maps(view)
+                pairs = self.method.pair_images(view)
+        finally:
+            self.method.train(was_training)
+        maps = {k: v.detach().float().cpu() for k, v in maps.items()}
+        pairs = {k: (a.detach().float().cpu(), b.detach().float().cpu())
+                 for k, (a, b) in pairs.items()}
+        return shown.cpu(), maps, pairs
+
     def run(self) -> list[dict[str, Any]]:
         """Train the remaining epochs; returns the metrics of every epoch of the run."""
         while self.epoch < self.cfg.epochs:
@@ -205,6 +249,11 @@ class Pretrainer:
                 metrics.update(self.evaluate())
             metrics["epoch"] = self.epoch
             self.history.append(metrics)
+            every = self.cfg.visual_every
+            if self.on_visuals is not None and every and self.epoch % every == 0:
+                shown = self.visuals()
+                if shown is not None and self.rank == 0:
+                    self.on_visuals(self.epoch, *shown)
             path = self.save_checkpoint()
             if self.on_epoch is not None:
                 self.on_epoch(metrics, path)

@@ -20,7 +20,7 @@ import torch
 from fgray.data.cache import CachedSplit, build_cache
 from fgray.data.formats import FGDataset, load_dataset
 from fgray.data.splits import split_record
-from fgray.engine.loop import CHECKPOINT_FILE, Pretrainer
+from fgray.engine.loop import CHECKPOINT_FILE, Pretrainer, VisualsHook
 from fgray.engine.spec import DataSpec, RunSpec
 from fgray.errors import UserError
 from fgray.methods import build_method
@@ -67,6 +67,7 @@ def load_splits(data: DataSpec, size: int, *, with_test: bool = False,
 def build_pretrainer(spec: RunSpec, *, device: torch.device, rank: int = 0, world_size: int = 1,
                      run_dir: str | Path | None = None,
                      on_epoch: Callable[[dict[str, Any], Path | None], None] | None = None,
+                     on_visuals: VisualsHook | None = None,
                      progress: bool = True) -> Pretrainer:
     splits = load_splits(spec.data, spec.train.decoded_size, progress=progress and rank == 0)
     torch.manual_seed(spec.train.seed)  # identical initial weights on every rank
@@ -82,7 +83,7 @@ def build_pretrainer(spec: RunSpec, *, device: torch.device, rank: int = 0, worl
     return Pretrainer(method, splits.train, splits.val, spec.train, spec.optim, spec.augment,
                       device=device, rank=rank, world_size=world_size,
                       checkpoint_dir=run_dir / "checkpoints" if run_dir else None, meta=meta,
-                      on_epoch=on_epoch)
+                      on_epoch=on_epoch, on_visuals=on_visuals)
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -119,8 +120,10 @@ class BestKeeper:
 
 
 def run_pretraining(spec: RunSpec, run_dir: str | Path, *, device: torch.device | None = None,
-                    resume: bool = True, on_epoch=None, progress: bool = True) -> Pretrainer:
-    """Train `spec` in this process under `run_dir`, continuing from its last checkpoint."""
+                    resume: bool = True, on_epoch=None, on_visuals: VisualsHook | None = None,
+                    progress: bool = True) -> Pretrainer:
+    """Train `spec` in this process under `run_dir`, continuing from its last checkpoint.
+    `on_visuals(epoch, images, maps, pairs)` gets the TensorBoard visuals (see Pretrainer)."""
     run_dir = Path(run_dir)
     if not resume:  # a fresh start: stale checkpoints and metrics would mix with the new run
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
@@ -134,7 +137,7 @@ def run_pretraining(spec: RunSpec, run_dir: str | Path, *, device: torch.device 
             on_epoch(metrics, checkpoint)
 
     trainer = build_pretrainer(spec, device=device or resolve_device(None), run_dir=run_dir,
-                               on_epoch=hook, progress=progress)
+                               on_epoch=hook, on_visuals=on_visuals, progress=progress)
     last = latest_checkpoint(run_dir) if resume else None
     if last is not None:
         trainer.resume(last)

@@ -30,6 +30,7 @@ class TrainConfig:
     knn_k: int = 200
     knn_temperature: float = 0.1
     eval_every: int = 1
+    visual_every: int = 1  # epochs between TensorBoard spatial maps / image pairs; 0: none
     eval_batch_size: int = 256
     keep_checkpoints: int = 2
 
@@ -41,6 +42,7 @@ class TrainConfig:
         check_range("knn_k", self.knn_k, 1)
         check_range("knn_temperature", self.knn_temperature, 0.0, lo_open=True)
         check_range("eval_every", self.eval_every, 1)
+        check_range("visual_every", self.visual_every, 0)
         check_range("keep_checkpoints", self.keep_checkpoints, 1)
 
     @property

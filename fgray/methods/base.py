@@ -8,7 +8,9 @@ The engine calls these and never asks which method it holds:
 - `param_groups() -> list[dict]`: what the optimiser trains;
 - `momentum_update(progress)`: after each optimiser step (EMA encoders; a no-op otherwise);
 - `spatial_maps(images) -> dict[str, Tensor]`: the maps a method relies on, (B, h, w), for
-  TensorBoard and the localisation score.
+  TensorBoard and the localisation score;
+- `pair_images(images) -> dict[str, (Tensor, Tensor)]`: named pairs of [0, 1] images a
+  method produces from its input (SDF's decoded D(z) and D(z')), shown side by side.
 
 Each method declares a `Config` dataclass holding the knobs a sweep may search, and class
 attributes for its defaults (backbone, augmentation recipe, optimiser settings).
@@ -53,4 +55,8 @@ class Method(nn.Module):
 
     def spatial_maps(self, images: Tensor) -> dict[str, Tensor]:
         """Methods with no spatial map of their own return none."""
+        return {}
+
+    def pair_images(self, images: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
+        """Methods that synthesise no images return none."""
         return {}

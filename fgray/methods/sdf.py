@@ -239,6 +239,9 @@ class SDF(MoCoV2):
         z = self.backbone(images)
         return self.decoder(z), self.decoder(self.perturb(z))
 
+    def pair_images(self, images: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
+        return {"decoded": self.decoded_pair(images)}
+
     # -- the method surface -----------------------------------------------------------------
 
     def forward(self, view1: Tensor, view2: Tensor, step: StepInfo) -> dict[str, Tensor]:

@@ -70,7 +70,7 @@ def _in_process(args, spec: RunSpec, name: str) -> int:
 
     try:
         trainer = run_pretraining(spec, run_dir, device=device, on_epoch=on_epoch,
-                                  progress=sys.stderr.isatty())
+                                  on_visuals=recorder.visuals, progress=sys.stderr.isatty())
     except BaseException as exc:
         recorder.finish(trial_history(str(args.storage), spec.method, name), "failed",
                         error=f"{type(exc).__name__}: {exc}")

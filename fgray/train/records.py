@@ -169,17 +169,34 @@ class EpochRecorder:
         row["epoch"] = int(metrics["epoch"])
         return row
 
+    @property
+    def run_name(self) -> str:
+        """The trial's TensorBoard run."""
+        from fgray.results.tensorboard import run_name
+
+        return run_name(self.spec.method, self.trial_id)
+
+    def _trial_writer(self):
+        if self._writer is None:
+            from fgray.results.tensorboard import TrialWriter
+
+            self._writer = TrialWriter(self.study_dir, self.run_name)
+        return self._writer
+
     def __call__(self, metrics: Mapping[str, Any]) -> None:
         row = self.epoch_row(metrics)
         append(self.study_dir, "epochs", [row])
-        if self._writer is None:
-            from fgray.results.tensorboard import TrialWriter, run_name
-
-            self._writer = TrialWriter(self.study_dir, run_name(self.spec.method, self.trial_id))
+        writer = self._trial_writer()
         scalars = {k: v for k, v in row.items() if k not in self.keys and k != "epoch"}
-        self._writer.scalars(row["epoch"], scalars)
+        writer.scalars(row["epoch"], scalars)
         # Flushed every epoch: a trial a scheduler stops is killed without a chance to close.
-        self._writer.flush()
+        writer.flush()
+
+    def visuals(self, epoch: int, images: Any, maps: Mapping[str, Any],
+                pairs: Mapping[str, tuple[Any, Any]]) -> None:
+        """The Pretrainer's visuals hook: each spatial map overlaid on its images as
+        `maps/<name>`, each image pair side by side as `pairs/<name>`, in the trial's run."""
+        write_visuals(self._trial_writer(), epoch, images, maps, pairs)
 
     def trial_row(self, history: list[Mapping[str, Any]], status: str, error: str | None = None,
                   test_metrics: Mapping[str, float] | None = None,
@@ -222,6 +239,17 @@ class EpochRecorder:
         state = self.__dict__.copy()
         state["_writer"] = None  # an open event file stays with the process that opened it
         return state
+
+
+def write_visuals(writer, epoch: int, images: Any, maps: Mapping[str, Any],
+                  pairs: Mapping[str, tuple[Any, Any]]) -> None:
+    """Write the Pretrainer's visuals with a `fgray.results.tensorboard.TrialWriter`, flushed
+    (a stopped trial is killed without closing its writer)."""
+    for name, value in maps.items():
+        writer.maps(f"maps/{name}", images, value, epoch)
+    for name, (a, b) in pairs.items():
+        writer.image_pairs(f"pairs/{name}", a, b, epoch)
+    writer.flush()
 
 
 def _one_line(text: str, limit: int = 2000) -> str:

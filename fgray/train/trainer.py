@@ -9,9 +9,11 @@ across ranks. `prepare_model` is not used: the engine owns the DDP wrapping.
 
 After every epoch each rank calls `ray.train.report` once: rank 0 with its metrics (val kNN
 included: only rank 0 evaluates) and the epoch's checkpoint folder the Pretrainer wrote, the
-others with their metrics only. A `CheckpointConfig` keeps the best k checkpoints by
-val_knn_top1 plus the latest; `FailureConfig(max_failures)` restarts the worker group from
-the latest checkpoint when a worker dies, and a run of the same (storage, name) resumes.
+others with their metrics only; when the run is recorded (a recorder is given), rank 0 also
+writes the epoch's spatial maps and image pairs to the trial's TensorBoard run itself. A
+`CheckpointConfig` keeps the best k checkpoints by val_knn_top1 plus the latest;
+`FailureConfig(max_failures)` restarts the worker group from the latest checkpoint when a
+worker dies, and a run of the same (storage, name) resumes.
 
 Deterministic failures (a non-finite loss, a user error such as a batch larger than the
 split) are not retried: every rank hits them at the same point, so the workers stop cleanly
@@ -52,7 +54,7 @@ from fgray.engine.loop import CHECKPOINT_FILE
 from fgray.engine.spec import RunSpec
 from fgray.errors import UserError
 from fgray.results.tables import resolve
-from fgray.train.records import SELECTION_METRIC, EpochRecorder, format_epoch
+from fgray.train.records import SELECTION_METRIC, EpochRecorder, format_epoch, write_visuals
 
 ERROR_FILE = "fgray_error.json"
 RANKS_DIR = "ranks"
@@ -210,9 +212,24 @@ def worker_loop(config: dict[str, Any]) -> None:
         ray.train.report(report, checkpoint=checkpoint, checkpoint_dir_name=f"epoch-{epoch:04d}",
                          delete_local_checkpoint_after_upload=checkpoint is not None)
 
+    # Rank 0 writes the epoch's images itself (tensors are too big for a Ray report) into
+    # the trial's TensorBoard run, as an event file of its own next to the controller's.
+    board = config.get("tensorboard")
+    writers: list[Any] = []
+
+    def on_visuals(epoch: int, images, maps, pairs) -> None:
+        from fgray.results.tensorboard import TrialWriter
+
+        if not maps and not pairs:
+            return
+        if not writers:
+            writers.append(TrialWriter(board["study_dir"], board["run"]))
+        write_visuals(writers[0], epoch, images, maps, pairs)
+
     try:
         trainer = build_pretrainer(spec, device=device, rank=rank, world_size=world,
-                                   run_dir=scratch, on_epoch=on_epoch, progress=False)
+                                   run_dir=scratch, on_epoch=on_epoch,
+                                   on_visuals=on_visuals if board else None, progress=False)
         restored = ray.train.get_checkpoint()
         if restored is not None:
             with restored.as_directory() as folder:
@@ -226,6 +243,8 @@ def worker_loop(config: dict[str, Any]) -> None:
             _write_json(join(config["run_uri"], ERROR_FILE),
                         {"type": type(exc).__name__, "message": str(exc)})
     finally:
+        for writer in writers:
+            writer.close()
         shutil.rmtree(scratch, ignore_errors=True)
 
 
@@ -272,8 +291,11 @@ def build_trainer(spec: RunSpec, *, name: str, storage: str, resources: WorkerRe
         callbacks=[RecordEpochs(run_uri, recorder, echo), *callbacks],
         worker_runtime_env={"env_vars": env} if env else None,
         logging_config=LoggingConfig(log_level="WARNING"))
+    board = None if recorder is None else {"study_dir": recorder.study_dir,
+                                           "run": recorder.run_name}
     return TorchTrainer(worker_loop, train_loop_config={"spec": spec.to_dict(),
-                                                        "run_uri": run_uri},
+                                                        "run_uri": run_uri,
+                                                        "tensorboard": board},
                         torch_config=resources.torch_config(),
                         scaling_config=resources.scaling_config(), run_config=run_config)
 

@@ -419,16 +419,38 @@ def run_points(study: StudyConfig, name: str, points: list[dict[str, Any]],
 
 
 def _evaluate_checkpoint(checkpoint: str, data: dict[str, Any], protocols: list[str],
-                         seed: int) -> dict[str, float]:
-    """Runs as a Ray task with a trial's resources, next to the data like the trials."""
+                         seed: int, embeddings: tuple[str, str] | None = None,
+                         ) -> dict[str, float]:
+    """Runs as a Ray task with a trial's resources, next to the data like the trials. With
+    `embeddings` = (study_dir, TensorBoard run), the test features also go to that run's
+    embedding projector, written here so they never travel back to the driver."""
     from fgray.engine.evaluate import evaluate_method, load_checkpoint
     from fgray.engine.run import resolve_device
 
     device = resolve_device(None)
     with ray.train.Checkpoint(checkpoint).as_directory() as folder:
         method, spec, _ = load_checkpoint(folder, device)
-    return evaluate_method(method, spec, DataSpec(**data), protocols, split="test",
-                           device=device, seed=seed, progress=False)
+    if embeddings is None:
+        return evaluate_method(method, spec, DataSpec(**data), protocols, split="test",
+                               device=device, seed=seed, progress=False)
+    from fgray.results.tensorboard import write_embeddings
+
+    metrics, (features, labels, classes) = evaluate_method(
+        method, spec, DataSpec(**data), protocols, split="test", device=device, seed=seed,
+        progress=False, return_features=True)
+    write_embeddings(embeddings[0], embeddings[1], features, labels, classes)
+    return metrics
+
+
+def best_per_method(trials: list[dict[str, Any]]) -> set[str]:
+    """The trial ids with the highest best val kNN top-1 of each method (the first on ties)."""
+    best: dict[str, tuple[float, str]] = {}
+    for trial in trials:
+        value = trial.get(f"best_{SELECTION_METRIC}")
+        score = float(value) if value is not None and math.isfinite(value) else float("-inf")
+        if trial["method"] not in best or score > best[trial["method"]][0]:
+            best[trial["method"]] = (score, trial["trial_id"])
+    return {trial_id for _, trial_id in best.values()}
 
 
 def _tested(study_dir: str, trial_ids: set[str]) -> set[str]:
@@ -441,8 +463,12 @@ def _tested(study_dir: str, trial_ids: set[str]) -> set[str]:
 def evaluate_trials(study: StudyConfig, trials: list[dict[str, Any]],
                     resources: WorkerResources) -> list[dict[str, Any]]:
     """Test metrics of each trial's best checkpoint, as Ray tasks; recorded in the tables.
-    Trials already evaluated (a resumed study) are skipped."""
+    The best trial of each method also gets its test features in TensorBoard's embedding
+    projector. Trials already evaluated (a resumed study) are skipped."""
+    from fgray.results.tensorboard import run_name
+
     done = _tested(study.study_dir, {t["trial_id"] for t in trials})
+    projected = best_per_method(trials)
     task = ray.remote(num_cpus=resources.cpus_per_worker,
                       num_gpus=resources.gpus_per_worker)(_evaluate_checkpoint)
     pending = []
@@ -453,7 +479,10 @@ def evaluate_trials(study: StudyConfig, trials: list[dict[str, Any]],
         if checkpoint is None:
             continue
         seed = int(trial.get("seed") or 0)
-        pending.append((trial, seed, task.remote(checkpoint, study.data, study.protocols, seed)))
+        embeddings = ((study.study_dir, run_name(trial["method"], trial["trial_id"]))
+                      if trial["trial_id"] in projected else None)
+        pending.append((trial, seed, task.remote(checkpoint, study.data, study.protocols, seed,
+                                                 embeddings)))
     rows = []
     for trial, seed, ref in pending:
         metrics = ray.get(ref)
