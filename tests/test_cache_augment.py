@@ -10,8 +10,14 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from conftest import make_image
 
-from fgray.data.augment import PRESETS, TwoViewAugment, _blur, _shift_hue, augment_preset, \
-    eval_transform
+from fgray.data.augment import (
+    PRESETS,
+    TwoViewAugment,
+    _blur,
+    _shift_hue,
+    augment_preset,
+    eval_transform,
+)
 from fgray.data.cache import build_cache
 from fgray.data.formats import load_dataset
 from fgray.data.images import load_rgb, resize_center_crop
