@@ -1,0 +1,195 @@
+"""What every benchmark shares: the presets, the synthetic data set, building a Pretrainer,
+device syncs, and the description of the machine a figure was measured on."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fgray.data.synth import write_synthetic
+from fgray.engine.loop import Pretrainer
+from fgray.engine.spec import DataSpec, RunSpec, build_spec
+from fgray.methods import method_class
+
+# MoCo v2 knobs that keep tiny CPU models tiny (the engine's own tests use the same idea).
+TINY_MOCO = {"queue_size": 1024, "mlp_hidden": 256, "dim": 64}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One model configuration a benchmark trains: method, backbone, input size, batch."""
+
+    name: str
+    method: str = "moco"
+    backbone: str = "test_resnet"
+    image_size: int = 64
+    batch_size: int = 32
+    sets: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class SynthData:
+    """The embedded synthetic set (CUB layout): `size` is the JPEG side on disk, which is
+    what the PIL reference decodes every step and the cache decodes once."""
+
+    classes: int = 8
+    per_class: int = 24
+    size: int = 96
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    data: SynthData
+    datapath: tuple[Case, ...]
+    epochs: int  # datapath rounds (one epoch of each side per round) after a warm-up epoch
+    ray: Case
+    ray_epochs: int
+    study: Case
+    study_trials: int
+    study_epochs: int
+    memory: tuple[Case, ...]
+    scaling: Case
+    scaling_steps: int
+    pil_workers: int  # DataLoader workers of the PIL reference
+
+
+def study_preset_case(name: str, method: str = "moco") -> Case:
+    """MoCo v2 at the scale of the study preset `name` (fgray.tune.presets), the preset a
+    user picks with `studies/cub_sweep.py --preset NAME`. Random init: memory does not
+    depend on the weights, and ImageNet weights may not be at hand."""
+    from fgray.tune.presets import get_preset
+
+    p = get_preset(name)
+    return Case(name, method=method,
+                backbone=p.backbone_for(method) or method_class(method).default_backbone,
+                image_size=p.image_size, batch_size=p.batch_size, sets=p.settings_for(method))
+
+
+def _cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def presets(tiny: bool = False) -> dict[str, Preset]:
+    cores = _cpu_count() or 1
+    smoke, paper = study_preset_case("smoke"), study_preset_case("paper")
+    cpu_case = Case("moco-test_resnet-64px", image_size=64, batch_size=32, sets=TINY_MOCO)
+    cpu = Preset(
+        name="cpu", data=SynthData(classes=8, per_class=48, size=96),
+        datapath=(cpu_case, dataclasses.replace(
+            cpu_case, name="mocov3-test_vit-64px", method="mocov3", backbone="test_vit",
+            sets={"mlp_hidden": 256, "dim": 64})),
+        epochs=8, ray=cpu_case, ray_epochs=8, study=cpu_case, study_trials=4, study_epochs=2,
+        memory=(smoke, paper), scaling=cpu_case, scaling_steps=10, pil_workers=cores)
+    if tiny:
+        small = Case("moco-test_resnet-32px", image_size=32, batch_size=16,
+                     sets={"queue_size": 64, "mlp_hidden": 64, "dim": 32})
+        cpu = dataclasses.replace(
+            cpu, data=SynthData(classes=4, per_class=16, size=40), datapath=(small,), epochs=1,
+            ray=small, ray_epochs=2, study=small, study_trials=2, study_epochs=1,
+            memory=(dataclasses.replace(small, name="smoke"),), scaling=small, scaling_steps=2,
+            pil_workers=min(cores, 2))
+    gpu_r50 = Case("moco-resnet50-224px", backbone="resnet50", image_size=224, batch_size=128)
+    gpu = Preset(
+        # CUB images are about 500 x 375: the PIL reference decodes JPEGs of that order.
+        name="gpu", data=SynthData(classes=50, per_class=100, size=448),
+        datapath=(gpu_r50, Case("mocov3-vit_base_patch16_224-224px", method="mocov3",
+                                backbone="vit_base_patch16_224", image_size=224,
+                                batch_size=128)),
+        epochs=5, ray=gpu_r50, ray_epochs=4, study=Case(
+            "moco-resnet18-112px", backbone="resnet18", image_size=112, batch_size=64),
+        study_trials=8, study_epochs=2, memory=(smoke, paper), scaling=gpu_r50,
+        scaling_steps=20, pil_workers=cores)
+    return {"cpu": cpu, "gpu": gpu}
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_data(root: Path, data: SynthData) -> Path:
+    out = root / f"synth-{data.classes}x{data.per_class}-{data.size}px"
+    write_synthetic(out, classes=data.classes, per_class=data.per_class, size=data.size,
+                    seed=0, progress=False)
+    return out
+
+
+def make_spec(case: Case, data_root: Path, cache_dir: Path, *, epochs: int = 100,
+              **train: Any) -> RunSpec:
+    # No validation split: the datapath and memory benchmarks time training only, and the
+    # run benchmarks keep evaluation identical on both sides of a ratio.
+    data = DataSpec(format="cub", root=str(data_root), val_fraction=train.pop("val_fraction", 0.0),
+                    cache_dir=str(cache_dir))
+    return build_spec(case.method, data, backbone=case.backbone,
+                      train={"epochs": epochs, "batch_size": case.batch_size,
+                             "image_size": case.image_size, **train},
+                      sets=dict(case.sets))
+
+
+def make_pretrainer(spec: RunSpec, device: torch.device) -> Pretrainer:
+    from fgray.engine.run import build_pretrainer
+
+    return build_pretrainer(spec, device=device, progress=False)
+
+
+def effective_precision(precision: str, device: torch.device) -> str:
+    """What `fgray.engine.loop.autocast_for` does with the setting on this device."""
+    return "bf16" if precision == "bf16" or (precision == "auto" and device.type == "cuda") \
+        else "fp32"
+
+
+def median(values: list[float]) -> float:
+    return float(statistics.median(values)) if values else float("nan")
+
+
+def host_rss_peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def load_average() -> tuple[float, float, float]:
+    return os.getloadavg()
+
+
+def hardware() -> dict[str, Any]:
+    """The machine a run measured: enough to tell whether two result files compare."""
+    model = platform.processor() or ""
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in lscpu.splitlines():
+            if line.startswith("Model name:"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except (OSError, subprocess.SubprocessError):
+        pass
+    info: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "cpu_model": model, "cpus": _cpu_count(), "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__, "python": platform.python_version(),
+        "cuda": torch.cuda.is_available(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpu_count"] = torch.cuda.device_count()
+    return info
+
+
+def elapsed(start: float) -> float:
+    return time.perf_counter() - start

@@ -1,0 +1,131 @@
+"""Ray overhead: a 1-worker Ray Train run (`fgray pretrain --workers 1`, a TorchTrainer)
+against the same run in this process (`fgray pretrain --workers 0`).
+
+Both go through the command line a user types, with the same spec, evaluation, checkpoints
+and tables. The in-process run is done before and after the Ray run, so drifting load from
+other processes falls on both sides. Steady-state step time is the per-epoch
+`epoch_time_s` (the engine's own clock inside the worker) read back from the study's epochs
+table, first epoch left out; start-up cost is the Ray run's wall time minus the in-process
+run's, with the time to start the local Ray cluster itself given apart. The worker is given
+every core (`--cpus-per-worker`), as the in-process run has them: Ray limits a worker's
+torch threads to its CPUs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.common import Case, Preset, make_spec, median
+
+TARGET_STEADY_RATIO = 1.05
+
+
+def missing(module: str) -> str | None:
+    """A note when `module` (written by another part of the project) is not there yet."""
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        found = False
+    return None if found else f"{module} is not available yet: benchmark skipped"
+
+
+def pretrain_flags(case: Case, data_root: Path, cache_dir: Path, storage: Path, epochs: int,
+                   device: torch.device) -> list[str]:
+    flags = ["pretrain", "--method", case.method, "--dataset", "cub", "--data-root",
+             str(data_root), "--backbone", case.backbone, "--image-size", str(case.image_size),
+             "--batch-size", str(case.batch_size), "--epochs", str(epochs), "--storage",
+             str(storage), "--cache-dir", str(cache_dir)]
+    for key, value in case.sets.items():
+        flags += ["--set", f"{key}={value}"]
+    return flags
+
+
+def epoch_times(storage: Path, trial_id: str) -> list[float]:
+    from fgray.results.tables import load
+
+    rows = [r for r in load(str(storage), "epochs").to_pylist() if r["trial_id"] == trial_id]
+    rows.sort(key=lambda r: r["epoch"])
+    return [float(r["epoch_time_s"]) for r in rows]
+
+
+def warm_cache(case: Case, data_root: Path, cache_dir: Path, val_fraction: float = 0.1) -> None:
+    """Decode the caches first, so what is measured never pays for it."""
+    from fgray.engine.run import load_splits
+
+    spec = make_spec(case, data_root, cache_dir, val_fraction=val_fraction)
+    load_splits(spec.data, spec.train.decoded_size, progress=False)
+
+
+def run(preset: Preset, workdir: Path, data_root: Path, device: torch.device) -> dict[str, Any]:
+    note = missing("fgray.train.trainer")
+    if note:
+        print(f"[ray] {note}", flush=True)
+        return {"skipped": note}
+    from fgray.train.cluster import NUM_CPUS_ENV, TEMP_DIR_ENV, ray_session
+
+    case, epochs = preset.ray, preset.ray_epochs
+    cache_dir, storage = workdir / "cache", workdir / "ray-bench"
+    warm_cache(case, data_root, cache_dir)
+    cores = len(os.sched_getaffinity(0))
+    flags = pretrain_flags(case, data_root, cache_dir, storage, epochs, device)
+    # A short temp root: Ray's socket paths must stay under ~107 characters.
+    temp = tempfile.mkdtemp(prefix="r", dir="/tmp")
+    env = {**os.environ, NUM_CPUS_ENV: str(cores), TEMP_DIR_ENV: temp}
+
+    def fgray_pretrain(name: str, extra: list[str]) -> float:
+        """`fgray pretrain ...` in a fresh process, as a user runs it; its wall time."""
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "fgray.cli", *flags, "--name", name,
+                               *extra], env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"fgray pretrain ({name}) exited {proc.returncode}:\n"
+                               f"{proc.stderr[-3000:]}")
+        return time.perf_counter() - start
+
+    local_flags = ["--workers", "0", "--device", str(device)]
+    ray_flags = ["--workers", "1", "--cpus-per-worker", str(cores)]
+    if device.type == "cuda":
+        ray_flags += ["--gpus-per-worker", "1"]
+    print(f"[ray] {case.name}: in-process run, {epochs} epochs ...", flush=True)
+    wall_a = fgray_pretrain("in-process-a", local_flags)
+    print(f"[ray] {case.name}: 1-worker TorchTrainer run (fresh local Ray) ...", flush=True)
+    ray_wall = fgray_pretrain("ray-1-worker", ray_flags)
+    print(f"[ray] {case.name}: in-process run again ...", flush=True)
+    wall_b = fgray_pretrain("in-process-b", local_flags)
+    start = time.perf_counter()
+    with ray_session(num_cpus=cores, temp_dir=temp):
+        ray_init_s = time.perf_counter() - start
+    shutil.rmtree(temp, ignore_errors=True)
+
+    local = epoch_times(storage, "in-process-a")[1:] + epoch_times(storage, "in-process-b")[1:]
+    remote = epoch_times(storage, "ray-1-worker")[1:]
+    local_wall = (wall_a + wall_b) / 2
+    ratio = median(remote) / median(local)
+    # Other processes only ever add time: the shortest epochs are the undisturbed cost.
+    ratio_best = min(remote) / min(local)
+    startup = ray_wall - local_wall
+    print(f"[ray] steady-state epoch time Ray / in-process {ratio:.3f} (best epochs"
+          f" {ratio_best:.3f}; target <= {TARGET_STEADY_RATIO}); start-up {startup:.1f} s"
+          f" over the in-process run, of which about {ray_init_s:.1f} s start the local Ray",
+          flush=True)
+    return {
+        "case": case.describe(), "epochs": epochs, "cpus_per_worker": cores,
+        "in_process": {"wall_s": [wall_a, wall_b], "epoch_s_after_first": local},
+        "ray": {"wall_s": ray_wall, "epoch_s_after_first": remote},
+        "ray_init_s": ray_init_s,
+        "steady_state_ratio": ratio, "steady_state_ratio_best": ratio_best,
+        "startup_s": startup,
+        "target_steady_state_ratio": TARGET_STEADY_RATIO,
+        "note": "wall times are whole `fgray pretrain` processes (imports, caches warm,"
+                " evaluation and checkpoints included); startup_s = Ray wall - in-process wall",
+    }

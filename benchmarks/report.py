@@ -1,0 +1,163 @@
+"""Render a results JSON of benchmarks/run.py as the markdown tables of RESULTS.md.
+
+    python benchmarks/report.py benchmarks/results-gpu.json >> benchmarks/RESULTS.md
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _f(value: Any, digits: int = 2) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def machine(report: dict[str, Any]) -> str:
+    hw = report["hardware"]
+    gpu = f", GPU {hw['gpu']} x{hw['gpu_count']}" if hw.get("gpu") else ", no GPU"
+    before = ", ".join(f"{x:.2f}" for x in report["load_average_before"])
+    after = ", ".join(f"{x:.2f}" for x in report.get("load_average_after", []))
+    return (f"- Written: {hw['date']} (by the last run into this file; each section says when"
+            f" it ran)\n- Machine: {hw['cpus']} CPUs ({hw['cpu_model']}){gpu}; torch"
+            f" {hw['torch']}, {hw['torch_threads']} torch threads, Python {hw['python']}\n"
+            f"- Load average (1, 5, 15 min) of that run, before: {before}; after: {after}\n")
+
+
+def datapath(r: dict[str, Any]) -> str:
+    lines = ["| case | precision | steps/epoch | full steps/s | ceiling steps/s | PIL steps/s |"
+             " full / ceiling | full / PIL | cached img/s (data only) | PIL img/s (data only) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for c in r["cases"]:
+        q, d = c["ratios"], c["data_only"]
+        lines.append(
+            f"| {c['case']['name']} | {c['precision']} | {c['steps_per_epoch']} |"
+            f" {_f(c['full']['steps_per_s'])} ({_f(c['full']['steps_per_s_best'])}) |"
+            f" {_f(c['ceiling']['steps_per_s'])} ({_f(c['ceiling']['steps_per_s_best'])}) |"
+            f" {_f(c['pil']['steps_per_s'])} ({_f(c['pil']['steps_per_s_best'])}) |"
+            f" {_f(q['full_over_ceiling'], 3)} ({_f(q['full_over_ceiling_best'], 3)}) |"
+            f" {_f(q['full_over_pil'])} ({_f(q['full_over_pil_best'])}) |"
+            f" {d['cached_images_per_s']:.0f} ({d['cached_images_per_s_best']:.0f}) |"
+            f" {d['pil_images_per_s']:.0f} ({d['pil_images_per_s_best']:.0f}) |")
+    out = "\n".join(lines) + "\n\nEach cell: median epoch (best epoch).\n"
+    spread = [f"- {c['case']['name']}: full/ceiling per round "
+              + ", ".join(_f(x, 2) for x in c["ratios"]["full_over_ceiling_per_round"])
+              + "; full/PIL per round "
+              + ", ".join(_f(x, 2) for x in c["ratios"]["full_over_pil_per_round"])
+              for c in r["cases"]]
+    out += "\nSpread, round by round:\n\n" + "\n".join(spread) + "\n"
+    syncs = [f"- {c['case']['name']}: {c['host_syncs_per_step']} host syncs per step"
+             for c in r["cases"] if "host_syncs_per_step" in c]
+    if syncs:
+        out += "\n" + "\n".join(syncs) + "\n"
+    compiled = [c for c in r["cases"] if "compile" in c]
+    if compiled:
+        out += ("\n| case | eager ceiling steps/s | compiled ceiling steps/s | speedup (median) |"
+                " speedup (best) | compile warm-up s |\n|---|---:|---:|---:|---:|---:|\n")
+        for c in compiled:
+            k = c["compile"]
+            if "error" in k:
+                out += f"| {c['case']['name']} | compile failed: {k['error']} | | | | |\n"
+                continue
+            out += (f"| {c['case']['name']} | {_f(k['eager_ceiling_steps_per_s'])} |"
+                    f" {_f(k['ceiling_steps_per_s'])} | {_f(k['speedup_over_eager'])} |"
+                    f" {_f(k['speedup_over_eager_best'])} | {_f(k['warmup_s'], 1)} |\n")
+    return out
+
+
+def ray(r: dict[str, Any]) -> str:
+    if "skipped" in r:
+        return f"Skipped: {r['skipped']}\n"
+    return (f"| | value |\n|---|---:|\n"
+            f"| steady-state epoch time, Ray / in-process (median) |"
+            f" {_f(r['steady_state_ratio'], 3)} |\n"
+            f"| same, best epochs | {_f(r['steady_state_ratio_best'], 3)} |\n"
+            f"| `fgray pretrain` wall, in-process (two runs) |"
+            f" {', '.join(_f(x, 1) for x in r['in_process']['wall_s'])} s |\n"
+            f"| `fgray pretrain --workers 1` wall | {_f(r['ray']['wall_s'], 1)} s |\n"
+            f"| start-up cost (Ray wall - in-process wall) | {_f(r['startup_s'], 1)} s |\n"
+            f"| of which starting a local Ray (measured apart) | {_f(r['ray_init_s'], 1)} s |\n"
+            f"\n{r['epochs']} epochs of {r['case']['name']}, the first left out;"
+            f" {r['cpus_per_worker']} CPUs per worker.\n")
+
+
+def study(r: dict[str, Any]) -> str:
+    if "skipped" in r or "error" in r:
+        return f"{r.get('skipped') or r.get('error')}\n"
+    return (f"| | value |\n|---|---:|\n"
+            f"| study wall time | {_f(r['wall_time_s'], 1)} s |\n"
+            f"| Σ trial wall time / concurrency | {_f(r['trial_time_s'], 1)} s /"
+            f" {r['concurrency']} = {_f(r['ideal_s'], 1)} s |\n"
+            f"| ratio (target <= {r['target_ratio']}) | {_f(r['overhead_ratio'])} |\n"
+            f"| overhead (wall - ideal) | {_f(r.get('overhead_s'), 1)} s |\n"
+            f"| ratio up to the last trial's end (no final test evaluation) |"
+            f" {_f(r['training_phase_ratio'])} |\n"
+            f"| first trial started after | {_f(r['first_trial_start_s'], 1)} s |\n"
+            f"| starting the local Ray (not in the ratio) | {_f(r['ray_init_s'], 1)} s |\n"
+            f"\n{r['trials']} trials ({r['mode']}, {r['epochs']} epochs each, {r['stopped']}"
+            f" stopped early, {r['failed']} failed) of {r['case']['name']}.\n")
+
+
+def memory(r: dict[str, Any]) -> str:
+    lines = ["| preset | backbone | px | batch | host RSS peak MB | device peak MB (allocated /"
+             " reserved) | img/s |", "|---|---|---:|---:|---:|---:|---:|"]
+    for row in r["presets"]:
+        c = row["case"]
+        if "skipped" in row:
+            lines.append(f"| {c['name']} | {c['backbone']} | {c['image_size']} |"
+                         f" {c['batch_size']} | {row['skipped']} | | |")
+            continue
+        dev = (f"{row['device_peak_allocated_mb']:.0f} / {row['device_peak_reserved_mb']:.0f}"
+               if "device_peak_allocated_mb" in row else "CPU run: host RSS only")
+        lines.append(f"| {c['name']} | {c['backbone']} | {c['image_size']} | {c['batch_size']} |"
+                     f" {row['host_rss_peak_mb']:.0f} | {dev} | {row['images_per_s']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def scaling(r: dict[str, Any]) -> str:
+    step, a = r["step"], r["assumptions"]
+    out = (f"Measured on {r['device']}: step {1e3 * step['step']:.1f} ms (forward"
+           f" {1e3 * step['forward']:.1f}, backward {1e3 * step['backward']:.1f}, optimiser"
+           f" {1e3 * step['optimizer']:.1f}; {step['precision']}), per-device batch"
+           f" {a['per_device_batch']}. Model: {a['gpus_per_node']} GPUs per node on NVLink at"
+           f" {a['nvlink_gbps']:g} Gb/s, {a['overlap']}, latency {a['latency']}.\n\n")
+    out += r["markdown"]
+    if "paper_payload" in r:
+        out += "\n" + r["paper_payload"]["markdown"]
+    return out
+
+
+SECTIONS = {"datapath": ("Data path vs ceiling", datapath), "ray": ("Ray overhead", ray),
+            "study": ("Study overhead", study), "memory": ("Memory", memory),
+            "scaling": ("Scaling, on paper", scaling)}
+
+
+def render(report: dict[str, Any]) -> str:
+    out = [f"## Preset `{report['preset']}`{' (tiny)' if report['tiny'] else ''}\n",
+           machine(report)]
+    for name, result in report["benchmarks"].items():
+        title, fn = SECTIONS[name]
+        meta = result.get("meta")
+        when = ""
+        if meta:
+            before, after = (", ".join(f"{x:.1f}" for x in meta[k])
+                             for k in ("load_average_before", "load_average_after"))
+            when = (f"_Ran {meta['started']} for {meta['seconds']:.0f} s; load average"
+                    f" {before} before, {after} after._\n\n")
+        out.append(f"### {title}\n\n{when}{fn(result)}")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python benchmarks/report.py RESULTS_JSON", file=sys.stderr)
+        return 2
+    print(render(json.loads(Path(args[0]).read_text())))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""Study overhead: a small study's wall time against the sum of its trials' wall times over
+the number of trials run at once (`fgray.tune.study.run_study` and its `StudySummary`).
+
+The study searches one method (`mode="search"`: TPE over its space, ASHA on val kNN top-1
+with a grace period of one epoch) on a fresh local Ray cluster, one CPU per trial (on a GPU,
+half a GPU per trial) and as many trials at once as there are cores (GPU: twice the GPUs).
+The ratio counts everything a study does outside its trials: Tune's start-up, Optuna, the
+gaps between one trial's end and the next one's start, the final kNN test evaluation of the
+best trial, and slots left idle while the last trials finish (a trial's own TorchTrainer
+start-up, per-epoch tables and TensorBoard fall inside its wall time).
+Σ trial time is the trials table's `wall_time_s` (the recorder's clock from a trial's start
+to its end). `training_phase_ratio` stops the study clock at the last trial's end, i.e.
+leaves the final test evaluation out. Both leave out starting the local Ray itself
+(`ray_init_s`), which a study submitted to a running cluster does not pay. Each trial's
+start and end (seconds from the study's start) show where the rest goes.
+
+The study runs in a child process with a time limit, so a Ray that stops making progress
+cannot hang the harness. One such case was seen on a host running other Ray clusters: the
+trials' placement groups outlived them (most likely ASHA stopped each trial at its last
+epoch, Tune ended the trial's actor and with it the Train controller, and Ray Train's
+detached PlacementGroupCleaner, which looks its cluster up without an address, died with
+"Found multiple active Ray instances"), and the final evaluation waited forever for a CPU
+they held. So the local cluster gets spare logical CPUs (one per trial, plus one) while the
+concurrency stays fixed at the physical slots: leaked groups cannot starve the study, and the
+measurement is the same as on a clean host.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.common import Case, Preset
+from benchmarks.ray_overhead import missing, warm_cache
+
+TARGET_RATIO = 1.25
+RUN_PY = Path(__file__).resolve().parent / "run.py"
+
+
+def child(job: dict[str, Any]) -> dict[str, Any]:
+    """Runs in the fresh process: the study on a local Ray, then its figures."""
+    from fgray.results.tables import latest_trials, load
+    from fgray.train.cluster import ray_session
+    from fgray.tune.study import StudyConfig, run_study
+
+    case = Case(**job["case"])
+    cores = len(os.sched_getaffinity(0))
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    # Two trials share each GPU, so a single-GPU machine still runs trials side by side.
+    concurrency = 2 * gpus if gpus else cores
+    study = StudyConfig(
+        name="bench-study", storage=job["storage"],
+        data={"format": "cub", "root": job["data_root"], "val_fraction": 0.1,
+              "cache_dir": job["cache_dir"]},
+        methods=[case.method], mode="search", trials=job["trials"], epochs=job["epochs"],
+        grace_period=1, batch_size=case.batch_size, image_size=case.image_size,
+        backbones={case.method: case.backbone}, fixed={case.method: dict(case.sets)},
+        workers=1, cpus_per_worker=1.0, gpus_per_worker=0.5 if gpus else 0.0,
+        concurrency=concurrency, protocols=["knn"])
+    temp = tempfile.mkdtemp(prefix="r", dir="/tmp")  # Ray's socket paths must stay short
+    begin = time.time()
+    try:
+        with ray_session(num_cpus=max(cores, concurrency) + job["trials"] + 1, temp_dir=temp):
+            start = time.time()  # run_study's own clock starts here too
+            summary = run_study(study)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    rows = load(summary.study_dir, "trials").to_pylist()
+    trials = latest_trials(rows)
+    # A trial's first terminal row marks the end of its training; the final evaluation
+    # appends a later row (with test metrics) to the best trial.
+    timeline = {}
+    for row in rows:
+        if row.get("status") == "running" or not row.get("end_time"):
+            continue
+        t0, t1 = row["start_time"].timestamp() - start, row["end_time"].timestamp() - start
+        if row["trial_id"] not in timeline or t1 < timeline[row["trial_id"]][1]:
+            timeline[row["trial_id"]] = (t0, t1)
+    ideal = summary.trial_time_s / max(summary.concurrency, 1)
+    training_wall = max((e for _, e in timeline.values()), default=float("nan"))
+    return {
+        "case": case.describe(), "mode": "search", "epochs": job["epochs"],
+        "trials": summary.trials, "concurrency": summary.concurrency,
+        "ray_init_s": start - begin,
+        "wall_time_s": summary.wall_time_s, "trial_time_s": summary.trial_time_s,
+        "ideal_s": ideal, "overhead_ratio": summary.overhead_ratio,
+        # Fixed cost of this study over its ideal: ratio = 1 + overhead_s / ideal_s, so a
+        # study of longer trials amortises it.
+        "overhead_s": summary.wall_time_s - ideal,
+        "training_phase_wall_s": training_wall,
+        "training_phase_ratio": training_wall / ideal if ideal > 0 else float("nan"),
+        "stopped": summary.stopped, "failed": summary.failed,
+        "first_trial_start_s": min((b for b, _ in timeline.values()), default=float("nan")),
+        "per_trial": [{"trial_id": t["trial_id"], "status": t["status"],
+                       "wall_time_s": t.get("wall_time_s"), "epochs_run": t.get("epochs_run"),
+                       "start_s": timeline.get(t["trial_id"], (None, None))[0],
+                       "end_s": timeline.get(t["trial_id"], (None, None))[1]}
+                      for t in trials],
+        "target_ratio": TARGET_RATIO,
+    }
+
+
+def run(preset: Preset, workdir: Path, data_root: Path, device: torch.device, *,
+        timeout_s: float = 1800.0) -> dict[str, Any]:
+    note = missing("fgray.tune.study")
+    if note:
+        print(f"[study] {note}", flush=True)
+        return {"skipped": note}
+    case = preset.study
+    warm_cache(case, data_root, workdir / "cache")
+    job = {"case": case.describe(), "trials": preset.study_trials, "epochs": preset.study_epochs,
+           "storage": str(workdir / "study-bench"), "data_root": str(data_root),
+           "cache_dir": str(workdir / "cache")}
+    print(f"[study] {preset.study_trials} trials of {case.name}, {preset.study_epochs} epochs"
+          " each, in a fresh process ...", flush=True)
+    try:
+        proc = subprocess.run([sys.executable, str(RUN_PY), "--child", "study", json.dumps(job)],
+                              capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        note = (f"the study did not finish within {timeout_s:.0f} s (Ray made no progress);"
+                " no figure")
+        print(f"[study] {note}", flush=True)
+        return {"error": note, "case": case.describe()}
+    if proc.returncode != 0:
+        raise RuntimeError(f"study child failed:\n{proc.stderr[-3000:]}")
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"[study] wall {r['wall_time_s']:.1f} s vs Σ trial time / concurrency"
+          f" {r['ideal_s']:.1f} s ({r['trials']} trials, {r['concurrency']} at a time): ratio"
+          f" {r['overhead_ratio']:.2f} (target <= {TARGET_RATIO}); training phase only"
+          f" {r['training_phase_ratio']:.2f}; first trial started after"
+          f" {r['first_trial_start_s']:.1f} s", flush=True)
+    return r

@@ -1,0 +1,115 @@
+"""The benchmark harness (benchmarks/): it runs and writes its JSON, and the scaling model
+computes what its docstring says. No timing assertions: the figures depend on the machine."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # benchmarks/ is a folder of scripts, not an installed package
+    sys.path.insert(0, str(REPO))
+
+from benchmarks import report as bench_report  # noqa: E402
+from benchmarks import scaling  # noqa: E402
+from benchmarks.common import Case  # noqa: E402
+
+
+def test_datapath_smoke_run_writes_its_json(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "run.py"), "--preset", "cpu", "--only",
+         "datapath", "--tiny", "--out", str(out), "--workdir", str(tmp_path / "work")],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "full/ceiling" in proc.stdout
+    report = json.loads(out.read_text())
+    assert report["preset"] == "cpu" and report["tiny"] is True
+    assert {"date", "cpu_model", "cpus", "torch"} <= set(report["hardware"])
+    assert len(report["load_average_before"]) == 3 and len(report["load_average_after"]) == 3
+    assert list(report["benchmarks"]) == ["datapath"]
+    (case,) = report["benchmarks"]["datapath"]["cases"]
+    assert case["case"]["backbone"] == "test_resnet" and case["precision"] == "fp32"
+    for side in ("full", "ceiling", "pil"):
+        assert case[side]["steps_per_s"] > 0
+        assert len(case[side]["epoch_s"]) == case["measured_epochs"]
+    steps = case["steps_per_epoch"]
+    ratios = case["ratios"]
+    assert ratios["full_over_ceiling"] == pytest.approx(
+        case["full"]["steps_per_s"] / case["ceiling"]["steps_per_s"])
+    assert ratios["full_over_pil"] == pytest.approx(
+        case["full"]["steps_per_s"] / case["pil"]["steps_per_s"])
+    # steps/s is the engine's epoch clock turned around: steps over the median epoch.
+    assert case["full"]["steps_per_s"] == pytest.approx(steps / case["full"]["epoch_s"][0])
+    assert {"cached_images_per_s", "pil_images_per_s"} <= set(case["data_only"])
+    # RESULTS.md's tables come from this JSON.
+    md = bench_report.render(report)
+    assert "### Data path vs ceiling" in md
+    row = next(line for line in md.splitlines() if line.startswith("| moco-test_resnet"))
+    assert f"{ratios['full_over_ceiling']:.3f}" in row and f"{ratios['full_over_pil']:.2f}" in row
+
+
+def test_unknown_benchmark_name_is_refused():
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "run.py"), "--only",
+                           "datapath,bogus"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert "unknown benchmark bogus" in proc.stderr
+
+
+def test_moco_collectives_are_the_shuffle_and_queue_gathers():
+    case = Case("t", backbone="test_resnet", image_size=32, batch_size=8,
+                sets={"queue_size": 64, "mlp_hidden": 32, "dim": 16})
+    payload = scaling.step_collectives(case)
+    ops = [(c["op"], c["shape"]) for c in payload["collectives"]]
+    # Shuffle-BN gathers the key view, broadcasts the permutation of the global batch
+    # (world 2), unshuffles the keys; the queue update gathers the keys again.
+    assert ops == [("all_gather", [8, 3, 32, 32]), ("broadcast", [16]),
+                   ("all_gather", [8, 16]), ("all_gather", [8, 16])]
+    assert payload["gather_bytes_per_rank"] == 8 * 3 * 32 * 32 * 4 + 2 * 8 * 16 * 4
+    assert payload["broadcast_bytes"] == 16 * 8
+    from fgray.methods import build_method
+
+    method = build_method("moco", backbone="test_resnet", image_size=32,
+                          overrides={"queue_size": "64", "mlp_hidden": "32", "dim": "16"})
+    # Only the query encoder and its projector train; the momentum copies do not.
+    expected = sum(p.numel() for n, p in method.named_parameters()
+                   if n.startswith(("backbone.", "projector.")))
+    assert payload["trainable_params"] == expected
+    assert payload["grad_bytes"] == 4 * expected
+
+
+def test_scaling_model_follows_the_ring_formulas():
+    step = {"step": 0.1, "backward": 0.04}
+    payload = {"grad_bytes": 100e6, "gather_bytes_per_rank": 10e6, "broadcast_bytes": 0}
+    rows = scaling.model_table(step, payload, 32, nvlink_gbps=800.0, inter_gbps=[80.0],
+                               gpus_per_node=8)
+    by_n = {r["gpus"]: r for r in rows}
+    assert set(by_n) == set(scaling.GPU_COUNTS)
+    assert by_n[1]["efficiency_no_overlap"] == 1.0 and by_n[1]["allreduce_s"] == 0.0
+    # 4 GPUs on NVLink at 100 GB/s: all-reduce 2*3/4*100 MB / 100 GB/s = 1.5 ms,
+    # gathers 3 * 10 MB / 100 GB/s = 0.3 ms.
+    assert by_n[4]["link"] == "nvlink"
+    assert by_n[4]["allreduce_s"] == pytest.approx(1.5e-3)
+    assert by_n[4]["gather_s"] == pytest.approx(0.3e-3)
+    assert by_n[4]["efficiency_no_overlap"] == pytest.approx(0.1 / (0.1 + 1.8e-3))
+    # 16 GPUs cross nodes at 10 GB/s: all-reduce 2*15/16*100 MB / 10 GB/s = 18.75 ms, fully
+    # hidden behind the 40 ms backward; gathers 15 * 10 MB / 10 GB/s = 15 ms are not.
+    r16 = by_n[16]
+    assert r16["link"] == "inter-node" and r16["nodes"] == 2
+    assert r16["allreduce_s"] == pytest.approx(18.75e-3)
+    assert r16["gather_s"] == pytest.approx(15e-3)
+    assert r16["step_s_overlap"] == pytest.approx(0.1 + 15e-3)
+    assert r16["step_s_no_overlap"] == pytest.approx(0.1 + 18.75e-3 + 15e-3)
+    assert r16["images_per_s_overlap"] == pytest.approx(16 * 32 / 0.115)
+    assert r16["step_s_for_90pct_no_overlap"] == pytest.approx(9 * (18.75e-3 + 15e-3))
+    # Without image gathers the all-to-all what-if changes nothing; with them, a shuffle by
+    # all-to-all moves 15/16 of a batch per rank instead of 15 batches.
+    assert r16["gather_s_all_to_all_shuffle"] == pytest.approx(r16["gather_s"])
+    images = scaling.comm_seconds(16, {**payload, "image_gather_bytes_per_rank": 10e6}, 10e9)
+    assert images["gather_s_all_to_all_shuffle"] == pytest.approx(15 / 16 * 10e6 / 10e9)
+    md = scaling.markdown(rows, "t")
+    assert md.count("\n| 16 |") == 1  # one row per GPU count
