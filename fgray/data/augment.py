@@ -113,10 +113,13 @@ def _shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return table.gather(2, i[:, None, None].expand(-1, 3, 1, -1, -1)).squeeze(2)
 
 
-def _blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """Per-sample separable Gaussian blur via one grouped convolution per axis."""
+def _blur(x: torch.Tensor, sigma: torch.Tensor, max_sigma: float | None = None) -> torch.Tensor:
+    """Per-sample separable Gaussian blur via one grouped convolution per axis. Pass
+    `max_sigma` when it is known on the host: reading it from a device tensor is a sync."""
     b, c, h, w = x.shape
-    radius = max(1, math.ceil(3.0 * float(sigma.max())))
+    if max_sigma is None:
+        max_sigma = float(sigma.max())
+    radius = max(1, math.ceil(3.0 * max_sigma))
     radius = min(radius, (min(h, w) - 1) // 2) or 1
     offsets = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
     kernel = torch.exp(-0.5 * (offsets[None] / sigma[:, None]) ** 2)
@@ -166,50 +169,72 @@ class TwoViewAugment:
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.view(images, 0), self.view(images, 1)
 
+    def _draw(self, n: int, src: int, which: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every random parameter of one view, drawn on the host in a fixed order: the
+        crop rois (n, 5) and the per-sample scalars (n, 9) as one float32 tensor."""
+        cfg, gen = self.cfg, self.gen
+
+        def coin(p: float) -> torch.Tensor:
+            return (torch.rand(n, generator=gen) < p).float()
+
+        def uniform(lo: float, hi: float) -> torch.Tensor:
+            return lo + (hi - lo) * torch.rand(n, generator=gen)
+
+        boxes = _crop_boxes(n, src, cfg, gen)
+        rois = torch.cat([torch.arange(n, dtype=torch.float32)[:, None], boxes], 1)
+        scalars = torch.stack([
+            coin(cfg.flip_p), coin(cfg.jitter_p),
+            uniform(1 - cfg.brightness, 1 + cfg.brightness),
+            uniform(1 - cfg.contrast, 1 + cfg.contrast),
+            uniform(1 - cfg.saturation, 1 + cfg.saturation),
+            uniform(-cfg.hue, cfg.hue), coin(cfg.gray_p), coin(cfg.blur_p[which]),
+            uniform(cfg.blur_sigma_min, cfg.blur_sigma_max) * (cfg.size / 224.0),
+            coin(cfg.solarize_p[which])], 1)
+        return rois, scalars
+
     def view(self, images: torch.Tensor, which: int) -> torch.Tensor:
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"expected uint8 (B, 3, H, W) images, got {images.dtype}"
                              f" {tuple(images.shape)}")
-        cfg, gen, dev = self.cfg, self.gen, images.device
+        cfg, dev = self.cfg, images.device
         n, src = images.shape[0], images.shape[-1]
+        rois, scalars = self._draw(n, src, which)
+        # Which samples blur, and how wide, are decided on the host; everything the device
+        # needs travels in one copy (pinned and non-blocking on a GPU): no host sync here.
+        blur_idx = scalars[:, 7].nonzero()[:, 0]
+        max_sigma = float(scalars[blur_idx, 8].max()) if len(blur_idx) else 0.0
+        packed = torch.cat([rois, scalars], 1)
+        if dev.type == "cuda":
+            packed, blur_idx = packed.pin_memory(), blur_idx.pin_memory()
+        packed = packed.to(dev, non_blocking=True)
+        blur_idx = blur_idx.to(dev, non_blocking=True)
+        rois, p = packed[:, :5], packed[:, 5:]
 
-        def coin(p: float) -> torch.Tensor:
-            return (torch.rand(n, generator=gen) < p).to(dev)
+        def flag(col: int) -> torch.Tensor:
+            return (p[:, col] > 0.5).view(-1, 1, 1, 1)
 
-        def uniform(lo: float, hi: float) -> torch.Tensor:
-            return (lo + (hi - lo) * torch.rand(n, generator=gen)).to(dev)
+        def column(col: int) -> torch.Tensor:
+            return p[:, col].view(-1, 1, 1, 1)
 
-        boxes = _crop_boxes(n, src, cfg, gen)
-        rois = torch.cat([torch.arange(n, dtype=torch.float32)[:, None], boxes], 1).to(dev)
         x = roi_align(images.float().div_(255.0), rois, output_size=cfg.size,
                       spatial_scale=1.0, sampling_ratio=-1, aligned=True)
-        flip = coin(cfg.flip_p)
-        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+        x = torch.where(flag(0), x.flip(-1), x)
 
-        jit = coin(cfg.jitter_p).view(-1, 1, 1, 1)
-        bright = uniform(1 - cfg.brightness, 1 + cfg.brightness).view(-1, 1, 1, 1)
-        contrast = uniform(1 - cfg.contrast, 1 + cfg.contrast).view(-1, 1, 1, 1)
-        sat = uniform(1 - cfg.saturation, 1 + cfg.saturation).view(-1, 1, 1, 1)
-        hue = uniform(-cfg.hue, cfg.hue)
+        bright, contrast, sat = column(2), column(3), column(4)
         y = (x * bright).clamp_(0, 1)
         mean = _gray(y).mean((2, 3), keepdim=True)
         y = (contrast * y + (1 - contrast) * mean).clamp_(0, 1)
         y = (sat * y + (1 - sat) * _gray(y)).clamp_(0, 1)
         if cfg.hue > 0:
-            y = _shift_hue(y, hue)
-        x = torch.where(jit, y, x)
+            y = _shift_hue(y, p[:, 5])
+        x = torch.where(flag(1), y, x)
 
-        gray = coin(cfg.gray_p).view(-1, 1, 1, 1)
-        x = torch.where(gray, _gray(x).expand(-1, 3, -1, -1), x)
+        x = torch.where(flag(6), _gray(x).expand(-1, 3, -1, -1), x)
 
-        blur = coin(cfg.blur_p[which])
-        sigma = uniform(cfg.blur_sigma_min, cfg.blur_sigma_max) * (cfg.size / 224.0)
-        if bool(blur.any()):
-            idx = blur.nonzero()[:, 0]
-            x = x.index_copy(0, idx, _blur(x[idx], sigma[idx]))
+        if len(blur_idx):
+            x = x.index_copy(0, blur_idx, _blur(x[blur_idx], p[blur_idx, 8], max_sigma))
 
-        sol = coin(cfg.solarize_p[which]).view(-1, 1, 1, 1)
-        x = torch.where(sol & (x >= 0.5), 1.0 - x, x)
+        x = torch.where(flag(9) & (x >= 0.5), 1.0 - x, x)
         return normalize(x, cfg.mean, cfg.std)
 
 
