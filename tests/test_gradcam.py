@@ -10,15 +10,6 @@ from torch import nn
 from fgray.methods.gradcam import feature_gradcam, input_gradcam, normalise_maps
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """These ops are tiny: on shared cores, intra-op thread hand-offs cost 100x the work."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 class TinyNet(nn.Module):
     """conv -> feature map F -> pooled logits -> cross-entropy: a small stand-in for an SSL loss
     whose gradient w.r.t. F differs from cell to cell and from sign to sign."""

@@ -24,15 +24,6 @@ STEP = StepInfo(epoch=0, step=0, progress=0.0)
 SIZE = 64  # test_resnet has stride 32: 64 px gives a 2x2 map (32 px would give a single cell)
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny models: on shared cores, intra-op thread hand-offs cost more than the work."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 def _lcr(**overrides) -> LCR:
     torch.manual_seed(0)
     return build_method("lcr", backbone="test_resnet", image_size=SIZE,

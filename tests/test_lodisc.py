@@ -35,15 +35,6 @@ STEP = StepInfo(epoch=0, step=0, progress=0.0)
 SIZE = 64  # test_vit has 16 px patches: a 4x4 grid
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny models: on shared cores, intra-op thread hand-offs cost more than the work."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 def _lodisc(backbone: str = "test_vit", **overrides) -> LoDisc:
     torch.manual_seed(0)
     return build_method("lodisc", backbone=backbone, image_size=SIZE,
