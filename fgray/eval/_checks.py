@@ -35,6 +35,21 @@ def check_labels(name: str, labels: Tensor, n: int, *, features_name: str) -> No
         raise UserError(f"{name}: expected integer class labels, got {labels.dtype}")
 
 
+def check_feature_pair(train_features: Tensor, train_labels: Tensor, other_features: Tensor,
+                       other_labels: Tensor, other: str) -> None:
+    """Labelled train features and a second labelled set (`other`: its argument prefix, e.g.
+    "query" or "eval") with the same feature dimension."""
+    check_features("train_features", train_features)
+    check_labels("train_labels", train_labels, train_features.shape[0],
+                 features_name="train_features")
+    check_features(f"{other}_features", other_features)
+    check_labels(f"{other}_labels", other_labels, other_features.shape[0],
+                 features_name=f"{other}_features")
+    if other_features.shape[1] != train_features.shape[1]:
+        raise UserError(f"{other}_features has {other_features.shape[1]} dimensions but "
+                        f"train_features has {train_features.shape[1]}: expected the same")
+
+
 def check_positive_int(name: str, value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise UserError(f"{name}={value!r}: expected an integer >= 1")

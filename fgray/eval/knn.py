@@ -15,8 +15,7 @@ from torch import Tensor
 
 from fgray.errors import UserError
 from fgray.eval._checks import (
-    check_features,
-    check_labels,
+    check_feature_pair,
     check_positive_int,
     resolve_num_classes,
     topk_hits,
@@ -37,15 +36,7 @@ def knn_classify(train_features: Tensor, train_labels: Tensor,
     `0 .. num_classes-1` (default: one more than the largest label seen). Top-5 counts all
     classes when there are fewer than 5. Queries are processed `chunk_size` at a time.
     """
-    check_features("train_features", train_features)
-    check_labels("train_labels", train_labels, train_features.shape[0],
-                 features_name="train_features")
-    check_features("query_features", query_features)
-    check_labels("query_labels", query_labels, query_features.shape[0],
-                 features_name="query_features")
-    if query_features.shape[1] != train_features.shape[1]:
-        raise UserError(f"query_features has {query_features.shape[1]} dimensions but "
-                        f"train_features has {train_features.shape[1]}: expected the same")
+    check_feature_pair(train_features, train_labels, query_features, query_labels, "query")
     check_positive_int("k", k)
     check_positive_int("chunk_size", chunk_size)
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)

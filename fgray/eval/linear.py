@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from fgray.errors import UserError
 from fgray.eval._checks import (
-    check_features,
+    check_feature_pair,
     check_labels,
     check_positive_int,
     resolve_num_classes,
@@ -72,15 +72,7 @@ def linear_probe_fast(train_features: Tensor, train_labels: Tensor,
     on the train features) to tell under-fitting from over-fitting. Top-5 counts all classes
     when there are fewer than 5.
     """
-    check_features("train_features", train_features)
-    check_labels("train_labels", train_labels, train_features.shape[0],
-                 features_name="train_features")
-    check_features("eval_features", eval_features)
-    check_labels("eval_labels", eval_labels, eval_features.shape[0],
-                 features_name="eval_features")
-    if eval_features.shape[1] != train_features.shape[1]:
-        raise UserError(f"eval_features has {eval_features.shape[1]} dimensions but "
-                        f"train_features has {train_features.shape[1]}: expected the same")
+    check_feature_pair(train_features, train_labels, eval_features, eval_labels, "eval")
     check_positive_int("epochs", epochs)
     check_positive_int("batch_size", batch_size)
     _check_float("lr", lr, positive=True)
