@@ -177,14 +177,12 @@ class SDF(MoCoV2):
         importance = concat_all_gather((z * grad_z.float()).abs().mean(0, keepdim=True)).mean(0)
         z_all = concat_all_gather(z)
         variance = z_all.var(0, unbiased=True) if len(z_all) > 1 else torch.zeros_like(z[0])
-        if not bool(self.stats_ready):
-            self.feat_var.copy_(variance)
-            self.feat_importance.copy_(importance)
-            self.stats_ready.fill_(True)
-            return
-        m = self.cfg.stat_momentum
-        self.feat_var.mul_(m).add_(variance, alpha=1 - m)
-        self.feat_importance.mul_(m).add_(importance, alpha=1 - m)
+        # The first batch initialises the averages (momentum 0), chosen on the device so the
+        # training step never waits for the host.
+        m = torch.where(self.stats_ready, self.cfg.stat_momentum, 0.0)
+        self.feat_var.copy_(m * self.feat_var + (1 - m) * variance)
+        self.feat_importance.copy_(m * self.feat_importance + (1 - m) * importance)
+        self.stats_ready.fill_(True)
 
     def nondiscriminative_mask(self) -> Tensor:
         return nondiscriminative_dims(self.feat_var, self.feat_importance, self.cfg.q_var,
