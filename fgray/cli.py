@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("checkpoint")
     add_data_args(ev)
     ev.add_argument("--protocols", default="retrieval,knn",
-                    help="comma list of retrieval, knn, linear, linear-paper")
+                    help="comma list of retrieval, knn, linear, linear-paper, localisation")
     ev.add_argument("--split", default="test", choices=("val", "test"))
     ev.add_argument("--device", default=None)
     ev.add_argument("--cache-dir", default=None)

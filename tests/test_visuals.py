@@ -14,7 +14,7 @@ from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator as ea
 
 from fgray.cli import main
-from fgray.data.augment import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from fgray.data.augment import eval_transform
 from fgray.data.formats import load_dataset
 from fgray.engine.evaluate import evaluate_method, load_checkpoint
 from fgray.engine.run import build_pretrainer, load_splits
@@ -105,10 +105,12 @@ def test_pretrainer_visuals_content(synth_root, tmp_path):
     images, maps, pairs = trainer.visuals(count=3)
     assert torch.equal(torch.get_rng_state(), rng) and trainer.method.training
     raw = torch.from_numpy(np.array(trainer.val_data.images[:3]))
-    view = eval_transform(raw, SIZE)
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    expected = ((view * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
+    # The shown images are the eval crop in [0, 1], whatever the backbone's normalisation
+    # (test_resnet's weights use mean = std = 0.5, which the views must use too).
+    assert trainer.norm == {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+    plain = eval_transform(raw, SIZE, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    expected = (plain.clamp(0, 1) * 255).round().to(torch.uint8)
+    view = (plain - 0.5) / 0.5
     assert images.dtype == torch.uint8 and torch.equal(images, expected)
     assert pairs == {} and set(maps) == {"rationale"}
     trainer.method.eval()

@@ -132,28 +132,65 @@ def _blur(x: torch.Tensor, sigma: torch.Tensor, max_sigma: float | None = None) 
     return y.reshape(b, c, h, w)
 
 
-def _crop_boxes(n: int, src: int, cfg: AugmentConfig, gen: torch.Generator,
+def as_regions(regions, n: int, canvas: tuple[int, int]) -> torch.Tensor:
+    """Regions (n, 5) as a float64 CPU tensor: x0, y0, w, h of each image on its canvas
+    and 1 where it is stored transposed (`fgray.data.cache`); (n, 4) means none is; None
+    means the whole (height, width) canvas. Pass host arrays: reading a device tensor syncs."""
+    if regions is None:
+        return torch.tensor([[0.0, 0.0, canvas[1], canvas[0], 0.0]],
+                            dtype=torch.float64).expand(n, 5)
+    r = torch.as_tensor(regions).detach().to("cpu", torch.float64)
+    if r.dim() != 2 or r.shape[0] != n or r.shape[1] not in (4, 5):
+        raise ValueError(f"expected regions of shape ({n}, 5), got {tuple(r.shape)}")
+    if r.shape[1] == 4:
+        r = torch.cat([r, torch.zeros(n, 1, dtype=r.dtype)], 1)
+    return r
+
+
+def _crop_boxes(regions: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator,
                 attempts: int = 10) -> torch.Tensor:
-    """RandomResizedCrop boxes (x1, y1, x2, y2) as torchvision samples them: up to 10 tries
-    of (area, log-ratio), falling back to the whole (square) image."""
-    area = src * src * (cfg.scale_min + (cfg.scale_max - cfg.scale_min)
-                        * torch.rand(n, attempts, generator=gen))
+    """RandomResizedCrop boxes (x1, y1, x2, y2) in canvas pixels, sampled as torchvision
+    samples them on each image (its valid region, in its own orientation): up to 10 tries of
+    (area, log-ratio) relative to the region, else its centre crop clamped to the ratio range.
+    `regions` as `as_regions` returns them."""
+    n = regions.shape[0]
+    # float32 throughout, as before regions existed: a square canvas draws the same boxes.
+    rx, ry, rw, rh, flip_xy = regions.float().unbind(1)
+    transposed = flip_xy > 0.5
+    width = torch.where(transposed, rh, rw)  # of the image in its own orientation
+    height = torch.where(transposed, rw, rh)
+    area = (width * height)[:, None] * (cfg.scale_min + (cfg.scale_max - cfg.scale_min)
+                                        * torch.rand(n, attempts, generator=gen))
     log_lo, log_hi = math.log(cfg.ratio_min), math.log(cfg.ratio_max)
     ratio = torch.exp(log_lo + (log_hi - log_lo) * torch.rand(n, attempts, generator=gen))
     w = torch.sqrt(area * ratio).round()
     h = torch.sqrt(area / ratio).round()
-    ok = (w > 0) & (h > 0) & (w <= src) & (h <= src)
-    first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((n,), -1))
-    pick = first.clamp(min=0)[:, None]
-    w = torch.where(first >= 0, w.gather(1, pick)[:, 0], torch.full((n,), float(src)))
-    h = torch.where(first >= 0, h.gather(1, pick)[:, 0], torch.full((n,), float(src)))
-    x0 = torch.floor(torch.rand(n, generator=gen) * (src - w + 1))
-    y0 = torch.floor(torch.rand(n, generator=gen) * (src - h + 1))
-    return torch.stack([x0, y0, x0 + w, y0 + h], 1)
+    ok = (w > 0) & (h > 0) & (w <= width[:, None]) & (h <= height[:, None])
+    found = ok.any(1)
+    pick = ok.float().argmax(1, keepdim=True)
+    # torchvision's fallback: the centre crop, the whole image when its ratio is in range.
+    in_ratio = width / height
+    fw = torch.where(in_ratio > cfg.ratio_max, (height * cfg.ratio_max).round(), width)
+    fh = torch.where(in_ratio < cfg.ratio_min, (width / cfg.ratio_min).round(), height)
+    w = torch.where(found, w.gather(1, pick)[:, 0], fw)
+    h = torch.where(found, h.gather(1, pick)[:, 0], fh)
+    x0 = torch.floor(torch.rand(n, generator=gen) * (width - w + 1))
+    y0 = torch.floor(torch.rand(n, generator=gen) * (height - h + 1))
+    x0 = torch.where(found, x0, torch.div(width - w, 2, rounding_mode="floor"))
+    y0 = torch.where(found, y0, torch.div(height - h, 2, rounding_mode="floor"))
+    # Into the canvas: a transposed image's x runs down the canvas, its y across.
+    cx = rx + torch.where(transposed, y0, x0)
+    cy = ry + torch.where(transposed, x0, y0)
+    cw, ch = torch.where(transposed, h, w), torch.where(transposed, w, h)
+    return torch.stack([cx, cy, cx + cw, cy + ch], 1)
 
 
 class TwoViewAugment:
-    """Callable: uint8 (B, 3, S, S) on any device -> two normalised float views (B, 3, P, P)."""
+    """Callable: uint8 (B, 3, H, W) on any device and the images' `regions` (host array
+    (B, 5), `CachedSplit.regions[idx]`; None = the whole canvas) -> two normalised float
+    views (B, 3, P, P). Crops are drawn over each image's whole valid region, as torchvision's
+    RandomResizedCrop draws them over the whole decoded image; a transposed image's view is
+    transposed back."""
 
     def __init__(self, cfg: AugmentConfig, seed: int = 0) -> None:
         cfg.validate()
@@ -166,12 +203,15 @@ class TwoViewAugment:
     def load_state_dict(self, state: dict) -> None:
         self.gen.set_state(state["gen"])
 
-    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.view(images, 0), self.view(images, 1)
+    def __call__(self, images: torch.Tensor,
+                 regions=None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.view(images, 0, regions), self.view(images, 1, regions)
 
-    def _draw(self, n: int, src: int, which: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _draw(self, regions: torch.Tensor, which: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Every random parameter of one view, drawn on the host in a fixed order: the
-        crop rois (n, 5) and the per-sample scalars (n, 9) as one float32 tensor."""
+        crop rois (n, 5) and the per-sample scalars (n, 11), float32; the last scalar is
+        the image's transposed flag (not random)."""
+        n = regions.shape[0]
         cfg, gen = self.cfg, self.gen
 
         def coin(p: float) -> torch.Tensor:
@@ -180,7 +220,7 @@ class TwoViewAugment:
         def uniform(lo: float, hi: float) -> torch.Tensor:
             return lo + (hi - lo) * torch.rand(n, generator=gen)
 
-        boxes = _crop_boxes(n, src, cfg, gen)
+        boxes = _crop_boxes(regions, cfg, gen)
         rois = torch.cat([torch.arange(n, dtype=torch.float32)[:, None], boxes], 1)
         scalars = torch.stack([
             coin(cfg.flip_p), coin(cfg.jitter_p),
@@ -189,16 +229,17 @@ class TwoViewAugment:
             uniform(1 - cfg.saturation, 1 + cfg.saturation),
             uniform(-cfg.hue, cfg.hue), coin(cfg.gray_p), coin(cfg.blur_p[which]),
             uniform(cfg.blur_sigma_min, cfg.blur_sigma_max) * (cfg.size / 224.0),
-            coin(cfg.solarize_p[which])], 1)
+            coin(cfg.solarize_p[which]), regions[:, 4].float()], 1)
         return rois, scalars
 
-    def view(self, images: torch.Tensor, which: int) -> torch.Tensor:
+    def view(self, images: torch.Tensor, which: int, regions=None) -> torch.Tensor:
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"expected uint8 (B, 3, H, W) images, got {images.dtype}"
                              f" {tuple(images.shape)}")
         cfg, dev = self.cfg, images.device
-        n, src = images.shape[0], images.shape[-1]
-        rois, scalars = self._draw(n, src, which)
+        regions = as_regions(regions, images.shape[0], tuple(images.shape[-2:]))
+        any_transposed = bool((regions[:, 4] > 0.5).any())
+        rois, scalars = self._draw(regions, which)
         # Which samples blur, and how wide, are decided on the host; everything the device
         # needs travels in one copy (pinned and non-blocking on a GPU): no host sync here.
         blur_idx = scalars[:, 7].nonzero()[:, 0]
@@ -218,6 +259,8 @@ class TwoViewAugment:
 
         x = roi_align(images.float().div_(255.0), rois, output_size=cfg.size,
                       spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+        if any_transposed:  # known on the host: no sync, no work for landscape batches
+            x = torch.where(flag(10), x.transpose(-1, -2), x)
         x = torch.where(flag(0), x.flip(-1), x)
 
         bright, contrast, sat = column(2), column(3), column(4)
@@ -238,19 +281,92 @@ class TwoViewAugment:
         return normalize(x, cfg.mean, cfg.std)
 
 
-def normalize(x: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+def normalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """[0, 1] RGB to the backbone's input space (its weights' mean/std, timm pretrained_cfg)."""
     m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     return (x - m) / s
 
 
-def eval_transform(images: torch.Tensor, size: int, crop_fraction: float = 0.875) -> torch.Tensor:
-    """Resize to size / crop_fraction and centre-crop `size`, batched: the usual eval view."""
-    x = images.float().div_(255.0)
+def _eval_squares(regions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per image, the centre square of the shorter side of its region: x, y, side (canvas
+    pixels, whole numbers) -- the old cache's centre crop (`resize_center_crop`)."""
+    x0, y0, w, h = regions[:, :4].round().unbind(1)
+    side = torch.minimum(w, h)
+    return (x0 + torch.div(w - side, 2, rounding_mode="floor"),
+            y0 + torch.div(h - side, 2, rounding_mode="floor"), side)
+
+
+def eval_transform(images: torch.Tensor, size: int, *, mean: tuple[float, ...],
+                   std: tuple[float, ...], crop_fraction: float = 0.875,
+                   regions=None) -> torch.Tensor:
+    """Resize to size / crop_fraction and centre-crop `size`, batched: the usual eval view,
+    normalised with the backbone's own `mean` / `std` (as every training view is).
+
+    With `regions` (host (B, 5), `CachedSplit.regions[idx]`) the view is taken from the
+    centre square of the shorter side of each image's region, transposed back where the
+    image is stored transposed: for every image the cache holds at its full shorter side
+    this is pixel for pixel the view of the old centre-square cache. Without, the whole
+    canvas is the image (right for square canvases and plain tensors)."""
     resized = max(size, round(size / crop_fraction))
-    if x.shape[-1] != resized or x.shape[-2] != resized:
-        x = F.interpolate(x, size=(resized, resized), mode="bilinear", antialias=True,
-                          align_corners=False).clamp_(0, 1)
     top = (resized - size) // 2
-    x = x[..., top:top + size, top:top + size]
-    return normalize(x)
+    if regions is None:
+        x = images.float().div_(255.0)
+        if x.shape[-1] != resized or x.shape[-2] != resized:
+            x = F.interpolate(x, size=(resized, resized), mode="bilinear", antialias=True,
+                              align_corners=False).clamp_(0, 1)
+        x = x[..., top:top + size, top:top + size]
+        return normalize(x, mean, std)
+
+    n, dev = images.shape[0], images.device
+    r = as_regions(regions, n, tuple(images.shape[-2:]))
+    sx, sy, side = (t.long() for t in _eval_squares(r))
+    out = torch.empty((n, 3, size, size), device=dev, dtype=torch.float32)
+    for s in side.unique().tolist():  # one group in practice: the decoded size
+        members = (side == s).nonzero()[:, 0]
+        ar = torch.arange(s)
+        rows = (sy[members, None] + ar)[:, None, :, None]  # (m, 1, s, 1)
+        cols = (sx[members, None] + ar)[:, None, None, :]  # (m, 1, 1, s)
+        idx = members.to(dev)
+        sel = images.index_select(0, idx) if len(members) < n else images
+        chans = torch.arange(3)[None, :, None, None]
+        x = sel[torch.arange(len(members))[:, None, None, None].to(dev), chans.to(dev),
+                rows.to(dev), cols.to(dev)].float().div_(255.0)
+        if s != resized:
+            x = F.interpolate(x, size=(resized, resized), mode="bilinear", antialias=True,
+                              align_corners=False).clamp_(0, 1)
+        out[idx] = x[..., top:top + size, top:top + size]
+    flips = (r[:, 4] > 0.5).nonzero()[:, 0]
+    if len(flips):
+        idx = flips.to(dev)
+        out[idx] = out[idx].transpose(-1, -2)
+    return normalize(out, mean, std)
+
+
+def eval_view_points(xy, regions, size: int, crop_fraction: float = 0.875) -> torch.Tensor:
+    """Map (N, ..., 2) canvas pixel coordinates (`CachedSplit.boxes` / `parts` space) of N
+    cached images into their eval views (`eval_transform` with these `regions`, (N, 5),
+    `CachedSplit.regions[idx]`): continuous coordinates, pixel i covering [i, i + 1); a
+    transposed image's points come back in its own orientation. Points outside the view
+    map outside [0, size)."""
+    xy = torch.as_tensor(xy).detach().cpu().double()
+    r = as_regions(regions, xy.shape[0], (0, 0))
+    resized = max(size, round(size / crop_fraction))
+    top = (resized - size) // 2
+    sx, sy, side = _eval_squares(r)
+    shape = (-1,) + (1,) * (xy.dim() - 2)
+    scale = (resized / side).view(shape)
+    px = (xy[..., 0] - sx.view(shape)) * scale - top
+    py = (xy[..., 1] - sy.view(shape)) * scale - top
+    t = (r[:, 4] > 0.5).view(shape)
+    return torch.stack([torch.where(t, py, px), torch.where(t, px, py)], -1).float()
+
+
+def eval_view_boxes(boxes, regions, size: int, crop_fraction: float = 0.875) -> torch.Tensor:
+    """Map (N, 4) boxes x, y, w, h in canvas pixels into the eval views (see
+    `eval_view_points`); a transposed image's box comes back in its own orientation."""
+    b = torch.as_tensor(boxes).detach().cpu().double()
+    corners = torch.stack([b[:, :2], b[:, :2] + b[:, 2:]], 1)  # (N, 2, 2)
+    p = eval_view_points(corners, regions, size, crop_fraction).double()
+    lo, hi = torch.minimum(p[:, 0], p[:, 1]), torch.maximum(p[:, 0], p[:, 1])
+    return torch.cat([lo, hi - lo], 1).float()

@@ -10,34 +10,36 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from fgray.data.augment import augment_preset, eval_transform
 from fgray.engine.features import embed_split
-from fgray.engine.loop import CHECKPOINT_FILE, autocast_for
+from fgray.engine.loop import autocast_for, read_checkpoint
 from fgray.engine.run import load_splits, resolve_device
 from fgray.engine.spec import DataSpec, RunSpec
 from fgray.errors import UserError
+from fgray.data.cache import CachedSplit
 from fgray.eval.knn import knn_classify
+from fgray.eval.localisation import box_scores, part_hit_rate
 from fgray.eval.linear import linear_probe_fast, linear_probe_paper
 from fgray.eval.retrieval import retrieval_metrics
 from fgray.methods import Method, build_method
 
-PROTOCOLS = ("retrieval", "knn", "linear", "linear-paper")
+PROTOCOLS = ("retrieval", "knn", "linear", "linear-paper", "localisation")
+# Localisation: a map cell counts as a part hit when it is in the top 20 % of its map.
+PART_TOP_FRACTION = 0.2
 # (features (N, D), labels (N,), class names by label) of the evaluated split.
 Features = tuple[torch.Tensor, torch.Tensor, list[str]]
 
 
 def load_checkpoint(path: str | Path, device: torch.device) -> tuple[Method, RunSpec, dict]:
-    path = Path(path)
-    if path.is_dir():
-        path = path / CHECKPOINT_FILE
-    if not path.is_file():
-        raise UserError(f"{path}: checkpoint not found")
+    state = read_checkpoint(path, device)
     try:
-        state = torch.load(path, map_location=device, weights_only=False)
         spec = RunSpec.from_dict(state["meta"]["spec"])
-    except (KeyError, TypeError, RuntimeError, EOFError, OSError) as exc:
+    except (KeyError, TypeError) as exc:
         raise UserError(f"{path}: not an fgray checkpoint ({type(exc).__name__})") from None
     method = build_method(spec.method, backbone=spec.backbone, init="random",
                           image_size=spec.train.image_size, overrides=spec.method_overrides)
@@ -61,11 +63,13 @@ def evaluate_method(method: Method, spec: RunSpec, data: DataSpec, protocols: li
     if target is None:
         raise UserError(f"{data.root}: the {split} split is empty")
     bs = spec.train.eval_batch_size
+    norm = {"mean": spec.augment.mean, "std": spec.augment.std}
     with autocast_for(device, spec.train.precision):
-        feats, labels = embed_split(method, method.embed, target, size, bs, device)
-        need_train = any(p != "retrieval" for p in protocols)
+        feats, labels = embed_split(method, method.embed, target, size, bs, device, **norm)
+        need_train = any(p not in ("retrieval", "localisation") for p in protocols)
         if need_train:
-            bank, bank_labels = embed_split(method, method.embed, splits.train, size, bs, device)
+            bank, bank_labels = embed_split(method, method.embed, splits.train, size, bs, device,
+                                            **norm)
     out: dict[str, float] = {}
     n_cls = splits.dataset.num_classes
     if "retrieval" in protocols:
@@ -80,22 +84,126 @@ def evaluate_method(method: Method, spec: RunSpec, data: DataSpec, protocols: li
         out.update(linear_top1=lin["top1"], linear_top5=lin["top5"])
     if "linear-paper" in protocols:
         train_aug = augment_preset("mocov2", size, scale_min=0.08, jitter_p=0.0, gray_p=0.0,
-                                   blur_p=(0.0, 0.0))
+                                   blur_p=(0.0, 0.0), mean=spec.augment.mean,
+                                   std=spec.augment.std)
         from fgray.data.augment import TwoViewAugment
 
         crop = TwoViewAugment(train_aug, seed=seed)
         with torch.no_grad():
             dim = method.embed(eval_transform(torch.as_tensor(target.images[:1]).to(device),
-                                              size)).shape[1]
+                                              size, **norm)).shape[1]
         lin = linear_probe_paper(
             method.embed, torch.from_numpy(splits.train.images),
             torch.from_numpy(splits.train.labels), torch.from_numpy(target.images),
             torch.from_numpy(target.labels),
             train_transform=lambda x: crop.view(x, 0), eval_transform=lambda x: eval_transform(
-                x, size), feature_dim=dim, num_classes=n_cls, seed=seed, device=device)
+                x, size, **norm), feature_dim=dim, num_classes=n_cls, seed=seed, device=device)
         out.update(linear_paper_top1=lin["top1"])
+    if "localisation" in protocols:
+        out.update(localisation_scores(method, target, size, bs, device, **norm))
     if return_features:
         return out, (feats.float().cpu(), labels.cpu(), list(splits.dataset.classes))
+    return out
+
+
+def method_maps(method: nn.Module, view: torch.Tensor) -> torch.Tensor:
+    """The (B, h, w) map a method's localisation is scored on: its first spatial map, or,
+    for a method with none (MoCo, SDF, the init weights), the activation norm of the
+    backbone's last feature map -- the map every CNN has, so every row gets a score and a
+    method's own map can be compared with the plain encoder's."""
+    maps = method.spatial_maps(view)
+    if maps:
+        return next(iter(maps.values())).float()
+    return method.backbone.feature_map(view).float().norm(dim=1)
+
+
+def eval_view_coords(xy: torch.Tensor, cache_size: int, size: int,
+                     crop_fraction: float = 0.875) -> torch.Tensor:
+    """Map (..., 2) pixel coordinates of a cached image into its eval view (`eval_transform`:
+    resize to size / crop_fraction, centre-crop `size`)."""
+    resized = max(size, round(size / crop_fraction))
+    top = (resized - size) // 2
+    return xy * (resized / cache_size) - top
+
+
+def localisation_scores(method: nn.Module, data: CachedSplit, size: int, batch_size: int,
+                        device: torch.device, *, mean: tuple[float, ...],
+                        std: tuple[float, ...]) -> dict[str, float]:
+    """Box mass, pointing game and part hits (fgray.eval.localisation) of the method's map
+    on every image of `data` with a box, in the eval view; {} when the split has no boxes.
+    A method whose map needs input gradients (PP-SSL) enables them itself."""
+    has_box = ~np.isnan(data.boxes).any(axis=1)
+    if not has_box.any():
+        return {}
+    maps, boxes, parts = [], [], []
+    was_training = method.training
+    method.eval()
+    try:
+        for start in range(0, len(data), batch_size):
+            idx = np.arange(start, min(start + batch_size, len(data)))
+            idx = idx[has_box[idx]]
+            if len(idx) == 0:
+                continue
+            raw = torch.from_numpy(np.asarray(data.images[idx])).to(device)
+            with torch.no_grad():
+                maps.append(method_maps(method, eval_transform(raw, size, mean=mean,
+                                                               std=std)).cpu())
+            xywh = torch.from_numpy(data.boxes[idx]).float()
+            x0y0 = eval_view_coords(xywh[:, :2], data.size, size)
+            x1y1 = eval_view_coords(xywh[:, :2] + xywh[:, 2:], data.size, size)
+            boxes.append(torch.cat([x0y0, x1y1 - x0y0], 1))
+            if data.parts is not None:
+                p = torch.from_numpy(data.parts[idx]).float().clone()
+                p[..., :2] = eval_view_coords(p[..., :2], data.size, size)
+                inside = ((p[..., :2] >= 0) & (p[..., :2] < size)).all(-1)
+                p[..., 2] = p[..., 2] * inside
+                parts.append(p)
+    finally:
+        method.train(was_training)
+    maps_t = torch.cat(maps)
+    out = {}
+    scores = box_scores(maps_t, torch.cat(boxes), (size, size))
+    out["loc_box_mass"] = scores["box_mass"]
+    out["loc_pointing"] = scores["pointing_game"]
+    if parts:
+        hits = part_hit_rate(maps_t, torch.cat(parts), (size, size),
+                             top_fraction=PART_TOP_FRACTION)
+        if hits["visible_parts"]:
+            out["loc_part_hits"] = hits["hit_rate"]
+    return out
+
+
+class InitialWeights(nn.Module):
+    """The baseline every paper reports: the initial weights, no self-supervised training.
+    Its test feature is the L2-normalised pooled backbone feature, as MoCo's is."""
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.backbone(images), dim=1)
+
+    def spatial_maps(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {}
+
+
+def evaluate_init(spec: RunSpec, data: DataSpec, protocols: list[str], *,
+                  device: torch.device, seed: int = 0, progress: bool = False
+                  ) -> dict[str, float]:
+    """The init row: `spec`'s backbone and initial weights (`spec.init`), untrained, scored
+    with `protocols` on test and with val kNN top-1 (as the runs select on it), on the
+    same splits and views as every trained method."""
+    from fgray.models.backbone import create_backbone
+
+    torch.manual_seed(spec.train.seed)
+    net = create_backbone(spec.backbone_name, init=spec.init, img_size=spec.train.image_size)
+    model = InitialWeights(net).to(device).eval()
+    out = evaluate_method(model, spec, data, protocols, split="test", device=device,
+                          seed=seed, progress=progress)
+    val = evaluate_method(model, spec, data, ["knn"], split="val", device=device, seed=seed,
+                          progress=progress)
+    out["val_knn_top1"] = val["knn_top1"]
     return out
 
 

@@ -14,15 +14,17 @@ from fgray.data.loader import iterate_eval
 
 @torch.no_grad()
 def embed_split(module: nn.Module, embed: Callable[[Tensor], Tensor], data: CachedSplit,
-                image_size: int, batch_size: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Features and labels of every image of `data`, in cache order; `module` is put in eval
-    mode for the pass and restored after."""
+                image_size: int, batch_size: int, device: torch.device, *,
+                mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[Tensor, Tensor]:
+    """Features and labels of every image of `data`, in cache order, each view normalised
+    with the backbone's `mean` / `std`; `module` is put in eval mode for the pass and
+    restored after."""
     was_training = module.training
     module.eval()
     feats, labels = [], []
     try:
         for images, y in iterate_eval(data, batch_size, device):
-            feats.append(embed(eval_transform(images, image_size)).float())
+            feats.append(embed(eval_transform(images, image_size, mean=mean, std=std)).float())
             labels.append(y)
     finally:
         module.train(was_training)

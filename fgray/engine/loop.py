@@ -12,9 +12,12 @@ a fixed set of validation images (for TensorBoard); the engine never writes them
 from __future__ import annotations
 
 import math
+import pickle
+import re
 import resource
 import shutil
 import time
+import zipfile
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
@@ -25,13 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from fgray.data.augment import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    AugmentConfig,
-    TwoViewAugment,
-    eval_transform,
-)
+from fgray.data.augment import AugmentConfig, TwoViewAugment, eval_transform
 from fgray.data.cache import CachedSplit
 from fgray.data.loader import CachedBatches
 from fgray.engine.features import embed_split
@@ -46,6 +43,32 @@ EpochHook = Callable[[dict[str, Any], Path | None], None]
 Visuals = tuple[Tensor, dict[str, Tensor], dict[str, tuple[Tensor, Tensor]]]
 VisualsHook = Callable[[int, Tensor, dict[str, Tensor], dict[str, tuple[Tensor, Tensor]]], None]
 CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def read_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """An fgray checkpoint file's contents, loaded with `weights_only=True`: tensors and plain
+    Python types only, so a file that pickles code (an object whose `__reduce__` runs
+    something) is refused before anything in it runs. Anyone who can write a shared study
+    bucket could otherwise run code on everyone who evaluates or resumes from it."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_FILE
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint not found")
+    if not zipfile.is_zipfile(path):  # torch.save's format is a zip archive
+        raise UserError(f"{path}: not an fgray checkpoint (not a torch.save file)")
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        what = f"it pickles {found.group(1)}" if found else "it holds more than tensors"
+        raise UserError(f"{path}: refused: not a plain fgray checkpoint ({what}; nothing in "
+                        "it was run)") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise UserError(f"{path}: not an fgray checkpoint ({type(exc).__name__})") from None
+    if not isinstance(state, dict) or not {"model", "meta", "epoch"} <= set(state):
+        raise UserError(f"{path}: not an fgray checkpoint (expected model, meta and epoch)")
+    return state
 
 
 def autocast_for(device: torch.device, precision: str):
@@ -104,6 +127,7 @@ class Pretrainer:
         self.loader = CachedBatches(train_data, per_rank, device=self.device, seed=cfg.seed,
                                     rank=rank, world_size=world_size)
         self.augment = TwoViewAugment(aug_cfg, seed=cfg.seed * 1000 + rank)
+        self.norm = {"mean": aug_cfg.mean, "std": aug_cfg.std}  # the backbone's, for eval views
         self.steps_per_epoch = len(self.loader)
         self.total_steps = self.steps_per_epoch * cfg.epochs
         self.warmup_steps = int(round(optim_cfg.warmup_epochs * self.steps_per_epoch))
@@ -131,10 +155,7 @@ class Pretrainer:
         self.history = list(state["history"])
 
     def resume(self, path: str | Path) -> None:
-        path = Path(path)
-        if path.is_dir():
-            path = path / CHECKPOINT_FILE
-        self.load_state_dict(torch.load(path, map_location=self.device, weights_only=False))
+        self.load_state_dict(read_checkpoint(path, self.device))
 
     def save_checkpoint(self) -> Path | None:
         if self.rank != 0 or self.checkpoint_dir is None:
@@ -205,8 +226,10 @@ class Pretrainer:
             return {}
         size, bs, m = self.cfg.image_size, self.cfg.eval_batch_size, self.method
         with autocast_for(self.device, self.cfg.precision):
-            bank, bank_labels = embed_split(m, m.embed, self.train_data, size, bs, self.device)
-            feats, labels = embed_split(m, m.embed, self.val_data, size, bs, self.device)
+            bank, bank_labels = embed_split(m, m.embed, self.train_data, size, bs, self.device,
+                                            **self.norm)
+            feats, labels = embed_split(m, m.embed, self.val_data, size, bs, self.device,
+                                        **self.norm)
         knn = knn_classify(bank.float(), bank_labels, feats.float(), labels, k=self.cfg.knn_k,
                            temperature=self.cfg.knn_temperature,
                            num_classes=self.train_data.num_classes)
@@ -222,9 +245,9 @@ class Pretrainer:
         if self.val_data is None or len(self.val_data) == 0:
             return None
         raw = torch.from_numpy(np.array(self.val_data.images[:count])).to(self.device)
-        view = eval_transform(raw, self.cfg.image_size)
-        mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
+        view = eval_transform(raw, self.cfg.image_size, **self.norm)
+        mean = torch.tensor(self.norm["mean"], device=self.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.norm["std"], device=self.device).view(1, 3, 1, 1)
         shown = ((view * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
         was_training = self.method.training
         self.method.eval()

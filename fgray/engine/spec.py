@@ -15,6 +15,7 @@ from fgray.data.augment import PRESETS, AugmentConfig
 from fgray.engine.optim import OptimConfig
 from fgray.errors import UserError
 from fgray.methods import method_class, method_config
+from fgray.models.backbone import backbone_normalisation
 
 
 @dataclass
@@ -127,7 +128,9 @@ def build_spec(method: str, data: DataSpec, *, backbone: str | None = None,
     optim_cfg = apply_overrides(apply_overrides(OptimConfig(), cls.optim_defaults), o_over,
                                 what="optimiser setting")
     preset = PRESETS[cls.augment_preset]
-    aug_cfg = apply_overrides(preset, {"size": train_cfg.image_size, **a_over},
-                              what="augmentation setting")
+    # The views are normalised with the backbone's own statistics unless set explicitly.
+    mean, std = backbone_normalisation(backbone or cls.default_backbone)
+    aug_cfg = apply_overrides(preset, {"size": train_cfg.image_size, "mean": mean, "std": std,
+                                       **a_over}, what="augmentation setting")
     return RunSpec(method=method, data=data, backbone=backbone, init=init,
                    method_overrides=m_over, train=train_cfg, optim=optim_cfg, augment=aug_cfg)

@@ -27,8 +27,9 @@ from timm.models.vision_transformer import Block, ResPostBlock, VisionTransforme
 from torch import Tensor, nn
 
 from fgray.errors import UserError
+from fgray.models.packaged import packaged_weights_file
 
-__all__ = ["AttentionForward", "Backbone", "create_backbone"]
+__all__ = ["AttentionForward", "Backbone", "backbone_normalisation", "create_backbone"]
 
 # Families whose constructors take `img_size` / `dynamic_img_size` (timm VisionTransformer).
 _VIT_MODULES = ("vision_transformer", "vision_transformer_hybrid", "deit")
@@ -235,6 +236,17 @@ def _attention_with_weights(attn: nn.Module, x: Tensor, name: str) -> tuple[Tens
 # -- creation ---------------------------------------------------------------------------------
 
 
+def backbone_normalisation(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) the weights of timm model `name` were trained with (its pretrained_cfg),
+    without building the model. Every view a backbone sees -- training, evaluation, maps,
+    decoded images -- is normalised with these: ImageNet statistics for torchvision-style
+    ResNets, mean = std = 0.5 for tf_efficientnet_lite0 and timm's default ViTs."""
+    cfg = timm.models.get_pretrained_cfg(name) if timm.is_model(name) else None
+    if cfg is None:
+        return tuple(timm.data.IMAGENET_DEFAULT_MEAN), tuple(timm.data.IMAGENET_DEFAULT_STD)
+    return tuple(cfg.mean), tuple(cfg.std)
+
+
 def create_backbone(name: str, *, init: str = "random", img_size: int | None = None) -> Backbone:
     """A timm backbone without classifier.
 
@@ -274,6 +286,10 @@ def _create_imagenet(name: str, kwargs: dict[str, Any]) -> nn.Module:
             return timm.create_model(name, pretrained=True, **kwargs)
     except (OSError, RuntimeError) as exc:
         # OSError covers hub/cache misses, DNS and HTTP failures; RuntimeError timm's "no weights".
+        # Without the hub, weights an installed package ships (fgray.models.packaged) serve.
+        packaged = packaged_weights_file(name)
+        if packaged is not None:
+            return _create_from_file(name, packaged, kwargs)
         where = "offline and not in the local cache" if offline else "download failed"
         raise UserError(
             f"cannot load ImageNet weights for '{name}' ({where}: {type(exc).__name__}); "
