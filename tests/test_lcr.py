@@ -136,7 +136,8 @@ def test_branch_depth_capacity_and_defaults():
     assert (cfg.dim, cfg.queue_size, cfg.temperature, cfg.momentum) == (256, 65536, 0.2, 0.999)
     assert (cfg.capacity, cfg.nu, cfg.t, cfg.depth) == (32, 0.01, 0.4, 1)
     assert LCR.default_backbone == "resnet50" and LCR.augment_preset == "mocov2"
-    assert LCR.optim_defaults["optimizer"] == "sgd" and LCR.optim_defaults["lr"] == 0.03
+    # 0.06 per 256 images: the code's unscaled 0.03 at batch 128 (see test_correctness).
+    assert LCR.optim_defaults["optimizer"] == "sgd" and LCR.optim_defaults["lr"] == 0.06
     deep = _lcr(capacity=5, depth=2)
     convs = [m for m in deep.rationale if isinstance(m, torch.nn.Conv2d)]
     assert [(c.in_channels, c.out_channels) for c in convs] == [(96, 5), (5, 5)]

@@ -253,8 +253,10 @@ def test_defaults_follow_the_code():
     cfg = LoDiscConfig()
     assert (cfg.keep_ratio, cfg.local_weight, cfg.fusion, cfg.sample_temperature) == (
         0.3, 1.0, "product", 0.0)
-    assert (cfg.temperature, cfg.momentum, cfg.mlp_hidden, cfg.embed) == (
-        0.2, 0.99, 4096, "predictor")
+    assert (cfg.temperature, cfg.momentum, cfg.mlp_hidden, cfg.embed, cfg.momentum_updates) == (
+        None, 0.99, 4096, "predictor", 1)
+    # The temperature is resolved by backbone family when built: 0.2 for a ViT, as the code.
+    assert _lodisc().cfg.temperature == 0.2
     assert LoDisc.default_backbone == "vit_base_patch16_224" and LoDisc.augment_preset == "byol"
     assert LoDisc.optim_defaults == {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.5,
                                      "warmup_epochs": 0.0}

@@ -176,10 +176,11 @@ def test_clip_input_conversion():
     mean, std = (0.1, 0.2, 0.3), (0.5, 0.4, 0.3)
     view = (img - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(
         IMAGENET_STD).view(1, 3, 1, 1)
-    got = to_clip_input(view, (16, 16), mean, std)
+    stats = {"view_mean": IMAGENET_MEAN, "view_std": IMAGENET_STD}
+    got = to_clip_input(view, (16, 16), mean, std, **stats)
     want = (img - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
     torch.testing.assert_close(got, want)
-    assert to_clip_input(view, (32, 32), mean, std).shape == (2, 3, 32, 32)
+    assert to_clip_input(view, (32, 32), mean, std, **stats).shape == (2, 3, 32, 32)
 
 
 def test_ais_without_weights_or_corpus_is_a_user_error(tmp_path, corpus_file, tiny_clip):
@@ -214,7 +215,8 @@ def test_ais_distillation_trains_student_and_encoder(tiny_clip, corpus_file):
     assert set(out) == {"loss", "infonce", "kd", "iadm"} and out["iadm"].item() == 0.0
     # The teacher is CLIP's image tower on the converted view.
     clip = load_clip(config, weights)
-    want_t = clip.model.encode_image(to_clip_input(v1, clip.image_size, clip.mean, clip.std))
+    want_t = clip.model.encode_image(to_clip_input(  # views carry the backbone's normalisation
+        v1, clip.image_size, clip.mean, clip.std, view_mean=(0.5,) * 3, view_std=(0.5,) * 3))
     torch.testing.assert_close(m.teacher_embed(v1), want_t)
     student = m.student(m.backbone(v1))
     assert out["kd"].item() == pytest.approx(kd_loss(student, want_t, m.corpus, 0.05).item(),

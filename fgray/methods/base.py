@@ -13,11 +13,14 @@ The engine calls these and never asks which method it holds:
   method produces from its input (SDF's decoded D(z) and D(z')), shown side by side.
 
 Each method declares a `Config` dataclass holding the knobs a sweep may search, and class
-attributes for its defaults (backbone, augmentation recipe, optimiser settings).
+attributes for its defaults (backbone, augmentation recipe, optimiser settings). A Config field
+whose recipe value depends on the backbone family defaults to None and is filled in by
+`family_defaults` (MoCo v3's temperature: 0.2 for ViTs, 1.0 for ResNets).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -39,6 +42,19 @@ class Method(nn.Module):
     # OptimConfig field overrides: the recipe of the paper the method follows.
     optim_defaults: ClassVar[dict[str, Any]] = {}
     sync_bn: ClassVar[bool] = False
+
+    @classmethod
+    def family_defaults(cls, is_vit: bool) -> dict[str, Any]:
+        """Recipe values of the Config fields that default to None because they depend on the
+        backbone family (ViT or CNN); none by default."""
+        return {}
+
+    @classmethod
+    def resolve_config(cls, cfg: Any, is_vit: bool) -> Any:
+        """`cfg` with each None field of `family_defaults` given its recipe value. Methods
+        call it when built; the search space calls it for its recipe point."""
+        fill = {k: v for k, v in cls.family_defaults(is_vit).items() if getattr(cfg, k) is None}
+        return dataclasses.replace(cfg, **fill) if fill else cfg
 
     def forward(self, view1: Tensor, view2: Tensor, step: StepInfo) -> dict[str, Tensor]:
         raise NotImplementedError

@@ -6,7 +6,9 @@ function also works in a single process.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -78,6 +80,28 @@ def ema_update(target: nn.Module, source: nn.Module, momentum: float) -> None:
 def cosine_momentum(base: float, progress: float) -> float:
     """MoCo v3 / BYOL ramp: m goes from `base` to 1 along a half cosine over training."""
     return 1.0 - 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0))) * (1.0 - base)
+
+
+@contextlib.contextmanager
+def frozen_bn_statistics(module: nn.Module) -> Iterator[None]:
+    """BatchNorm layers of `module` keep normalising with batch statistics in train mode but do
+    not update their running statistics (nor `num_batches_tracked`) inside the block.
+
+    For passes over inputs that must not shape what evaluation normalises with (SDF's
+    synthesized images): with `track_running_stats` off, torch's BatchNorm (and SyncBatchNorm)
+    uses the batch's statistics and passes no running buffers to update. Setting momentum to 0
+    instead would still count the batch, and one forward over real and synthetic images
+    together would change the real images' batch statistics too.
+    """
+    layers = [m for m in module.modules()
+              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    for m in layers:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.track_running_stats = True
 
 
 def momentum_copy(module: nn.Module) -> nn.Module:

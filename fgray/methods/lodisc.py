@@ -6,7 +6,8 @@ Follows the authors' code (github.com/huanglab-research/LoDisc, `Disc/builder.py
 - location-wise mask sampling: the **momentum encoder** runs on each view; the head-averaged
   attention of every block is fused by element-wise product; the CLS -> patch row is ranked and
   the top ~30 % of patches are kept, the rest zeroed at pixel level (patch-size blocks, in the
-  normalised image, as the code multiplies the normalised tensor by the mask);
+  normalised image, as the code multiplies the normalised tensor by the mask: a dropped patch
+  takes the mean colour of the backbone's own normalisation);
 - the masked views go through the momentum encoder only, under no grad, giving k_m;
   `L = L_global + lambda * L_local` with `L_local = ctr(q1, k_m2) + ctr(q2, k_m1)` (lambda = 1);
 - test-time feature: normalise(predictor(projector(encoder(x)))).
@@ -27,15 +28,19 @@ Implementation choices:
   top-k) instead of the code's deterministic top-k [ours];
 - CNN backbones [ours]: the location map is the channel L2 norm of the momentum encoder's last
   feature map, each cell standing for an (image / map)-sized block;
-- the code steps the EMA once per momentum-encoder call (three times per iteration); fgray
-  updates once per optimiser step, as MoCo v3 does.
+- the code steps the EMA once per momentum-encoder update call, four times per iteration
+  (`forward` once, `m_extract_attention` once per view, and `images()`, called by `main.py`
+  every step), each time towards the same query weights, so its effective momentum is
+  m^4 (0.99^4 ~ 0.961 at the start). `momentum_updates=4` reproduces that as one EMA with
+  momentum m^4 after the optimiser step (the closed form of four); the default 1 is MoCo v3's.
 
 What the released code does that the MoCo v3 core here does not by default:
 
 - its ViT's `forward` returns the CLS token with the projection head commented out, so no
   projector is used at all: q = predictor(cls) and k = momentum cls, both 768-d (hence
   `--moco-dim 768`). `projector=false` reproduces this (the predictor then maps
-  num_features -> num_features and `dim` is unused);
+  num_features -> num_features, ending in the affine-free BatchNorm1d of its `_build_mlp`
+  with `last_bn=True`, and `dim` is unused);
 - its MLPs put Dropout(0.2) after every hidden ReLU: `mlp_dropout=0.2` reproduces this.
 
 Recipe (README): AdamW, lr 1e-3 x batch/256, weight decay 0.5, no warm-up, cosine schedule,
@@ -72,6 +77,8 @@ class LoDiscConfig(MoCoV3Config):
     projector: bool = True  # false: no projector, as the released code
     # Dropout after each hidden ReLU of the projectors and the predictor; the code uses 0.2.
     mlp_dropout: float = 0.0
+    # EMA steps per optimiser step (closed form: momentum m^n); the released code makes 4.
+    momentum_updates: int = 1
 
     def validate(self) -> None:
         super().validate()
@@ -79,6 +86,7 @@ class LoDiscConfig(MoCoV3Config):
         check_range("local_weight", self.local_weight, 0.0)
         check_range("sample_temperature", self.sample_temperature, 0.0)
         check_range("mlp_dropout", self.mlp_dropout, 0.0, 1.0, hi_open=True)
+        check_range("momentum_updates", self.momentum_updates, 1)
 
 
 def with_dropout(mlp: nn.Module, p: float) -> nn.Module:
@@ -172,17 +180,25 @@ class LoDisc(MoCoV3):
 
     def __init__(self, backbone: Backbone, cfg: LoDiscConfig) -> None:
         super().__init__(backbone, cfg)
-        self.cfg: LoDiscConfig = cfg
+        cfg = self.cfg  # as resolved by MoCoV3 (the temperature by backbone family)
         if backbone.is_vit and backbone.num_prefix_tokens < 1:
             raise UserError(
                 f"LoDisc ranks patches by the CLS token's attention, but '{backbone.name}' has "
                 "no CLS token; pick e.g. vit_base_patch16_224 or a CNN such as resnet50")
         if not cfg.projector:
             self.projector = nn.Identity()
-            self.predictor = moco_v3_predictor(backbone.num_features, cfg.mlp_hidden)
+            # The released predictor `_build_mlp(2, 768, 4096, 768)` ends in an affine-free BN
+            # (last_bn=True), as MoCo v3's ViT predictor; CNNs follow MoCo v3's (none).
+            self.predictor = moco_v3_predictor(backbone.num_features, cfg.mlp_hidden,
+                                               last_bn=backbone.is_vit)
         self.projector = with_dropout(self.projector, cfg.mlp_dropout)
         self.predictor = with_dropout(self.predictor, cfg.mlp_dropout)
         self.projector_k = momentum_copy(self.projector)
+
+    def ema_momentum(self, progress: float) -> float:
+        """n EMA steps towards the same query weights equal one with momentum m^n:
+        k <- m^n k + (1 - m^n) q."""
+        return super().ema_momentum(progress) ** self.cfg.momentum_updates
 
     # -- momentum pass: keys and location scores ------------------------------------------------
 

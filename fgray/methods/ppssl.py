@@ -13,18 +13,20 @@ Everything else is ours [ours]:
   Parquet table, `corpus_path`, optionally an evenly spaced subset of `corpus_size`). A student
   head (Linear or a 2-layer MLP) maps the pooled backbone feature of the query view into CLIP
   space; the teacher is the frozen CLIP image encoder on the same augmented view (resized to
-  CLIP's input size, converted from the views' ImageNet normalisation to CLIP's). Both give
-  cosine similarities to the corpus; the loss is KL(softmax(t/τ) ‖ softmax(s/τ)), batch mean,
-  weight `kd_weight`. The student head is trained with the encoder; the teacher is loaded on
-  the first training step and is not part of the checkpoint. AIS is opt-in (kd_weight = 0 by
-  default) because it needs CLIP weights and a corpus; asking for it without them is an error.
+  CLIP's input size, converted from the views' normalisation, the backbone's own mean/std, to
+  CLIP's). Both give cosine similarities to the corpus; the loss is KL(softmax(t/τ) ‖
+  softmax(s/τ)), batch mean, weight `kd_weight`. The student head is trained with the encoder;
+  the teacher is loaded on the first training step and is not part of the checkpoint. AIS is
+  opt-in (kd_weight = 0 by default) because it needs CLIP weights and a corpus; asking for it
+  without them is an error.
 - IADM: the input-level Grad-CAM ReLU(Σ_rgb x ⊙ ∂L_C/∂x) of the InfoNCE loss w.r.t. the query
   view, box-smoothed (`smooth`), selects what to keep: "crop" keeps the window of area
   `keep_fraction` (the view's aspect) holding the most saliency, resized back to the view size
   with roi_align; "mask" multiplies the view by a soft mask that is 1 on the top
-  `keep_fraction` of pixels by saliency and saliency/threshold below it (0 in normalised space
-  is the mean colour). The kept view's query is contrasted with the key of the other view (the
-  global key) against the queue, weight `iadm_weight`.
+  `keep_fraction` of pixels by saliency and saliency/threshold below it (0 in the views'
+  normalised space is the mean colour of the backbone's normalisation). The kept view's query
+  is contrasted with the key of the other view (the global key) against the queue, weight
+  `iadm_weight`.
 - L = L_InfoNCE + kd_weight·L_kd + iadm_weight·L_iadm; only real keys are enqueued.
 """
 
@@ -41,7 +43,6 @@ from torch import Tensor, nn
 from torchvision.ops import roi_align
 
 from fgray.config import check_range
-from fgray.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from fgray.errors import UserError
 from fgray.methods.base import StepInfo
 from fgray.methods.corpus import (
@@ -106,10 +107,10 @@ def kd_loss(student: Tensor, teacher: Tensor, corpus: Tensor, temperature: float
 
 
 def to_clip_input(view: Tensor, size: tuple[int, int], mean: tuple[float, ...],
-                  std: tuple[float, ...], view_mean: tuple[float, ...] = IMAGENET_MEAN,
-                  view_std: tuple[float, ...] = IMAGENET_STD) -> Tensor:
-    """A view normalised with `view_mean`/`view_std`, resized to CLIP's input `size` and
-    normalised with CLIP's `mean`/`std`."""
+                  std: tuple[float, ...], *, view_mean: tuple[float, ...],
+                  view_std: tuple[float, ...]) -> Tensor:
+    """A view normalised with `view_mean`/`view_std` (the student backbone's), resized to
+    CLIP's input `size` and normalised with CLIP's `mean`/`std`."""
     def stats(v):
         return torch.tensor(v, device=view.device, dtype=torch.float32).view(1, 3, 1, 1)
 
@@ -219,7 +220,9 @@ class PPSSL(MoCoV2):
         visual = self.teacher(view.device)
         visual.eval()
         size, mean, std = self._clip_io
-        return visual(to_clip_input(view, size, mean, std)).float()
+        # The views carry the student backbone's normalisation, not necessarily ImageNet's.
+        return visual(to_clip_input(view, size, mean, std, view_mean=self.backbone.mean,
+                                    view_std=self.backbone.std)).float()
 
     # -- IADM ----------------------------------------------------------------------------------
 

@@ -21,14 +21,17 @@ Everything else is ours [ours]:
 - Perturbation on that set only: z' = z + ε·σ_d·N(0,1) ("gaussian", σ_d the running std), or
   "shuffle": the set's values come from another sample of the batch (a derangement).
 - The decoder is a DCGAN-style up-convolution generator from z to a `decoder_size` image; a
-  sigmoid gives [0,1] RGB, then the views' ImageNet normalisation is applied, so its output
-  lives in the views' space. L_R (l1 or l2) compares it with the query view area-downsampled
-  to `decoder_size`. With `recon_stopgrad` (default) L_R trains only the decoder.
+  sigmoid gives [0,1] RGB, then the views' normalisation (the backbone's own mean/std,
+  `Backbone.mean`/`std`) is applied, so its output lives in the views' space. L_R (l1 or l2)
+  compares it with the query view area-downsampled to `decoder_size`. With `recon_stopgrad`
+  (default) L_R trains only the decoder.
 - L_Cp = InfoNCE(f_q(D(z)), f_k(D(z'))) against the MoCo queue, the pair upsampled to the
   view size. The synthesized images are constants for L_Cp: it trains the query encoder, not
   the decoder (otherwise the decoder could learn to hide the perturbation and make the pair
   trivial). Synthesized keys are not enqueued, so the queue holds real-image keys only.
   L_Cp starts after `warmup_epochs`, when the decoder produces images worth contrasting.
+  BatchNorm running statistics are not updated by the synthesized pass: evaluation normalises
+  with statistics of real images only.
 """
 
 from __future__ import annotations
@@ -42,10 +45,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fgray.config import check_range
-from fgray.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from fgray.errors import UserError
 from fgray.methods.base import StepInfo
-from fgray.methods.common import concat_all_gather
+from fgray.methods.common import concat_all_gather, frozen_bn_statistics
 from fgray.methods.moco import MoCoV2, MoCoV2Config
 from fgray.models.backbone import Backbone
 
@@ -163,9 +165,11 @@ class SDF(MoCoV2):
         self.register_buffer("feat_var", torch.ones(dim))
         self.register_buffer("feat_importance", torch.ones(dim))
         self.register_buffer("stats_ready", torch.zeros((), dtype=torch.bool))
-        self.register_buffer("view_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1),
+        # The views are normalised with the backbone's own statistics (its weights'
+        # pretrained_cfg), so D(z) must be too, to live in the same space.
+        self.register_buffer("view_mean", torch.tensor(backbone.mean).view(1, 3, 1, 1),
                              persistent=False)
-        self.register_buffer("view_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1),
+        self.register_buffer("view_std", torch.tensor(backbone.std).view(1, 3, 1, 1),
                              persistent=False)
 
     # -- statistics and the perturbed set ---------------------------------------------------
@@ -225,10 +229,16 @@ class SDF(MoCoV2):
     def synth_loss(self, z: Tensor, size: tuple[int, int],
                    recon: Tensor | None = None) -> Tensor:
         """L_Cp: InfoNCE between the query of D(z) and the key of D(z') against the queue;
-        the gradient reaches the query encoder only."""
-        x, x_p = self.synthesized_pair(z, size, recon)
-        _, q = self.query(x)
-        return self.contrast(q, self.keys(x_p))
+        the gradient reaches the query encoder only.
+
+        BatchNorm layers normalise these batches with their own statistics (train mode) but
+        leave the running statistics alone: those are what evaluation uses, and they must
+        describe real images, not 32-px decodings.
+        """
+        with frozen_bn_statistics(self):
+            x, x_p = self.synthesized_pair(z, size, recon)
+            _, q = self.query(x)
+            return self.contrast(q, self.keys(x_p))
 
     @torch.no_grad()
     def decoded_pair(self, images: Tensor) -> tuple[Tensor, Tensor]:

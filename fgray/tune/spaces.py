@@ -12,11 +12,16 @@ method's own knobs are always searched; the shared ones (lr, weight_decay, tempe
 momentum) only when asked for. Knob names are `--set` keys: a method Config field or an
 optimiser setting. Names that are neither (structural choices such as `sampling`) are listed
 in `Space.structural`; they are recorded with the trial but not passed to the run.
+
+A Config default that depends on the backbone family (MoCo v3's temperature: 0.2 for ViTs,
+1.0 for ResNets) is resolved for the space's `backbone` (the method's default backbone when
+None), as the method resolves it when built.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -134,7 +139,8 @@ STRUCTURAL: dict[str, tuple[str, ...]] = {"lodisc": ("sampling",)}
 
 def _shared(s: Suggest, names: Sequence[str]) -> None:
     """Shared knobs, ranged around the method's own default (a decade either way for rates
-    and decays; the EMA momentum's distance to 1 likewise)."""
+    and decays; the EMA momentum's distance to 1 likewise; the temperature from a quarter to
+    2.5 times the recipe's: 0.05-0.5 around T = 0.2, 0.25-2.5 around MoCo v3's ResNet 1.0)."""
     if "lr" in names:
         d = s.defaults["lr"]
         s.float("lr", d / 10, d * 10, log=True)
@@ -143,7 +149,8 @@ def _shared(s: Suggest, names: Sequence[str]) -> None:
         if d > 0:
             s.float("weight_decay", d / 10, d * 10, log=True)
     if "temperature" in names:
-        s.float("temperature", 0.05, 0.5, log=True)
+        d = s.defaults["temperature"]
+        s.float("temperature", d / 4, d * 2.5, log=True)
     if "momentum" in names:
         gap = 1.0 - s.defaults["momentum"]
         s.float("momentum", max(0.0, 1.0 - gap * 10), 1.0 - gap / 10)
@@ -156,6 +163,7 @@ class Space:
     method: str
     shared: tuple[str, ...] = ("lr",)
     fixed: tuple[tuple[str, Any], ...] = ()  # the study's fixed settings, as pairs
+    backbone: str | None = None  # the study's backbone for this method; None: its default
 
     def __post_init__(self) -> None:
         if self.method not in METHOD_KNOBS:
@@ -176,7 +184,10 @@ class Space:
         cls = method_class(self.method)
         optim = dataclasses.asdict(OptimConfig(**{**dataclasses.asdict(OptimConfig()),
                                                   **cls.optim_defaults}))
-        method = {f.name: getattr(cls.Config(), f.name) for f in dataclasses.fields(cls.Config)}
+        cfg = cls.Config()
+        if cls.family_defaults(True):  # some defaults depend on the backbone family
+            cfg = cls.resolve_config(cfg, _is_vit(self.backbone or cls.default_backbone))
+        method = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls.Config)}
         return {**optim, **method, **dict(self.fixed)}
 
     def _run(self, trial: Any | None) -> dict[str, Any]:
@@ -227,9 +238,25 @@ class Space:
                                 f"{', '.join(sorted(method_fields))}")
 
 
+@functools.lru_cache(maxsize=None)
+def _is_vit(backbone: str) -> bool:
+    """Whether timm builds `backbone` as a VisionTransformer (`Backbone.is_vit`), told from a
+    model on the meta device: no memory, no weights."""
+    import timm
+    import torch
+    from timm.models.vision_transformer import VisionTransformer
+
+    if not timm.is_model(backbone):
+        raise UserError(f"unknown backbone '{backbone}': expected a timm model name, e.g. "
+                        "resnet50, vit_base_patch16_224, test_resnet, test_vit")
+    with torch.device("meta"):
+        model = timm.create_model(backbone, pretrained=False, num_classes=0)
+    return isinstance(model, VisionTransformer)
+
+
 def space_for(method: str, *, shared: Sequence[str] = ("lr",),
-              fixed: dict[str, Any] | None = None) -> Space:
-    space = Space(method, tuple(shared), tuple(sorted((fixed or {}).items())))
+              fixed: dict[str, Any] | None = None, backbone: str | None = None) -> Space:
+    space = Space(method, tuple(shared), tuple(sorted((fixed or {}).items())), backbone)
     space.validate()
     return space
 
