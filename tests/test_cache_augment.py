@@ -11,6 +11,8 @@ import torchvision.transforms.v2.functional as TF
 from conftest import make_image
 
 from fgray.data.augment import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     PRESETS,
     TwoViewAugment,
     _blur,
@@ -29,13 +31,19 @@ from fgray.errors import UserError
 def test_cache_content_boxes_reuse_and_invalidation(cub_root, tmp_path):
     ds = load_dataset("cub", cub_root, val_fraction=0.0)
     cache = build_cache(ds, "train", 24, cache_dir=tmp_path / "c", progress=False)
-    assert cache.images.shape == (6, 3, 24, 24) and cache.images.dtype == np.uint8
+    # 40x30 images: the whole image at shorter side 24 is 32x24, the canvas exactly that
+    assert cache.images.shape == (6, 3, 24, 32) and cache.images.dtype == np.uint8
+    assert cache.size == 24 and cache.canvas == (24, 32)
+    np.testing.assert_array_equal(cache.regions, np.tile([0, 0, 32, 24, 0], (6, 1)))
     assert list(cache.labels) == [0, 0, 1, 1, 2, 2]
     first = ds.split("train")[0]
     expected, scale, left, top = resize_center_crop(load_rgb(first.path), 24)
-    np.testing.assert_array_equal(cache.images[0], np.asarray(expected).transpose(2, 0, 1))
-    # box (5, 4, 20, 15) in a 40x30 image: scale 24/30 = 0.8, left crop (32-24)//2 = 4
-    np.testing.assert_allclose(cache.boxes[0], [5 * 0.8 - 4, 4 * 0.8, 16, 12], atol=1e-5)
+    assert (left, top) == (4, 0)  # the old cache: the centre square of the same resize
+    np.testing.assert_array_equal(cache.images[0][:, :, 4:28],
+                                  np.asarray(expected).transpose(2, 0, 1))
+    # box (5, 4, 20, 15) in a 40x30 image: scale 24/30 = 0.8, no crop any more
+    np.testing.assert_allclose(cache.boxes[0], [5 * 0.8, 4 * 0.8, 16, 12], atol=1e-5)
+    np.testing.assert_allclose(cache.parts[0, 0], [8, 6.4, 1], atol=1e-5)
     assert cache.parts is not None and cache.parts[0, 1, 2] == 0  # invisible part stays so
 
     again = build_cache(ds, "train", 24, cache_dir=tmp_path / "c", progress=False)
@@ -144,7 +152,7 @@ def test_hue_and_blur_match_torchvision():
 
 
 def test_eval_transform_and_bad_config():
-    out = eval_transform(_images(2, 40), 32)
+    out = eval_transform(_images(2, 40), 32, mean=IMAGENET_MEAN, std=IMAGENET_STD)
     assert out.shape == (2, 3, 32, 32)
     with pytest.raises(UserError, match="scale_min"):
         augment_preset("mocov2", 32, scale_min=0.0)

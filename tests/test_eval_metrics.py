@@ -301,13 +301,15 @@ class _TinyEmbed(nn.Module):
         return self.proj(images.mean(dim=(2, 3)))
 
 
-def _train_tf(batch: torch.Tensor) -> torch.Tensor:
+def _train_tf(batch: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    assert len(rows) == batch.shape[0]
     flip = torch.rand(batch.shape[0]) < 0.5
     batch = torch.where(flip.view(-1, 1, 1, 1), batch.flip(-1), batch)
     return batch.float() / 255.0
 
 
-def _eval_tf(batch: torch.Tensor) -> torch.Tensor:
+def _eval_tf(batch: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    assert len(rows) == batch.shape[0]
     return batch.float() / 255.0
 
 

@@ -7,12 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fgray.engine.evaluate import (
-    InitialWeights,
-    eval_view_coords,
-    evaluate_init,
-    evaluate_method,
-)
+from fgray.data.augment import eval_view_boxes, eval_view_points
+from fgray.engine.evaluate import InitialWeights, evaluate_init, evaluate_method
 from fgray.engine.run import load_splits
 from fgray.engine.spec import DataSpec, build_spec
 from fgray.eval.retrieval import retrieval_metrics
@@ -28,10 +24,11 @@ def spec_and_data(synth_root, tmp_path_factory):
     return spec, data
 
 
-def test_eval_view_coords_match_the_eval_crop():
-    # A 64-px cache image viewed at 48 px: resized to round(48 / 0.875) = 55, crop offset 3.
-    xy = torch.tensor([[0.0, 0.0], [64.0, 64.0], [32.0, 16.0]])
-    got = eval_view_coords(xy, 64, 48)
+def test_eval_view_points_match_the_eval_crop():
+    # A 64-px square cache image viewed at 48 px: resized to round(48 / 0.875) = 55, crop
+    # offset 3.
+    xy = torch.tensor([[[0.0, 0.0], [64.0, 64.0], [32.0, 16.0]]])
+    got = eval_view_points(xy, torch.tensor([[0.0, 0.0, 64.0, 64.0, 0.0]]), 48)
     expected = xy * (55 / 64) - 3
     torch.testing.assert_close(got, expected)
 
@@ -63,7 +60,8 @@ def test_localisation_scores_a_map_that_points_at_the_box(spec_and_data):
     spec, data = spec_and_data
     splits = load_splits(data, spec.train.decoded_size, with_test=True, progress=False)
     boxes = torch.from_numpy(splits.test.boxes).float()
-    size, cache = spec.train.image_size, splits.test.size
+    regions = splits.test.regions
+    size = spec.train.image_size
 
     class BoxMap(InitialWeights):
         invert = False
@@ -72,9 +70,8 @@ def test_localisation_scores_a_map_that_points_at_the_box(spec_and_data):
             n = images.shape[0]
             start = self.offset
             self.offset += n
-            b = boxes[start:start + n]
-            x0y0 = eval_view_coords(b[:, :2], cache, size)
-            x1y1 = eval_view_coords(b[:, :2] + b[:, 2:], cache, size)
+            b = eval_view_boxes(boxes[start:start + n], regions[start:start + n], size)
+            x0y0, x1y1 = b[:, :2], b[:, :2] + b[:, 2:]
             grid = torch.arange(size).float() + 0.5
             inside_x = (grid >= x0y0[:, :1]) & (grid <= x1y1[:, :1])
             inside_y = (grid >= x0y0[:, 1:]) & (grid <= x1y1[:, 1:])

@@ -4,7 +4,10 @@ Each sample in the batch draws its own random parameters (crop box, jitter facto
 ...) from a seeded CPU generator; the pixels are then transformed for the whole batch at once
 on the device: `roi_align` for RandomResizedCrop (adaptive sampling,
 so a downscaled crop averages its source pixels), closed-form colour ops, grouped convolutions
-for per-sample Gaussian blur. Presets follow MoCo v2 and BYOL / MoCo v3. Differences from
+for per-sample Gaussian blur. Crops are drawn over each image's whole extent, its region of
+the cache canvas (`fgray.data.cache`: whole images, portrait ones stored transposed), as
+torchvision draws them over the whole decoded image; the eval view is the centre square of
+the shorter side, as it always was. Presets follow MoCo v2 and BYOL / MoCo v3. Differences from
 torchvision's PIL transforms, by design: colour-jitter ops run in a fixed order (brightness,
 contrast, saturation, hue) rather than a random one, and blur sigmas are given for 224 px and
 scaled with the output size so small test images are not blurred away.
@@ -307,10 +310,11 @@ def eval_transform(images: torch.Tensor, size: int, *, mean: tuple[float, ...],
     centre square of the shorter side of each image's region, transposed back where the
     image is stored transposed: for every image the cache holds at its full shorter side
     this is pixel for pixel the view of the old centre-square cache. Without, the whole
-    canvas is the image (right for square canvases and plain tensors)."""
+    canvas is the image (right for square canvases and plain tensors; a wider canvas gives
+    its centre square)."""
     resized = max(size, round(size / crop_fraction))
     top = (resized - size) // 2
-    if regions is None:
+    if regions is None and images.shape[-1] == images.shape[-2]:
         x = images.float().div_(255.0)
         if x.shape[-1] != resized or x.shape[-2] != resized:
             x = F.interpolate(x, size=(resized, resized), mode="bilinear", antialias=True,
@@ -320,26 +324,32 @@ def eval_transform(images: torch.Tensor, size: int, *, mean: tuple[float, ...],
 
     n, dev = images.shape[0], images.device
     r = as_regions(regions, n, tuple(images.shape[-2:]))
-    sx, sy, side = (t.long() for t in _eval_squares(r))
-    out = torch.empty((n, 3, size, size), device=dev, dtype=torch.float32)
-    for s in side.unique().tolist():  # one group in practice: the decoded size
-        members = (side == s).nonzero()[:, 0]
-        ar = torch.arange(s)
-        rows = (sy[members, None] + ar)[:, None, :, None]  # (m, 1, s, 1)
-        cols = (sx[members, None] + ar)[:, None, None, :]  # (m, 1, 1, s)
-        idx = members.to(dev)
-        sel = images.index_select(0, idx) if len(members) < n else images
-        chans = torch.arange(3)[None, :, None, None]
-        x = sel[torch.arange(len(members))[:, None, None, None].to(dev), chans.to(dev),
-                rows.to(dev), cols.to(dev)].float().div_(255.0)
+    left, upper, side = (t.long().tolist() for t in _eval_squares(r))
+    flip = (r[:, 4] > 0.5).tolist()
+    groups = sorted(set(side))
+    for s in groups:  # one group in practice: the decoded size
+        members = [i for i in range(n) if side[i] == s]
+        # A transposed image's square is transposed back here, on its uint8 pixels.
+        if len({(left[i], upper[i], flip[i]) for i in members}) == 1:  # one batch slice
+            i = members[0]
+            sel = images if len(members) == n else images[torch.tensor(members, device=dev)]
+            x = sel[..., upper[i]:upper[i] + s, left[i]:left[i] + s]
+            x = x.transpose(-1, -2) if flip[i] else x
+        else:  # views stacked in one copy of the squares' uint8 pixels
+            crops = (images[i, :, upper[i]:upper[i] + s, left[i]:left[i] + s] for i in members)
+            x = torch.stack([c.transpose(-1, -2) if flip[i] else c
+                             for i, c in zip(members, crops)])
+        x = x.float().div_(255.0)
         if s != resized:
             x = F.interpolate(x, size=(resized, resized), mode="bilinear", antialias=True,
                               align_corners=False).clamp_(0, 1)
-        out[idx] = x[..., top:top + size, top:top + size]
-    flips = (r[:, 4] > 0.5).nonzero()[:, 0]
-    if len(flips):
-        idx = flips.to(dev)
-        out[idx] = out[idx].transpose(-1, -2)
+        x = x[..., top:top + size, top:top + size]
+        if len(groups) == 1:
+            out = x
+        else:
+            if s == groups[0]:
+                out = torch.empty((n, 3, size, size), device=dev, dtype=torch.float32)
+            out[torch.tensor(members, device=dev)] = x
     return normalize(out, mean, std)
 
 

@@ -36,3 +36,31 @@ def resize_center_crop(img: Image.Image, size: int) -> tuple[Image.Image, float,
     img = img.resize((new_w, new_h), Image.Resampling.BICUBIC, reducing_gap=3.0)
     left, top = (new_w - size) // 2, (new_h - size) // 2
     return img.crop((left, top, left + size, top + size)), scale, float(left), float(top)
+
+
+def fitted_long_side(width: int, height: int, size: int) -> int:
+    """The longer side, in pixels, of a `width` x `height` image whose shorter side is resized
+    to `size` (exactly as `resize_center_crop` and `resize_within` round it)."""
+    return max(size, round(max(width, height) * (size / min(width, height))))
+
+
+def resize_within(img: Image.Image, size: int, max_long: int) -> tuple[Image.Image, float, float]:
+    """Resize keeping the aspect ratio: the shorter side to `size` -- the very resize of
+    `resize_center_crop`, so its centre square is that function's output pixel for pixel --
+    unless the longer side would then exceed `max_long`; such an image is resized so that
+    its longer side is `max_long` instead (the whole image still fits, at less resolution).
+
+    Returns the image and the per-axis map from source to output pixels:
+    out = src * (scale_x, scale_y).
+    """
+    w, h = img.size
+    if fitted_long_side(w, h, size) <= max_long:
+        scale = size / min(w, h)
+        new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+    else:
+        scale = max_long / max(w, h)
+        new_w = max_long if w >= h else max(1, min(max_long, round(w * scale)))
+        new_h = max_long if h > w else max(1, min(max_long, round(h * scale)))
+    if (new_w, new_h) != (w, h):
+        img = img.resize((new_w, new_h), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    return img, new_w / w, new_h / h

@@ -21,13 +21,17 @@ from fgray.data.cache import CachedSplit
 class CachedBatches:
     def __init__(self, data: CachedSplit, batch_size: int, *, device: torch.device | str = "cpu",
                  shuffle: bool = True, drop_last: bool = True, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, prefetch: int = 2) -> None:
+                 world_size: int = 1, prefetch: int = 2, with_regions: bool = False) -> None:
+        """`with_regions`: batches are (images, labels, regions) with the images' cache
+        regions (`CachedSplit.regions`) as a host tensor -- the augmentation draws its crops
+        on the host, so they never travel to the device and back."""
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         self.data, self.batch_size = data, batch_size
         self.device = torch.device(device)
         self.shuffle, self.drop_last, self.seed = shuffle, drop_last, seed
         self.rank, self.world_size, self.prefetch = rank, world_size, prefetch
+        self.with_regions = with_regions
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -45,7 +49,7 @@ class CachedBatches:
         n = len(self._indices())
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
-    def _load(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def _load(self, idx: np.ndarray) -> tuple[torch.Tensor, ...]:
         # Sorted reads are sequential on the memmap; the permutation is restored after.
         order = np.argsort(idx, kind="stable")
         images = np.empty((len(idx),) + self.data.images.shape[1:], dtype=np.uint8)
@@ -54,9 +58,12 @@ class CachedBatches:
         y = torch.from_numpy(self.data.labels[idx])
         if self.device.type == "cuda":
             x, y = x.pin_memory(), y.pin_memory()
-        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        batch = (x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
+        if self.with_regions:
+            batch += (torch.from_numpy(np.ascontiguousarray(self.data.regions[idx])),)
+        return batch
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         idx = self._indices()
         bounds = range(0, len(idx), self.batch_size)
         batches = [idx[i:i + self.batch_size] for i in bounds]

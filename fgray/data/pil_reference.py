@@ -1,6 +1,11 @@
 """The reference input pipeline: decode JPEGs with PIL and augment per image in DataLoader
 workers, as the MoCo and BYOL repositories do. Kept to measure the cached, on-device path
-against (benchmarks/), not used for training."""
+against (benchmarks/), not used for training.
+
+Both paths crop from the whole image: RandomResizedCrop here runs on the decoded image, and
+the cached path draws its boxes over each image's whole region of the cache canvas
+(`fgray.data.cache`), at the cache's resolution instead of the source's. The eval views
+agree too: `pil_eval_transform` is `eval_transform` with the cache's regions."""
 
 from __future__ import annotations
 
@@ -29,6 +34,20 @@ def pil_view_transform(cfg: AugmentConfig, which: int) -> T.Compose:
         T.RandomHorizontalFlip(cfg.flip_p),
         T.ToTensor(),
         T.Normalize(cfg.mean, cfg.std),
+    ])
+
+
+def pil_eval_transform(size: int, *, mean: tuple[float, ...], std: tuple[float, ...],
+                       crop_fraction: float = 0.875) -> T.Compose:
+    """The PIL eval view that `eval_transform(..., regions=...)` computes from the cache:
+    shorter side to size / crop_fraction, centre crop `size`. The cache resizes bicubic to
+    its decoded size first, so pixels differ slightly where that is not size / crop_fraction."""
+    resized = max(size, round(size / crop_fraction))
+    return T.Compose([
+        T.Resize(resized, interpolation=T.InterpolationMode.BICUBIC),
+        T.CenterCrop(size),
+        T.ToTensor(),
+        T.Normalize(mean, std),
     ])
 
 

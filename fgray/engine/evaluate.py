@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fgray.data.augment import augment_preset, eval_transform
+from fgray.data.augment import augment_preset, eval_transform, eval_view_boxes, eval_view_points
 from fgray.engine.features import embed_split
 from fgray.engine.loop import autocast_for, read_checkpoint
 from fgray.engine.run import load_splits, resolve_device
@@ -91,13 +91,14 @@ def evaluate_method(method: Method, spec: RunSpec, data: DataSpec, protocols: li
         crop = TwoViewAugment(train_aug, seed=seed)
         with torch.no_grad():
             dim = method.embed(eval_transform(torch.as_tensor(target.images[:1]).to(device),
-                                              size, **norm)).shape[1]
+                                              size, **norm, regions=target.regions[:1])).shape[1]
         lin = linear_probe_paper(
             method.embed, torch.from_numpy(splits.train.images),
             torch.from_numpy(splits.train.labels), torch.from_numpy(target.images),
             torch.from_numpy(target.labels),
-            train_transform=lambda x: crop.view(x, 0), eval_transform=lambda x: eval_transform(
-                x, size, **norm), feature_dim=dim, num_classes=n_cls, seed=seed, device=device)
+            train_transform=lambda x, rows: crop.view(x, 0, splits.train.regions[rows.numpy()]),
+            eval_transform=lambda x, rows: eval_transform(
+                x, size, **norm, regions=target.regions[rows.numpy()]), feature_dim=dim, num_classes=n_cls, seed=seed, device=device)
         out.update(linear_paper_top1=lin["top1"])
     if "localisation" in protocols:
         out.update(localisation_scores(method, target, size, bs, device, **norm))
@@ -115,15 +116,6 @@ def method_maps(method: nn.Module, view: torch.Tensor) -> torch.Tensor:
     if maps:
         return next(iter(maps.values())).float()
     return method.backbone.feature_map(view).float().norm(dim=1)
-
-
-def eval_view_coords(xy: torch.Tensor, cache_size: int, size: int,
-                     crop_fraction: float = 0.875) -> torch.Tensor:
-    """Map (..., 2) pixel coordinates of a cached image into its eval view (`eval_transform`:
-    resize to size / crop_fraction, centre-crop `size`)."""
-    resized = max(size, round(size / crop_fraction))
-    top = (resized - size) // 2
-    return xy * (resized / cache_size) - top
 
 
 def localisation_scores(method: nn.Module, data: CachedSplit, size: int, batch_size: int,
@@ -145,16 +137,14 @@ def localisation_scores(method: nn.Module, data: CachedSplit, size: int, batch_s
             if len(idx) == 0:
                 continue
             raw = torch.from_numpy(np.asarray(data.images[idx])).to(device)
+            regions = data.regions[idx]
             with torch.no_grad():
-                maps.append(method_maps(method, eval_transform(raw, size, mean=mean,
-                                                               std=std)).cpu())
-            xywh = torch.from_numpy(data.boxes[idx]).float()
-            x0y0 = eval_view_coords(xywh[:, :2], data.size, size)
-            x1y1 = eval_view_coords(xywh[:, :2] + xywh[:, 2:], data.size, size)
-            boxes.append(torch.cat([x0y0, x1y1 - x0y0], 1))
+                view = eval_transform(raw, size, mean=mean, std=std, regions=regions)
+                maps.append(method_maps(method, view).cpu())
+            boxes.append(eval_view_boxes(data.boxes[idx], regions, size))
             if data.parts is not None:
                 p = torch.from_numpy(data.parts[idx]).float().clone()
-                p[..., :2] = eval_view_coords(p[..., :2], data.size, size)
+                p[..., :2] = eval_view_points(p[..., :2], regions, size)
                 inside = ((p[..., :2] >= 0) & (p[..., :2] < size)).all(-1)
                 p[..., 2] = p[..., 2] * inside
                 parts.append(p)

@@ -23,8 +23,12 @@ def embed_split(module: nn.Module, embed: Callable[[Tensor], Tensor], data: Cach
     module.eval()
     feats, labels = [], []
     try:
+        start = 0  # iterate_eval keeps cache order, so the regions follow by offset
         for images, y in iterate_eval(data, batch_size, device):
-            feats.append(embed(eval_transform(images, image_size, mean=mean, std=std)).float())
+            regions = data.regions[start:start + len(y)]
+            start += len(y)
+            feats.append(embed(eval_transform(images, image_size, mean=mean, std=std,
+                                              regions=regions)).float())
             labels.append(y)
     finally:
         module.train(was_training)

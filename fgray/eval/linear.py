@@ -162,8 +162,8 @@ def _resolve_device(embed_fn: Callable[[Tensor], Tensor],
 def linear_probe_paper(embed_fn: Callable[[Tensor], Tensor],
                        train_images: ImageArray, train_labels: Tensor | np.ndarray,
                        eval_images: ImageArray, eval_labels: Tensor | np.ndarray, *,
-                       train_transform: Callable[[Tensor], Tensor],
-                       eval_transform: Callable[[Tensor], Tensor],
+                       train_transform: Callable[[Tensor, Tensor], Tensor],
+                       eval_transform: Callable[[Tensor, Tensor], Tensor],
                        feature_dim: int, num_classes: int,
                        schedule: Literal["step", "cosine"] = "step", epochs: int = 100,
                        batch_size: int = 256, lr: float | None = None,
@@ -176,8 +176,10 @@ def linear_probe_paper(embed_fn: Callable[[Tensor], Tensor],
     statistics stay frozen); when it is an `nn.Module` this function also sets eval mode and
     restores the previous mode afterwards. Images are uint8 (N, 3, H, W) tensors or numpy
     arrays (memory maps work: each batch's rows are read, then moved to `device`).
-    `train_transform` / `eval_transform` map a uint8 batch on `device` to the float batch
-    `embed_fn` expects (RandomResizedCrop + flip for training, resize/centre-crop for eval).
+    `train_transform(images, rows)` / `eval_transform(images, rows)` map a uint8 batch on
+    `device` to the float batch `embed_fn` expects (RandomResizedCrop + flip for training,
+    resize/centre-crop for eval); `rows` are the batch's indices into its image array, so a
+    transform can look up per-image data such as a cache's regions.
 
     Recipes (SGD, momentum 0.9, classifier initialised N(0, 0.01), bias 0):
 
@@ -211,9 +213,10 @@ def linear_probe_paper(embed_fn: Callable[[Tensor], Tensor],
     milestones = (round(0.6 * epochs), round(0.8 * epochs))
     dev = _resolve_device(embed_fn, device)
 
-    def embed(images_u8: Tensor, transform: Callable[[Tensor], Tensor]) -> Tensor:
+    def embed(images_u8: Tensor, rows: Tensor,
+              transform: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
         with torch.no_grad():
-            feats = embed_fn(transform(images_u8))
+            feats = embed_fn(transform(images_u8, rows))
         if feats.dim() != 2 or feats.shape[1] != feature_dim:
             raise UserError(f"embed_fn returned shape {tuple(feats.shape)}: expected "
                             f"(batch, feature_dim={feature_dim})")
@@ -249,7 +252,7 @@ def linear_probe_paper(embed_fn: Callable[[Tensor], Tensor],
                     # Sorted rows read a memory map front to back; order within a batch
                     # does not matter to the gradient.
                     idx = perm[start:start + batch_size].sort().values
-                    feats = embed(_take(train_images, idx, dev), train_transform)
+                    feats = embed(_take(train_images, idx, dev), idx, train_transform)
                     target = train_y[idx].to(dev)
                     logits = classifier(feats)
                     loss = F.cross_entropy(logits, target)
@@ -261,7 +264,7 @@ def linear_probe_paper(embed_fn: Callable[[Tensor], Tensor],
                     correct += int((logits.argmax(dim=1) == target).sum())
 
             eval_batches = (
-                (embed(_take(eval_images, idx, dev), eval_transform), eval_y[idx].to(dev))
+                (embed(_take(eval_images, idx, dev), idx, eval_transform), eval_y[idx].to(dev))
                 for idx in torch.arange(eval_y.shape[0]).split(batch_size))
             result = _evaluate(classifier, eval_batches, classes)
     finally:
