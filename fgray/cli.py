@@ -42,9 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    parser_class=OneLineParser)
     synth = data_sub.add_parser("synth", help="write the embedded fine-grained dataset")
     synth.add_argument("out")
-    synth.add_argument("--classes", type=int, default=50)
+    synth.add_argument("--classes", type=int, default=10)
     synth.add_argument("--per-class", type=int, default=60)
-    synth.add_argument("--size", type=int, default=128)
+    synth.add_argument("--size", type=int, default=96)
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(handler=_data_synth)
 
@@ -134,8 +134,12 @@ def _data_check(args) -> int:
 
 
 def _pretrain(args) -> int:
+    from fgray.engine.run import check_writable
     from fgray.train.launch import pretrain_command
 
+    # Before anything is trained or written: a read-only --storage would otherwise end in an
+    # OSError traceback (from the run folder or the results tables) after the work was done.
+    check_writable(args.storage, "--storage")
     return pretrain_command(args)
 
 

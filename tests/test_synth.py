@@ -187,7 +187,8 @@ def test_learnable_by_a_small_cnn(small_arrays: tuple[np.ndarray, ...]) -> None:
     net.eval()
     with torch.no_grad():
         accuracy = (net(x_te).argmax(1) == y_te).float().mean().item()
-    assert accuracy >= 0.6, f"test accuracy {accuracy:.3f}, chance {1 / CLASSES:.3f}"
+    # Generator v2 (shape-coded eye and crown) measured 0.58 here; v1's colour codes 0.86.
+    assert accuracy >= 0.45, f"test accuracy {accuracy:.3f}, chance {1 / CLASSES:.3f}"
 
 
 def _colour_histograms(images: np.ndarray, bins: int = 8) -> np.ndarray:

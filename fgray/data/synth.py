@@ -39,7 +39,7 @@ from PIL import Image, ImageDraw
 from fgray.config import check_range
 from fgray.errors import UserError
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: shape-coded eye and crown, larger parts
 MARKER = "synth.json"
 JPEG_QUALITY = 90
 GRAY_EVERY = 50  # one image in 50 is saved as a grayscale JPEG (exercises RGB conversion)
@@ -70,12 +70,15 @@ FACTORS: tuple[Factor, ...] = (
            ("Shortbill", "Longbill", "Hookbill", "Conebill")),
     Factor("has_wing_pattern", ("plain", "single_bar", "double_bar", "spotted"),
            ("Plainwing", "Barwing", "Twobar", "Spotwing")),
-    Factor("has_eye_ring_color", ("white", "red", "yellow", "blue"),
-           ("Whiteeye", "Redeye", "Goldeye", "Blueeye")),
+    # Eye and crown are told apart by shape, not colour: the SSL augmentations (colour
+    # jitter, grayscale) teach an encoder to ignore colour, so a colour-coded class would be
+    # one no augmentation-invariant method can learn. Their colours are drawn per image.
+    Factor("has_eye_pattern", ("plain", "ring", "stripe", "mask"),
+           ("Plaineye", "Ringeye", "Stripeeye", "Maskeye")),
     Factor("has_tail_shape", ("forked", "rounded", "pointed", "squared"),
            ("Forktail", "Roundtail", "Pintail", "Squaretail")),
-    Factor("has_crown_color", ("same_as_head", "red", "yellow", "blue"),
-           ("Plaincap", "Redcap", "Goldcap", "Bluecap")),
+    Factor("has_crown_shape", ("smooth", "crest", "cap", "plumes"),
+           ("Smoothcap", "Crested", "Capped", "Plumed")),
 )
 MAX_CLASSES = math.prod(len(f.levels) for f in FACTORS)
 
@@ -142,9 +145,18 @@ _BODY = _ellipse(0.0, 0.02, 0.40, 0.22, rot=-0.17, n=32)
 _HEAD_C, _HEAD_R = (0.40, -0.22), 0.18
 _HEAD = _ellipse(*_HEAD_C, _HEAD_R, _HEAD_R, n=24)
 _EYE_C = (0.47, -0.25)
-_EYE_RING = _ellipse(*_EYE_C, 0.075, 0.075, n=16)
-_PUPIL = _ellipse(*_EYE_C, 0.035, 0.035, n=10)
-_CROWN = _ellipse(0.38, -0.36, 0.12, 0.06, n=16)
+# Parts are drawn large enough to survive a 64-96 px view of the whole bird.
+_EYE_RING = _ellipse(*_EYE_C, 0.095, 0.095, n=16)
+_PUPIL = _ellipse(*_EYE_C, 0.042, 0.042, n=10)
+_EYE_STRIPE = np.array([(0.30, -0.29), (0.62, -0.28), (0.62, -0.22), (0.30, -0.21)])
+_EYE_MASK = _ellipse(0.49, -0.24, 0.13, 0.085, rot=0.1, n=18)
+_CROWN_SHAPES = (
+    (),  # smooth
+    (np.array([(0.28, -0.36), (0.22, -0.62), (0.46, -0.38)]),),  # crest
+    (_ellipse(0.38, -0.35, 0.16, 0.075, n=18),),  # cap
+    (np.array([(0.30, -0.38), (0.02, -0.52), (0.06, -0.46), (0.33, -0.33)]),
+     np.array([(0.34, -0.39), (0.08, -0.60), (0.12, -0.54), (0.38, -0.35)])),  # plumes
+)
 _WING_C, _WING_AB, _WING_ROT = (-0.06, -0.02), (0.30, 0.13), -0.17
 _WING = _ellipse(*_WING_C, *_WING_AB, rot=_WING_ROT, n=28)
 _LEGS = (((0.02, 0.20), (0.00, 0.44)), ((-0.10, 0.20), (-0.13, 0.44)))  # near, far
@@ -177,11 +189,11 @@ def _wing_marks(pattern: int) -> list[np.ndarray]:
     bars = {1: (0.0,), 2: (-0.11, 0.08)}.get(pattern, ())
     for bx in bars:
         half = b * math.sqrt(max(0.0, 1 - (bx / a) ** 2)) * 0.95
-        pts = [(bx - 0.035, -half), (bx + 0.035, -half), (bx + 0.035, half), (bx - 0.035, half)]
+        pts = [(bx - 0.05, -half), (bx + 0.05, -half), (bx + 0.05, half), (bx - 0.05, half)]
         marks.append(np.array([_wing_local(x, y) for x, y in pts]))
     if pattern == 3:
         for sx, sy in ((-0.18, -0.03), (-0.08, 0.05), (0.02, -0.05), (0.12, 0.03), (-0.05, -0.0)):
-            marks.append(_ellipse(*_wing_local(sx, sy), 0.04, 0.04, n=10))
+            marks.append(_ellipse(*_wing_local(sx, sy), 0.05, 0.05, n=10))
     return marks
 
 
@@ -206,6 +218,12 @@ def _hsv_to_rgb(h: float, s: float, v: float) -> tuple[int, int, int]:
     return int(r * 255), int(g * 255), int(b * 255)
 
 
+def _plumage_colour(rng: np.random.Generator) -> tuple[int, int, int]:
+    """Body colours, one distribution for every class: muted browns, olives and greys, as
+    most real passerines, so plumage colour is a nuisance that does not swamp the parts."""
+    return _hsv_to_rgb(rng.uniform(0.02, 0.25), rng.uniform(0.1, 0.55), rng.uniform(0.35, 0.8))
+
+
 def _random_colour(rng: np.random.Generator) -> tuple[int, int, int]:
     """The one colour distribution for bodies, backgrounds and distractors."""
     return _hsv_to_rgb(rng.random(), rng.uniform(0.2, 0.9), rng.uniform(0.3, 0.95))
@@ -217,6 +235,18 @@ def _palette_colour(rng: np.random.Generator) -> tuple[int, int, int]:
         base = np.array(list(_PART_COLOURS.values())[rng.integers(len(_PART_COLOURS))])
         return tuple(int(v) for v in np.clip(base + rng.normal(0, 12, 3), 0, 255))
     return _random_colour(rng)
+
+
+def _contrasting(rng: np.random.Generator, against: tuple[int, int, int]) -> tuple[int, int, int]:
+    """A palette colour whose luminance differs from `against` by at least a third."""
+    def lum(c):
+        return 0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2]
+
+    for _ in range(8):
+        colour = _palette_colour(rng)
+        if abs(lum(colour) - lum(against)) >= 85:
+            return colour
+    return (20, 20, 20) if lum(against) > 128 else (240, 240, 235)
 
 
 def _shade(colour: tuple[int, int, int], k: float) -> tuple[int, int, int]:
@@ -240,7 +270,7 @@ def _background(rng: np.random.Generator, n: int) -> np.ndarray:
     noise = np.stack([np.asarray(Image.fromarray(coarse[..., i], mode="F").resize(
         (n, n), Image.BICUBIC)) for i in range(3)], -1)
     img += noise
-    if rng.random() < 0.5:
+    if rng.random() < 0.25:
         ang = rng.uniform(0, math.pi)
         freq = rng.uniform(3, 12)
         phase = np.sin(2 * math.pi * freq * (np.cos(ang) * xx + np.sin(ang) * yy)
@@ -254,7 +284,7 @@ def _background(rng: np.random.Generator, n: int) -> np.ndarray:
 
 def _distractors(draw: ImageDraw.ImageDraw, rng: np.random.Generator, n: int) -> None:
     """Blobs, polygons, branches, decoy bodies and eye-like rings, all class-independent."""
-    for _ in range(int(rng.integers(3, 9))):
+    for _ in range(int(rng.integers(1, 5))):
         kind = rng.integers(5)
         cx, cy = rng.uniform(0, n, 2)
         r = rng.uniform(0.03, 0.16) * n
@@ -316,8 +346,8 @@ def render_image(combo: tuple[int, ...], size: int, seed: int, index: int) -> Re
     lo, hi = -extent.min(0) - slack, n - extent.max(0) + slack
     centre = np.where(lo < hi, lo + rng.random(2) * (hi - lo), n / 2)
 
-    body = _random_colour(rng)
-    wing = _shade(body, rng.uniform(0.45, 0.7)) if rng.random() < 0.7 else _random_colour(rng)
+    body = _plumage_colour(rng)
+    wing = _shade(body, rng.uniform(0.45, 0.7)) if rng.random() < 0.7 else _plumage_colour(rng)
     outline = _shade(body, 0.35)
     mark = _hsv_to_rgb(rng.uniform(0.1, 0.2), rng.uniform(0.0, 0.3), rng.uniform(0.85, 1.0))
     beak = _hsv_to_rgb(rng.uniform(0.02, 0.15), rng.uniform(0.0, 0.8), rng.uniform(0.1, 0.8))
@@ -336,11 +366,17 @@ def render_image(combo: tuple[int, ...], size: int, seed: int, index: int) -> Re
     draw.polygon(_flat(tf(_WING)), fill=wing, outline=outline, width=ow)
     for m in _wing_marks(wing_i):
         draw.polygon(_flat(tf(m)), fill=mark)
+    # Crown and eye marks: their shape is the class, their colours are any palette colour
+    # that stands out from the head (light on a dark head, dark on a light one).
+    crown_colour, eye_colour = (_contrasting(rng, body) for _ in range(2))
+    for crown in _CROWN_SHAPES[crown_i]:
+        draw.polygon(_flat(tf(crown)), fill=crown_colour, outline=outline, width=ow)
     draw.polygon(_flat(shapes[1]), fill=body, outline=outline, width=ow)
-    if crown_i:
-        crown_colour = list(_PART_COLOURS.values())[crown_i]
-        draw.polygon(_flat(tf(_CROWN)), fill=crown_colour)
-    draw.polygon(_flat(tf(_EYE_RING)), fill=list(_PART_COLOURS.values())[eye_i])
+    if crown_i == 2:  # a cap lies on the head, so it is drawn after it
+        draw.polygon(_flat(tf(_CROWN_SHAPES[2][0])), fill=crown_colour)
+    eye_mark = {1: _EYE_RING, 2: _EYE_STRIPE, 3: _EYE_MASK}.get(eye_i)
+    if eye_mark is not None:
+        draw.polygon(_flat(tf(eye_mark)), fill=eye_colour)
     draw.polygon(_flat(tf(_PUPIL)), fill=(15, 15, 15))
     draw.polygon(_flat(shapes[3]), fill=beak, outline=_shade(beak, 0.5), width=ow)
 
@@ -494,7 +530,7 @@ def _default_workers() -> int:
         return os.cpu_count() or 1
 
 
-def write_synthetic(out: str | Path, *, classes: int = 50, per_class: int = 60, size: int = 128,
+def write_synthetic(out: str | Path, *, classes: int = 10, per_class: int = 60, size: int = 96,
                     seed: int = 0, train_fraction: float = 0.5, workers: int | None = None,
                     progress: bool = True) -> dict:
     """Write the synthetic fine-grained set to `out` in the CUB-200-2011 layout.
