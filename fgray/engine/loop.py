@@ -1,9 +1,10 @@
 """One worker's pretraining loop: plain torch, no Ray.
 
 `Pretrainer` owns the method, the optimiser, the batch stream and the augmentation. It trains
-epoch by epoch; after each it evaluates kNN on the validation split (rank 0), writes a
-checkpoint holding everything needed to continue exactly (model, momentum encoders and queue,
-optimiser, epoch, RNG and augmentation generator states) and calls the epoch hook. Loss terms
+epoch by epoch; after each it checks the loss and the weights are finite, evaluates kNN on
+the validation split (rank 0), writes a checkpoint holding everything needed to continue
+exactly (model, momentum encoders and queue, optimiser, epoch, and every rank's own RNG and
+augmentation generator states, gathered to rank 0) and calls the epoch hook. Loss terms
 are accumulated on the device and read once per epoch, so the step never waits on the host.
 Every `visual_every` epochs, a visuals hook gets the methods' spatial maps and image pairs of
 a fixed set of validation images (for TensorBoard); the engine never writes them itself.
@@ -17,6 +18,7 @@ import re
 import resource
 import shutil
 import time
+import warnings
 import zipfile
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -125,7 +127,7 @@ class Pretrainer:
                                          fused=self.device.type == "cuda"
                                          and cfg.fused_optimizer and optim_cfg.optimizer != "lars")
         self.loader = CachedBatches(train_data, per_rank, device=self.device, seed=cfg.seed,
-                                    rank=rank, world_size=world_size)
+                                    rank=rank, world_size=world_size, with_regions=True)
         self.augment = TwoViewAugment(aug_cfg, seed=cfg.seed * 1000 + rank)
         self.norm = {"mean": aug_cfg.mean, "std": aug_cfg.std}  # the backbone's, for eval views
         self.steps_per_epoch = len(self.loader)
@@ -136,34 +138,87 @@ class Pretrainer:
 
     # -- checkpoints --------------------------------------------------------------------------
 
-    def state_dict(self) -> dict[str, Any]:
+    def rank_state(self) -> dict[str, Any]:
+        """This rank's own random state: torch (and CUDA) RNG and the augmentation generator,
+        as CPU tensors in plain dicts (what `weights_only` loading accepts)."""
         rng = {"torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        return {"format": 1, "meta": self.meta, "epoch": self.epoch,
+        return {"rng": rng, "augment": self.augment.state_dict()}
+
+    def gather_rank_states(self) -> list[dict[str, Any]]:
+        """Every rank's `rank_state`, in rank order, on every rank (a collective: all ranks
+        must call it together)."""
+        own = self.rank_state()
+        if self.world_size == 1:
+            return [own]
+        states: list[Any] = [None] * self.world_size
+        device = torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext()
+        with device:  # NCCL's object collectives use the current CUDA device
+            dist.all_gather_object(states, own)
+        return states
+
+    def state_dict(self, rank_states: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """The checkpoint. `rank_states` (`gather_rank_states`) are stored per rank, so each
+        rank of a resumed run continues with its own random streams; without them this rank's
+        own. "rng"/"augment" hold rank 0's, as checkpoints before format 2 did."""
+        rank_states = rank_states or [self.rank_state()]
+        return {"format": 2, "meta": self.meta, "epoch": self.epoch,
                 "model": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "augment": self.augment.state_dict(), "rng": rng, "history": self.history}
+                "augment": rank_states[0]["augment"], "rng": rank_states[0]["rng"],
+                "world_size": len(rank_states),
+                "rng_per_rank": [r["rng"] for r in rank_states],
+                "augment_per_rank": [r["augment"] for r in rank_states],
+                "history": self.history}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a checkpoint; each rank takes its own RNG and augmentation state.
+
+        A checkpoint written by a different number of workers (or before per-rank states were
+        kept, by more than one) cannot continue exactly: with a warning, every rank takes rank
+        0's torch/CUDA RNG, rank 0 its augmentation generator, and every other rank reseeds
+        its generator from (seed, rank, epoch), so ranks still draw different augmentations."""
         self.method.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.augment.load_state_dict(state["augment"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if "cuda" in state["rng"] and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
         self.epoch = int(state["epoch"])
         self.history = list(state["history"])
+        per_rng, per_aug = state.get("rng_per_rank"), state.get("augment_per_rank")
+        saved = len(per_rng) if per_rng else None
+        if per_rng and per_aug and saved == len(per_aug) == self.world_size:
+            rng, augment = per_rng[self.rank], per_aug[self.rank]
+        else:
+            if saved != self.world_size and (saved is not None or self.world_size > 1) \
+                    and self.rank == 0:
+                written = f"{saved} workers" if saved else "an unknown number of workers"
+                warnings.warn(f"checkpoint written by {written}, resumed with "
+                              f"{self.world_size}: the run continues, but not exactly as an "
+                              "uninterrupted one (random streams restored from rank 0's)",
+                              RuntimeWarning, stacklevel=3)
+            rng, augment = state["rng"], state["augment"]
+            if self.rank != 0:
+                augment = None
+        if augment is not None:
+            self.augment.load_state_dict(augment)
+        else:
+            self.augment.gen.manual_seed(
+                (self.cfg.seed * 1000 + self.rank) * 1_000_003 + self.epoch)
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
 
     def resume(self, path: str | Path) -> None:
         self.load_state_dict(read_checkpoint(path, self.device))
 
     def save_checkpoint(self) -> Path | None:
+        """Rank 0 writes the epoch's checkpoint; every rank must call it (the ranks' random
+        states are gathered first)."""
+        rank_states = self.gather_rank_states()
         if self.rank != 0 or self.checkpoint_dir is None:
             return None
         out = self.checkpoint_dir / f"epoch-{self.epoch:04d}"
         tmp = out.with_name(out.name + ".tmp")
         tmp.mkdir(parents=True, exist_ok=True)
-        torch.save(self.state_dict(), tmp / CHECKPOINT_FILE)
+        torch.save(self.state_dict(rank_states), tmp / CHECKPOINT_FILE)
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)
         kept = sorted(p for p in self.checkpoint_dir.glob("epoch-*") if not p.name.endswith(".tmp"))
@@ -181,13 +236,13 @@ class Pretrainer:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         start = time.perf_counter()
-        for images, _ in self.loader:
+        for images, _, regions in self.loader:
             step = self.epoch * self.steps_per_epoch + steps
             lr = set_lr(self.optimizer, lr_factor(step, self.total_steps, self.warmup_steps,
                                                   self.optim_cfg.min_lr_ratio))
             info = StepInfo(epoch=self.epoch, step=step, progress=step / self.total_steps,
                             epochs=self.cfg.epochs)
-            view1, view2 = self.augment(images)
+            view1, view2 = self.augment(images, regions)  # crops anywhere in each image
             if self.device.type == "cuda" and self.cfg.channels_last:
                 view1 = view1.contiguous(memory_format=torch.channels_last)
                 view2 = view2.contiguous(memory_format=torch.channels_last)
@@ -220,6 +275,25 @@ class Pretrainer:
         return out
 
     @torch.no_grad()
+    def check_finite_weights(self) -> None:
+        """Raise FloatingPointError naming the epoch when a parameter or buffer (BN statistics,
+        queue) is no longer finite: a step can diverge after its loss was read (the last step
+        of an epoch) and leave NaN weights behind. One host sync per epoch; with several
+        ranks the verdict is all-reduced, so every rank stops at the same point."""
+        named = [(n, t) for n, t in (*self.method.named_parameters(),
+                                     *self.method.named_buffers()) if t.is_floating_point()]
+        if not named:
+            return
+        bad = torch.stack([~torch.isfinite(t).all() for _, t in named]).float()
+        if self.world_size > 1:
+            dist.all_reduce(bad)
+        flags = bad.cpu()
+        if flags.any():
+            names = [n for (n, _), f in zip(named, flags.tolist()) if f]
+            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            raise FloatingPointError(f"non-finite weights after epoch {self.epoch}: {shown}")
+
+    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """kNN top-1/top-5 on the validation split, the train split as the memory bank."""
         if self.val_data is None or self.rank != 0:
@@ -230,6 +304,9 @@ class Pretrainer:
                                             **self.norm)
             feats, labels = embed_split(m, m.embed, self.val_data, size, bs, self.device,
                                         **self.norm)
+        if not (torch.isfinite(bank).all() and torch.isfinite(feats).all()):  # not the data's
+            raise FloatingPointError(f"non-finite embeddings at epoch {self.epoch} (val kNN): "
+                                     "the model overflows")
         knn = knn_classify(bank.float(), bank_labels, feats.float(), labels, k=self.cfg.knn_k,
                            temperature=self.cfg.knn_temperature,
                            num_classes=self.train_data.num_classes)
@@ -245,7 +322,8 @@ class Pretrainer:
         if self.val_data is None or len(self.val_data) == 0:
             return None
         raw = torch.from_numpy(np.array(self.val_data.images[:count])).to(self.device)
-        view = eval_transform(raw, self.cfg.image_size, **self.norm)
+        view = eval_transform(raw, self.cfg.image_size, **self.norm,
+                              regions=self.val_data.regions[:count])
         mean = torch.tensor(self.norm["mean"], device=self.device).view(1, 3, 1, 1)
         std = torch.tensor(self.norm["std"], device=self.device).view(1, 3, 1, 1)
         shown = ((view * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
@@ -268,6 +346,7 @@ class Pretrainer:
         while self.epoch < self.cfg.epochs:
             metrics = self.train_epoch()
             self.epoch += 1
+            self.check_finite_weights()  # before evaluating: NaN features would blame the data
             if self.epoch % self.cfg.eval_every == 0 or self.epoch == self.cfg.epochs:
                 metrics.update(self.evaluate())
             metrics["epoch"] = self.epoch

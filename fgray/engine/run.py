@@ -9,7 +9,9 @@ epoch) and checkpoints/ (the last k epochs plus best/, selected by val kNN top-1
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +40,30 @@ def resolve_device(name: str | None) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device {name!r}: CUDA is not available on this machine")
     return device
+
+
+def check_writable(path: str | Path, what: str = "storage") -> None:
+    """Raise a UserError unless files can be written at `path` (a local folder, created or
+    not): the folder itself or, when it does not exist yet, its nearest existing ancestor is
+    tried with a temporary file. Creates nothing that stays. URIs (s3://, gs://) pass."""
+    text = str(path)
+    if "://" in text:
+        return
+    target = Path(text).expanduser().absolute()
+    probe = target
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"{what} {text}: {probe} is not a folder; expected a writable folder")
+    try:
+        fd, name = tempfile.mkstemp(prefix=".fgray-write-test-", dir=probe)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        where = "" if probe == target else f" (nearest existing folder {probe})"
+        raise UserError(f"{what} {text}: not writable{where}: {reason}; expected a "
+                        "writable folder") from None
+    os.close(fd)
+    os.unlink(name)
 
 
 @dataclass
@@ -76,14 +102,17 @@ def build_pretrainer(spec: RunSpec, *, device: torch.device, rank: int = 0, worl
     run_dir = Path(run_dir) if run_dir else None
     meta = {"spec": spec.to_dict(), "num_classes": splits.dataset.num_classes,
             "classes": splits.dataset.classes}
+    # Built (and so validated: batch size against the split, ...) before anything is written:
+    # a user error found here leaves no run folder behind.
+    trainer = Pretrainer(method, splits.train, splits.val, spec.train, spec.optim, spec.augment,
+                         device=device, rank=rank, world_size=world_size,
+                         checkpoint_dir=run_dir / "checkpoints" if run_dir else None, meta=meta,
+                         on_epoch=on_epoch, on_visuals=on_visuals)
     if run_dir is not None and rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(spec.to_dict(), indent=1))
         (run_dir / "splits.json").write_text(json.dumps(split_record(splits.dataset.samples)))
-    return Pretrainer(method, splits.train, splits.val, spec.train, spec.optim, spec.augment,
-                      device=device, rank=rank, world_size=world_size,
-                      checkpoint_dir=run_dir / "checkpoints" if run_dir else None, meta=meta,
-                      on_epoch=on_epoch, on_visuals=on_visuals)
+    return trainer
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -125,19 +154,21 @@ def run_pretraining(spec: RunSpec, run_dir: str | Path, *, device: torch.device 
     """Train `spec` in this process under `run_dir`, continuing from its last checkpoint.
     `on_visuals(epoch, images, maps, pairs)` gets the TensorBoard visuals (see Pretrainer)."""
     run_dir = Path(run_dir)
-    if not resume:  # a fresh start: stale checkpoints and metrics would mix with the new run
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    keeper = BestKeeper(run_dir)
+    check_writable(run_dir)
+    keepers: list[BestKeeper] = []
 
     def hook(metrics, checkpoint):
-        keeper(metrics, checkpoint)
+        keepers[0](metrics, checkpoint)
         if on_epoch is not None:
             on_epoch(metrics, checkpoint)
 
+    # The run folder is created once the run is known to be valid (build_pretrainer).
     trainer = build_pretrainer(spec, device=device or resolve_device(None), run_dir=run_dir,
                                on_epoch=hook, on_visuals=on_visuals, progress=progress)
+    if not resume:  # a fresh start: stale checkpoints and metrics would mix with the new run
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    keepers.append(BestKeeper(run_dir))
     last = latest_checkpoint(run_dir) if resume else None
     if last is not None:
         trainer.resume(last)
