@@ -1,6 +1,6 @@
 """Render a results JSON of benchmarks/run.py as the markdown tables of RESULTS.md.
 
-    python benchmarks/report.py benchmarks/results-gpu.json >> benchmarks/RESULTS.md
+    python benchmarks/report.py results-gpu.json >> benchmarks/RESULTS.md
 """
 
 from __future__ import annotations
@@ -86,18 +86,33 @@ def ray(r: dict[str, Any]) -> str:
 def study(r: dict[str, Any]) -> str:
     if "skipped" in r or "error" in r:
         return f"{r.get('skipped') or r.get('error')}\n"
-    return (f"| | value |\n|---|---:|\n"
-            f"| study wall time | {_f(r['wall_time_s'], 1)} s |\n"
-            f"| Σ trial wall time / concurrency | {_f(r['trial_time_s'], 1)} s /"
-            f" {r['concurrency']} = {_f(r['ideal_s'], 1)} s |\n"
-            f"| ratio (target <= {r['target_ratio']}) | {_f(r['overhead_ratio'])} |\n"
-            f"| overhead (wall - ideal) | {_f(r.get('overhead_s'), 1)} s |\n"
-            f"| ratio up to the last trial's end (no final test evaluation) |"
-            f" {_f(r['training_phase_ratio'])} |\n"
-            f"| first trial started after | {_f(r['first_trial_start_s'], 1)} s |\n"
-            f"| starting the local Ray (not in the ratio) | {_f(r['ray_init_s'], 1)} s |\n"
-            f"\n{r['trials']} trials ({r['mode']}, {r['epochs']} epochs each, {r['stopped']}"
-            f" stopped early, {r['failed']} failed) of {r['case']['name']}.\n")
+    if "in_trial" not in r:  # a result of the one-path benchmark (before --workers 0)
+        r = {"ray_train": r, "case": r["case"], "target_ratio": r["target_ratio"]}
+    sides = [(name, label, r[name]) for name, label in (
+        ("in_trial", "`--workers 0` (in the trial)"), ("ray_train", "`--workers 1` (Ray Train)"))
+        if name in r]
+
+    def cells(fn) -> str:
+        return " | ".join("n/a" if "error" in x else fn(x) for _, _, x in sides)
+
+    target = r.get("target_fixed_s")
+    out = (f"| | {' | '.join(label for _, label, _ in sides)} |\n"
+           f"|---|{'---:|' * len(sides)}\n"
+           f"| study wall time | {cells(lambda x: _f(x['wall_time_s'], 1) + ' s')} |\n"
+           f"| Σ trial wall time / concurrency | {cells(lambda x: _f(x['trial_time_s'], 1) + ' s / ' + str(x['concurrency']) + ' = ' + _f(x['ideal_s'], 1) + ' s')} |\n"  # noqa: E501
+           f"| ratio (target <= {r['target_ratio']}) | {cells(lambda x: _f(x['overhead_ratio']))} |\n"  # noqa: E501
+           f"| overhead (wall - ideal) | {cells(lambda x: _f(x.get('overhead_s'), 1) + ' s')} |\n"  # noqa: E501
+           f"| ratio up to the last trial's end (no final test evaluation) |"
+           f" {cells(lambda x: _f(x['training_phase_ratio']))} |\n"
+           f"| per-trial fixed cost, median / max (target <= {target} s) |"
+           f" {cells(lambda x: _f(x.get('fixed_s_median')) + ' / ' + _f(x.get('fixed_s_max')) + ' s')} |\n"  # noqa: E501
+           f"| first trial started after | {cells(lambda x: _f(x['first_trial_start_s'], 1) + ' s')} |\n"  # noqa: E501
+           f"| starting the local Ray (not in the ratio) | {cells(lambda x: _f(x['ray_init_s'], 1) + ' s')} |\n")  # noqa: E501
+    first = next(x for _, _, x in sides if "error" not in x)
+    return out + (f"\n{first['trials']} trials per side ({first['mode']}, {first['epochs']} epochs"
+                  f" each) of {r['case']['name']}; stopped early / failed: "
+                  + ", ".join(f"{x.get('stopped')} / {x.get('failed')}" for _, _, x in sides)
+                  + ".\n")
 
 
 def memory(r: dict[str, Any]) -> str:

@@ -4,10 +4,14 @@
     python benchmarks/run.py --preset gpu            # ResNet-50 / ViT-B/16 at 224 px, bf16
     python benchmarks/run.py --preset cpu --only datapath --tiny --out /tmp/bench.json
     python benchmarks/run.py --preset cpu --only ray --merge   # re-run one, keep the rest
-    python benchmarks/report.py benchmarks/results-cpu.json   # the tables of RESULTS.md
+    python benchmarks/report.py results-cpu.json   # the tables of RESULTS.md
+
+The JSON goes to `results-<preset>.json` in the current folder (or `--out`), never into the
+repository: the reference figures live in benchmarks/RESULTS.md.
 
 Benchmarks: datapath (cached on-device path vs compute ceiling vs PIL reference), ray
-(1-worker TorchTrainer vs in-process), study (study wall time vs trial time / concurrency),
+(1-worker TorchTrainer vs in-process), study (study wall time vs trial time / concurrency and
+each trial's fixed cost, with trials in their own process and as 1-worker Ray Train runs),
 memory (peak host RSS and device memory per worker), scaling (a DDP efficiency model from
 the measured step time and collective payload). Each prints its ratios as it goes; the JSON
 holds every measured number, the machine and the load average before and after.
@@ -33,7 +37,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--only", default=None,
                    help=f"comma list of benchmarks to run (of {', '.join(NAMES)})")
     p.add_argument("--out", default=None,
-                   help="JSON file to write (default benchmarks/results-<preset>.json)")
+                   help="JSON file to write (default results-<preset>.json in the current "
+                        "folder)")
     p.add_argument("--tiny", action="store_true",
                    help="cpu preset: the smallest settings (for the CI smoke test; the"
                         " figures mean nothing)")
@@ -92,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                          ) from None
     preset = common.presets(tiny=args.tiny)[args.preset]
     device = common.default_device()
-    out = Path(args.out or Path(__file__).resolve().parent / f"results-{args.preset}.json")
+    out = Path(args.out or f"results-{args.preset}.json").resolve()
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="fgray-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
 

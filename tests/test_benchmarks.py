@@ -20,12 +20,15 @@ from benchmarks.common import Case  # noqa: E402
 
 
 def test_datapath_smoke_run_writes_its_json(tmp_path):
-    out = tmp_path / "bench.json"
+    # Without --out the JSON goes to the current folder, never into the repository.
+    out = tmp_path / "results-cpu.json"
     proc = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "run.py"), "--preset", "cpu", "--only",
-         "datapath", "--tiny", "--out", str(out), "--workdir", str(tmp_path / "work")],
+         "datapath", "--tiny", "--workdir", str(tmp_path / "work")],
         capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"wrote {out}" in proc.stdout
+    assert not (REPO / "benchmarks" / "results-cpu.json").exists()
     assert "full/ceiling" in proc.stdout
     report = json.loads(out.read_text())
     assert report["preset"] == "cpu" and report["tiny"] is True
@@ -113,3 +116,52 @@ def test_scaling_model_follows_the_ring_formulas():
     assert images["gather_s_all_to_all_shuffle"] == pytest.approx(15 / 16 * 10e6 / 10e9)
     md = scaling.markdown(rows, "t")
     assert md.count("\n| 16 |") == 1  # one row per GPU count
+
+
+def test_study_benchmark_splits_trial_time_into_epochs_and_fixed_cost():
+    import datetime as dt
+
+    from benchmarks.study_overhead import trial_figures
+
+    t0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+
+    def at(seconds: float) -> dt.datetime:
+        return t0 + dt.timedelta(seconds=seconds)
+
+    rows = [
+        {"method": "moco", "trial_id": "a", "status": "running", "start_time": at(1),
+         "end_time": at(1), "wall_time_s": 0.0, "epochs_run": 0},
+        {"method": "moco", "trial_id": "a", "status": "completed", "start_time": at(1),
+         "end_time": at(11), "wall_time_s": 10.0, "epochs_run": 2},
+        # The final test evaluation appends a later row: the training ended at 11 s.
+        {"method": "moco", "trial_id": "a", "status": "completed", "start_time": at(1),
+         "end_time": at(40), "wall_time_s": 10.0, "epochs_run": 2, "test_knn_top1": 50.0},
+        {"method": "moco", "trial_id": "b", "status": "stopped", "start_time": at(2),
+         "end_time": at(6), "wall_time_s": 4.0, "epochs_run": 1},
+        {"method": "init", "trial_id": "init", "status": "completed", "start_time": at(41),
+         "end_time": at(43), "wall_time_s": 2.0, "epochs_run": 0},
+    ]
+    epochs = [{"trial_id": "a", "epoch": 1, "epoch_wall_s": 4.5},
+              {"trial_id": "a", "epoch": 2, "epoch_wall_s": 4.0},
+              {"trial_id": "b", "epoch": 1, "epoch_wall_s": 3.25}]
+    figures = {f["trial_id"]: f for f in trial_figures(rows, epochs, t0.timestamp())}
+    assert sorted(figures) == ["a", "b"]  # the init row trains nothing
+    assert figures["a"]["epochs_s"] == pytest.approx(8.5)
+    assert figures["a"]["fixed_s"] == pytest.approx(1.5)
+    assert (figures["a"]["start_s"], figures["a"]["end_s"]) == (1.0, 11.0)
+    assert figures["b"]["fixed_s"] == pytest.approx(0.75) and figures["b"]["status"] == "stopped"
+
+
+def test_study_section_shows_both_paths_side_by_side():
+    side = {"wall_time_s": 50.0, "trial_time_s": 90.0, "concurrency": 2, "ideal_s": 45.0,
+            "overhead_ratio": 50 / 45, "overhead_s": 5.0, "training_phase_ratio": 1.05,
+            "fixed_s_median": 0.8, "fixed_s_max": 1.2, "first_trial_start_s": 3.0,
+            "ray_init_s": 4.0, "trials": 4, "mode": "search", "epochs": 2, "stopped": 1,
+            "failed": 0}
+    slow = {**side, "fixed_s_median": 25.5, "fixed_s_max": 30.0, "overhead_ratio": 1.3}
+    md = bench_report.study({"case": {"name": "moco-test_resnet-64px"}, "target_ratio": 1.1,
+                             "target_fixed_s": 3.0, "in_trial": side, "ray_train": slow})
+    assert "`--workers 0` (in the trial) | `--workers 1` (Ray Train)" in md
+    row = next(line for line in md.splitlines() if line.startswith("| per-trial fixed cost"))
+    assert row.endswith("| 0.80 / 1.20 s | 25.50 / 30.00 s |")
+    assert "| ratio (target <= 1.1) | 1.11 | 1.30 |" in md

@@ -21,8 +21,10 @@ from fgray.train.records import (
     config_hash,
     format_epoch,
     git_revision,
+    record_init,
     record_test,
     trial_history,
+    weights_name,
 )
 
 TINY = {"queue_size": 64, "mlp_hidden": 32}
@@ -88,7 +90,42 @@ def test_finish_writes_one_trial_row(tmp_path):
     trials = load(study, "trials").to_pylist()
     assert len(trials) == 1 and trials[0]["trial_id"] == "t1"
     assert trials[0]["status"] == "completed" and trials[0]["backbone"] == "test_resnet"
+    assert trials[0]["init"] == "random"
     assert trials[0]["config_hash"] == config_hash(spec)
+
+
+def test_weights_are_named_with_their_tag(tmp_path):
+    assert weights_name("tf_efficientnet_lite0", "imagenet") == "tf_efficientnet_lite0.in1k"
+    assert weights_name("resnet50", "imagenet") == "resnet50.a1_in1k"  # timm's default tag
+    assert weights_name("resnet50.tv_in1k", "imagenet") == "resnet50.tv_in1k"
+    assert weights_name("resnet50", "random") == "resnet50"
+    assert weights_name("resnet50", "/w/r50.pth") == "resnet50"  # the path is the init column
+    spec = build_spec("moco", DataSpec(format="cub", root="/data/cub"),
+                      backbone="tf_efficientnet_lite0", init="imagenet",
+                      train={"epochs": 1, "batch_size": 16, "image_size": 32})
+    row = EpochRecorder(str(tmp_path), "t", spec).trial_row([], "completed")
+    assert (row["backbone"], row["init"]) == ("tf_efficientnet_lite0.in1k", "imagenet")
+
+
+def test_record_init_is_a_completed_row_with_evals(tmp_path):
+    study = str(tmp_path)
+    spec = _spec(seed=0)
+    metrics = {"rank1": 21.0, "knn_top1": 18.0, "loc_box_mass": 0.41, "loc_pointing": 0.7,
+               "val_knn_top1": 17.5}
+    row = record_init(study, "init", spec, metrics, study="s1", start_time=100.0)
+    assert (row["method"], row["trial_id"], row["status"]) == ("init", "init", "completed")
+    assert row["best_val_knn_top1"] == 17.5 and row["epochs_run"] == 0
+    assert row["test_loc_box_mass"] == 0.41 and row["test_knn_top1"] == 18.0
+    assert json.loads(row["params_json"]) == {"backbone": "test_resnet", "init": "random",
+                                             "image_size": 32}
+    evals = {(e["split"], e["protocol"], e["metric"]): e["value"]
+             for e in load(study, "evals").to_pylist()}
+    assert evals == {("test", "retrieval", "rank1"): 21.0, ("test", "knn", "top1"): 18.0,
+                     ("test", "localisation", "box_mass"): 0.41,
+                     ("test", "localisation", "pointing"): 0.7, ("val", "knn", "top1"): 17.5}
+    (board,) = leaderboard(study)
+    assert board["method"] == "init" and board["is_init"] and board["val_knn_top1"] == 17.5
+    assert board["test_loc_pointing"] == 0.7
 
 
 def test_config_hash_ignores_only_the_seed():
@@ -131,19 +168,24 @@ def test_record_test_adds_evals_and_test_columns(tmp_path):
     recorder = EpochRecorder(study, "t1", _spec())
     recorder.finish([_metrics(1, 40.0)], "completed")
     metrics = {"rank1": 61.0, "rank5": 80.0, "map": 33.0, "knn_top1": 58.0, "knn_top5": 90.0,
-               "linear_top1": 64.0, "linear_top5": 91.0}
+               "linear_top1": 64.0, "linear_top5": 91.0, "loc_box_mass": 0.4,
+               "loc_pointing": 0.75, "loc_part_hits": 0.5}
     row = record_test(study, "moco", "t1", metrics, seed=3, study="s1")
     assert row["test_rank1"] == 61.0 and row["test_linear_top1"] == 64.0
+    assert row["test_knn_top5"] == 90.0 and row["test_loc_part_hits"] == 0.5
     evals = load(study, "evals").to_pylist()
     got = {(e["protocol"], e["metric"]): e["value"] for e in evals}
     assert got == {("retrieval", "rank1"): 61.0, ("retrieval", "rank5"): 80.0,
                    ("retrieval", "map"): 33.0, ("knn", "top1"): 58.0, ("knn", "top5"): 90.0,
-                   ("linear", "top1"): 64.0, ("linear", "top5"): 91.0}
+                   ("linear", "top1"): 64.0, ("linear", "top5"): 91.0,
+                   ("localisation", "box_mass"): 0.4, ("localisation", "pointing"): 0.75,
+                   ("localisation", "part_hits"): 0.5}
     assert {e["split"] for e in evals} == {"test"} and {e["seed"] for e in evals} == {3}
     latest = latest_trials(load(study, "trials").to_pylist())
     assert len(latest) == 1 and latest[0]["test_map"] == 33.0
     board = leaderboard(study)
     assert board[0]["test_rank1"] == 61.0 and board[0]["best_trial"] == "t1"
+    assert board[0]["test_loc_pointing"] == 0.75
 
 
 def test_git_revision_reads_refs_without_git(tmp_path):

@@ -172,26 +172,31 @@ def test_render_formats(study):
 
     reader = list(csv.DictReader(io.StringIO(render(rows, "csv"))))
     header = render(rows, "csv").splitlines()[0].split(",")
-    assert header[:5] == ["method", "best_trial", "best_epoch", "config_hash", "val_knn_top1"]
+    assert header[:7] == ["method", "backbone", "init", "best_trial", "best_epoch",
+                          "config_hash", "val_knn_top1"]
     assert [r["method"] for r in reader] == [r["method"] for r in rows]
     for got, want in zip(reader, rows):
         assert float(got["test_rank1"]) == want["test_rank1"]
         assert json.loads(got["params"]) == want["params"]
 
     markdown = render(rows, "markdown").splitlines()
-    assert markdown[0].startswith("| method | best_trial | val_knn_top1 | test_rank1 |")
+    assert markdown[0].startswith("| method | backbone | best_trial | val_knn_top1 | test_rank1 |")
     assert set(markdown[1]) == {"|", "-"}
     moco_line = next(line for line in markdown if line.startswith("| moco |"))
     mean, std = rows[1]["test_rank1"], rows[1]["test_rank1_std"]
-    assert f"{mean:.4f} ± {std:.4f}" in moco_line
-    assert "lr=0.1, tau=0.1" in moco_line
+    assert f"{mean:.2f} ± {std:.2f}" in moco_line  # percent: two decimals
+    assert "lr=0.1, tau=0.1" in moco_line and "| test_resnet |" in moco_line
+    assert markdown[-1].startswith("vs moco / vs init: difference of the mean test kNN top-1")
 
     table = render(rows, "table").splitlines()
-    assert table[0].split()[:3] == ["method", "best_trial", "val_knn_top1"]
-    assert table[2].split()[:3] == ["lcr", "l1", "0.5500"]
+    assert table[0].split()[:4] == ["method", "backbone", "best_trial", "val_knn_top1"]
+    assert table[2].split()[:4] == ["lcr", "test_resnet", "l1", "0.55"]
     # Columns are aligned: every header starts where its cells start.
     start = table[0].index("val_knn_top1")
-    assert table[2][start:].startswith("0.5500") and table[3][start:].startswith("0.7200")
+    assert table[2][start:].startswith("0.55") and table[3][start:].startswith("0.72")
+    lcr_cells = table[2][table[0].index("vs moco"):].split()
+    # lcr's one kNN value (0.47, std 0) vs moco's 0.55 ± 0.0265: -0.08 exceeds the spread.
+    assert lcr_cells[0] == "-0.1*"
 
     with pytest.raises(UserError, match="--format 'xml': expected one of table, csv, "
                                         "markdown, json"):
@@ -206,6 +211,7 @@ def test_results_command_with_tensorboard(study):
     data = json.loads(results_command(study, "json", tensorboard=True))
     assert data["tensorboard"] == f"tensorboard --logdir {study}/tensorboard"
     assert [r["method"] for r in data["leaderboard"]] == ["lcr", "moco"]
+    assert data["leaderboard"][0]["vs_moco"]["test_knn_top1"]["significant"] is True
     assert json.loads(results_command(study, "json")) == json.loads(
         render(leaderboard(study), "json"))
     with pytest.raises(UserError, match="--format"):
@@ -271,3 +277,108 @@ def test_load_sees_all_rows_written_for_report(study):
     assert load(study, "trials").num_rows == len(TRIALS) + 1
     assert load(study, "evals").num_rows == 22
     assert load(study, "epochs").num_rows == 32
+
+
+# ---------------------------------------------------------------- init row and significance
+
+LITE0 = "tf_efficientnet_lite0.in1k"
+# Test kNN top-1 per seed, and the hand-computed comparison of each method's mean +- std
+# (sample std) with moco's (52 +- 2) and with the init row's (40, one value: std 0).
+KNN = {"moco": [50.0, 52.0, 54.0], "lcr": [53.0, 55.0, 57.0], "sdf": [60.0, 61.0, 62.0],
+       "ppssl": [52.5], "lodisc": [39.0, 40.0, 41.0]}
+#            vs moco: diff, spread -> cell            vs init: diff, spread -> cell
+EXPECTED = {
+    "init": ("-", "-"),
+    "moco": ("-", "+12.0*"),                  # +12 > 2 + 0
+    "lcr": ("+3.0 (n.s.)", "+15.0*"),         # 3 <= 2 + 2;  15 > 2
+    "sdf": ("+9.0*", "+21.0*"),               # 9 > 1 + 2;   21 > 1
+    "ppssl": ("+0.5 (n.s.)", "+12.5*"),       # 0.5 <= 0 + 2; 12.5 > 0 + 0 (both one value)
+    "lodisc": ("-12.0*", "+0.0 (n.s.)"),      # 12 > 1 + 2;  0 <= 1
+}
+
+
+@pytest.fixture()
+def compared(tmp_path):
+    path = str(tmp_path / "cmp")
+    trials, evals = [], []
+    for method, values in KNN.items():
+        for seed, value in enumerate(values):
+            tid = f"{method}{seed}"
+            trials.append({"study": "s", "trial_id": tid, "method": method,
+                           "status": "completed", "best_val_knn_top1": 30.0 + seed,
+                           "seed": seed, "config_hash": f"h-{method}", "backbone": LITE0,
+                           "init": "imagenet", "start_time": T0, "end_time": T0,
+                           "cpu_hours": 0.1})
+            evals.append({"study": "s", "trial_id": tid, "method": method, "split": "test",
+                          "protocol": "knn", "metric": "top1", "value": value, "seed": seed})
+            evals.append({"study": "s", "trial_id": tid, "method": method, "split": "test",
+                          "protocol": "localisation", "metric": "box_mass",
+                          "value": 0.5 + seed / 100, "seed": seed})
+    trials.append({"study": "s", "trial_id": "init", "method": "init", "status": "completed",
+                   "best_val_knn_top1": 20.0, "seed": 0, "config_hash": "h-init",
+                   "backbone": LITE0, "init": "imagenet", "start_time": T0, "end_time": T0})
+    evals.append({"study": "s", "trial_id": "init", "method": "init", "split": "test",
+                  "protocol": "knn", "metric": "top1", "value": 40.0, "seed": 0})
+    append(path, "trials", trials)
+    append(path, "evals", evals)
+    return path
+
+
+def test_init_row_first_and_significance_marks(compared):
+    rows = leaderboard(compared)
+    assert [r["method"] for r in rows] == ["init", "lcr", "lodisc", "moco", "ppssl", "sdf"]
+    by = {r["method"]: r for r in rows}
+    assert by["init"]["is_init"] and by["init"]["test_knn_top1"] == 40.0
+    assert by["init"]["test_knn_top1_std"] is None and by["init"]["test_knn_top1_n"] == 1
+    assert by["moco"]["test_knn_top1"] == pytest.approx(52.0)
+    assert by["moco"]["test_knn_top1_std"] == pytest.approx(2.0)
+    assert by["lcr"]["vs_moco"]["test_knn_top1"] == pytest.approx(
+        {"diff": 3.0, "spread": 4.0, "significant": False})
+    assert by["ppssl"]["vs_init"]["test_knn_top1"] == pytest.approx(
+        {"diff": 12.5, "spread": 0.0, "significant": True})
+    assert by["lodisc"]["vs_init"]["test_knn_top1"]["significant"] is False
+    # Every metric is compared; one missing on either side gives no comparison.
+    assert by["sdf"]["vs_moco"]["test_loc_box_mass"] == pytest.approx(
+        {"diff": 0.0, "spread": 0.02, "significant": False})
+    assert by["sdf"]["vs_init"]["test_loc_box_mass"] is None
+    assert by["init"]["vs_moco"] is None and by["moco"]["vs_moco"] is None
+    # The note says how LoDisc ran on a CNN; the init row says what it is.
+    assert by["lodisc"]["note"] == "cnn location map [ours]" and by["moco"]["note"] is None
+    assert by["init"]["note"] == "initial weights, no SSL"
+
+    table = render(rows, "table").splitlines()
+    header = table[0]
+    for line in table[2:2 + len(rows)]:
+        method = line.split()[0]
+        vs_moco = line[header.index("vs moco"):header.index("vs init")].strip()
+        vs_init = line[header.index("vs init"):header.index("seeds")].strip()
+        assert (vs_moco, vs_init) == EXPECTED[method], method
+        assert f"{LITE0} (imagenet)" in line
+    moco_line = next(line for line in table if line.startswith("moco "))
+    assert "52.00 ± 2.00" in moco_line and "0.510 ± 0.010" in moco_line  # loc: 3 decimals
+    assert any("std_a + std_b" in line for line in table)
+
+    flat = {r["method"]: r for r in csv.DictReader(io.StringIO(render(rows, "csv")))}
+    assert float(flat["sdf"]["vs_moco"]) == pytest.approx(9.0)
+    assert flat["sdf"]["vs_moco_significant"] == "True"
+    assert flat["lcr"]["vs_moco_significant"] == "False" and flat["init"]["vs_moco"] == ""
+    parsed = json.loads(render(rows, "json"))
+    assert parsed[0]["method"] == "init"
+    assert parsed[5]["vs_init"]["test_knn_top1"]["significant"] is True  # sdf
+
+
+def test_init_rows_per_weights(tmp_path):
+    """Methods on two backbones: each is compared with the init row of its own weights."""
+    path = str(tmp_path / "two")
+    rows = []
+    for method, backbone, value in (("init:a.x", "a.x", 10.0), ("init:b.y", "b.y", 30.0),
+                                    ("moco", "a.x", 20.0), ("lcr", "b.y", 25.0)):
+        rows.append({"trial_id": method, "method": method, "status": "completed",
+                     "best_val_knn_top1": 1.0, "backbone": backbone, "init": "imagenet",
+                     "test_knn_top1": value, "config_hash": method})
+    append(path, "trials", rows)
+    board = {r["method"]: r for r in leaderboard(path)}
+    assert [r["method"] for r in leaderboard(path)][:2] == ["init:a.x", "init:b.y"]
+    assert board["moco"]["vs_init"]["test_knn_top1"]["diff"] == pytest.approx(10.0)
+    assert board["lcr"]["vs_init"]["test_knn_top1"]["diff"] == pytest.approx(-5.0)
+    assert board["lcr"]["vs_moco"]["test_knn_top1"]["diff"] == pytest.approx(5.0)

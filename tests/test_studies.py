@@ -1,7 +1,10 @@
 """The study scripts: `--help` and one-line user errors, `ray job submit` of a smoke study to a
-real local head (token auth on), and a study whose driver is killed mid-way and resumed: ASHA
-stops trials early, a diverging trial is recorded as failed while the study goes on, and
-finished trials are not repeated."""
+real local head (token auth on), and a study whose driver is killed mid-way and resumed, once
+with trials in their own process (`--workers 0`) and once as Ray Train runs (`--workers 1`):
+ASHA stops trials early, a diverging trial is recorded as failed while the study goes on,
+finished trials are not repeated, every epoch is recorded once. With `--workers 0` a trial
+whose process dies is restarted from its checkpoint, the best configuration is retrained over
+a second seed, and the initial weights get their row."""
 
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import pytest
 from fgray.results.report import leaderboard
 from fgray.results.tables import latest_trials, load
 from fgray.train.cluster import free_port
+from fgray.train.trainer import ERROR_FILE, FAIL_AT_ENV, FAIL_MARKER_ENV, FAIL_RANK_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = ("cub_sweep.py", "cars_sweep.py", "aircraft_sweep.py", "compare_methods.py")
@@ -154,8 +158,9 @@ def test_job_submit_smoke_study(head, tmp_path):
     out = subprocess.run(
         [RAY, "job", "submit", "--address", head["dashboard"], "--working-dir", str(REPO),
          "--", PYTHON, "studies/cub_sweep.py", "--synthetic", "--preset", "smoke",
-         "--methods", "moco", "--trials", "1", "--epochs", "1", "--storage", str(storage),
-         "--name", "job", "--protocols", "retrieval,knn"],
+         "--methods", "moco", "--trials", "1", "--epochs", "1", "--seeds", "1",
+         "--image-size", "64", "--storage", str(storage), "--name", "job",
+         "--protocols", "retrieval,knn"],
         env=head["env"], capture_output=True, text=True, timeout=900)
     (tmp_path / "job.log").write_text(out.stdout + out.stderr)
     assert out.returncode == 0, out.stdout[-8000:] + out.stderr[-8000:]
@@ -163,17 +168,27 @@ def test_job_submit_smoke_study(head, tmp_path):
     assert "overhead ratio" in out.stdout
     study = str(storage / "job")
     trials = latest_trials(load(study, "trials").to_pylist())
-    assert [t["status"] for t in trials] == ["completed"]
-    assert trials[0]["test_rank1"] is not None  # the final test evaluation ran
+    by_method = {t["method"]: t for t in trials}
+    assert sorted(by_method) == ["init", "moco"]
+    assert by_method["moco"]["status"] == "completed"
+    assert by_method["moco"]["test_rank1"] is not None  # the final test evaluation ran
+    # The smoke preset's weights, recorded: lite0 from ImageNet, for the run and the init row.
+    for row in trials:
+        assert (row["backbone"], row["init"]) == ("tf_efficientnet_lite0.in1k", "imagenet")
+    assert by_method["init"]["test_rank1"] is not None
     assert json.loads((storage / "job" / "study.json").read_text())["methods"] == ["moco"]
 
 
-def _study_args(synth_root: Path, storage: Path, points: Path) -> list[str]:
+def _study_args(synth_root: Path, storage: Path, points: Path, workers: int) -> list[str]:
+    extra = (["--seeds", "2", "--protocols", "retrieval,localisation"] if workers == 0
+             else ["--seeds", "1", "--protocols", "retrieval"])
     return [PYTHON, _script("cub_sweep.py"), "--data-root", str(synth_root), "--preset",
             "smoke", "--methods", "moco", "--trials", "5", "--epochs", str(EPOCHS),
+            "--backbone", "test_resnet", "--init", "random", "--image-size", "32",
+            "--set", "queue_size=64", "--set", "mlp_hidden=32", "--workers", str(workers),
             "--grace-period", "1", "--reduction-factor", "2", "--concurrency", "1",
             "--batch-size", "16", "--val-fraction", "0.5", "--points", str(points),
-            "--protocols", "retrieval", "--storage", str(storage), "--name", "asha"]
+            *extra, "--storage", str(storage), "--name", "asha"]
 
 
 def _finished(study: str) -> list[dict]:
@@ -184,19 +199,23 @@ def _finished(study: str) -> list[dict]:
     return [r for r in rows if r.get("status") in ("completed", "stopped", "failed")]
 
 
-@pytest.fixture(scope="module")
-def resumed_study(head, synth_root, tmp_path_factory):
+def _resumed_study(head, synth_root, tmp_path_factory, workers: int) -> dict:
     """A 5-trial ASHA study (one point diverges), its driver killed once the first trial has
-    finished, then resumed with --resume."""
-    tmp = tmp_path_factory.mktemp("asha")
+    finished, then resumed with --resume. With `--workers 0`, the first trial's process also
+    dies once, after training its second epoch and before reporting it."""
+    tmp = tmp_path_factory.mktemp(f"asha{workers}")
     storage = tmp / "studies"
     points = tmp / "points.json"
     # Strongly different learning rates after the recipe's (0.03); 1e30 diverges.
     points.write_text(json.dumps([{"lr": 1e30}, {"lr": 3.0}, {"lr": 1e-4}, {"lr": 0.3}]))
-    args = _study_args(synth_root, storage, points)
+    args = _study_args(synth_root, storage, points, workers)
     study = str(storage / "asha")
+    marker = tmp / "crashed-once"
+    env = dict(head["env"])
+    if workers == 0:
+        env.update({FAIL_AT_ENV: "2", FAIL_RANK_ENV: "0", FAIL_MARKER_ENV: str(marker)})
     log = open(tmp / "first.log", "w")
-    driver = subprocess.Popen(args, env=head["env"], stdout=log, stderr=subprocess.STDOUT,
+    driver = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT,
                               start_new_session=True)  # its own group: we kill only it
     deadline = time.time() + 900
     while time.time() < deadline and driver.poll() is None and not _finished(study):
@@ -211,14 +230,41 @@ def resumed_study(head, synth_root, tmp_path_factory):
                             text=True, timeout=1200)
     assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
     return {"study": study, "before": before, "epochs_before": epochs_before,
-            "stdout": second.stdout}
+            "stdout": second.stdout, "workers": workers, "marker": marker}
+
+
+@pytest.fixture(scope="module")
+def in_trial_study(head, synth_root, tmp_path_factory):
+    return _resumed_study(head, synth_root, tmp_path_factory, workers=0)
+
+
+@pytest.fixture(scope="module")
+def train_study(head, synth_root, tmp_path_factory):
+    return _resumed_study(head, synth_root, tmp_path_factory, workers=1)
+
+
+BOTH = pytest.mark.parametrize("which", ["in_trial_study", "train_study"])
+
+
+def _search_trials(study: str) -> list[dict]:
+    """The searched trials (not the final seeds' retrains, not the init row), without those
+    lost by the kill: started after Tune's last snapshot, they are closed as failed and their
+    configuration runs again."""
+    from fgray.tune.study import LOST
+
+    rows = latest_trials(load(study, "trials").to_pylist())
+    assert not [t for t in rows if t["status"] == "running"]  # every trial closed
+    return [t for t in rows if t["method"] == "moco" and t.get("param.seed") is None
+            and t.get("error") != LOST]
 
 
 @pytest.mark.slow
-def test_resume_does_not_repeat_finished_trials(resumed_study):
+@BOTH
+def test_resume_does_not_repeat_finished_trials(which, request):
+    resumed_study = request.getfixturevalue(which)
     study = resumed_study["study"]
     rows = load(study, "trials").to_pylist()
-    trials = latest_trials(rows)
+    trials = _search_trials(study)
     assert len(trials) == 5  # no extra trials after the restore
     assert all(t["status"] in ("completed", "stopped", "failed") for t in trials)
     for trial_id, first in resumed_study["before"].items():
@@ -232,15 +278,22 @@ def test_resume_does_not_repeat_finished_trials(resumed_study):
         assert sorted(epochs) == sorted(e["epoch"] for e in resumed_study["epochs_before"]
                                         if e["trial_id"] == trial_id)
         assert len(epochs) == len(set(epochs))
-    for t in trials:
+    from fgray.tune.study import LOST
+
+    for t in latest_trials(rows):
+        if t.get("error") == LOST:  # closed by the resumed study, its epochs not counted
+            continue
         epochs = [e["epoch"] for e in load(study, "epochs").to_pylist()
                   if e["trial_id"] == t["trial_id"]]
-        assert len(epochs) == len(set(epochs))  # every epoch recorded once
+        # Every epoch recorded once, one row per epoch from 1 to the last one run.
+        assert sorted(epochs) == list(range(1, (t["epochs_run"] or 0) + 1)), t["trial_id"]
 
 
 @pytest.mark.slow
-def test_asha_stops_trials_early(resumed_study):
-    trials = latest_trials(load(resumed_study["study"], "trials").to_pylist())
+@BOTH
+def test_asha_stops_trials_early(which, request):
+    resumed_study = request.getfixturevalue(which)
+    trials = _search_trials(resumed_study["study"])
     stopped = [t for t in trials if t["status"] == "stopped"]
     completed = [t for t in trials if t["status"] == "completed"]
     assert stopped, [(t["trial_id"], t["status"], t["epochs_run"]) for t in trials]
@@ -250,13 +303,55 @@ def test_asha_stops_trials_early(resumed_study):
 
 
 @pytest.mark.slow
-def test_diverging_trial_is_failed_and_the_study_goes_on(resumed_study):
-    trials = latest_trials(load(resumed_study["study"], "trials").to_pylist())
+@BOTH
+def test_diverging_trial_is_failed_and_the_study_goes_on(which, request):
+    resumed_study = request.getfixturevalue(which)
+    trials = _search_trials(resumed_study["study"])
     failed = [t for t in trials if t["status"] == "failed"]
     assert len(failed) == 1
     assert failed[0]["error"].startswith("FloatingPointError: non-finite loss")
     assert json.loads(failed[0]["params_json"])["lr"] == 1e30
     assert len([t for t in trials if t["status"] != "failed"]) == 4
-    best = leaderboard(resumed_study["study"])[0]["best_trial"]
-    tested = [t for t in trials if t["trial_id"] == best]
+    board = {r["method"]: r for r in leaderboard(resumed_study["study"])}
+    tested = [t for t in trials if t["trial_id"] == board["moco"]["best_trial"]]
     assert tested[0]["test_rank1"] is not None  # the best config was evaluated on test
+
+
+@pytest.mark.slow
+def test_in_trial_study_restarts_a_dead_trial_from_its_checkpoint(in_trial_study):
+    study = in_trial_study["study"]
+    assert in_trial_study["marker"].is_file()  # a trial's process did exit hard once
+    trials = {t["trial_id"]: t for t in _search_trials(study)}
+    tune = Path(study) / "tune" / "moco"
+    # Tune's record of the crash: the trial's folder holds its error, and the trial went on.
+    crashed = [tid for tid in trials if (tune / tid / "error.txt").is_file()
+               and trials[tid]["status"] != "failed"]
+    assert len(crashed) == 1, crashed
+    assert trials[crashed[0]]["epochs_run"] >= 2
+    # Its checkpoints, kept as a Train run's: the best by val kNN top-1 and the latest.
+    kept = sorted(p.name for p in (Path(study) / "train" / crashed[0]).glob("epoch-*"))
+    last = f"epoch-{trials[crashed[0]]['epochs_run']:04d}"
+    assert last in kept and 1 <= len(kept) <= 3, kept
+    assert all((Path(study) / "train" / crashed[0] / k / "metrics.json").is_file() for k in kept)
+    # The diverging trial was retried once by Tune's FailureConfig and failed again at once.
+    (failed,) = [t for t in trials.values() if t["status"] == "failed"]
+    assert (Path(study) / "train" / failed["trial_id"] / ERROR_FILE).is_file()
+    assert (tune / failed["trial_id"] / "error.txt").read_text().count("Failure #") == 2
+
+
+@pytest.mark.slow
+def test_in_trial_study_seeds_and_init_row(in_trial_study):
+    study = in_trial_study["study"]
+    board = leaderboard(study)
+    assert [r["method"] for r in board] == ["init", "moco"]  # the init row first
+    init, moco = board
+    assert init["best_trial"] == "init" and init["val_knn_top1"] is not None
+    assert init["test_rank1"] is not None and init["backbone"] == "test_resnet"
+    # The best configuration over two seeds (the search's trial and one retrain).
+    assert moco["test_rank1_n"] == 2 and moco["test_rank1_std"] is not None
+    assert moco["test_loc_box_mass"] is not None  # localisation of the activation-norm map
+    assert moco["vs_init"]["test_rank1"] is not None
+    evals = load(study, "evals").to_pylist()
+    assert {e["protocol"] for e in evals if e["method"] == "init"} == {
+        "retrieval", "localisation", "knn"}  # knn: its val top-1
+    assert "in its own process" in in_trial_study["stdout"]

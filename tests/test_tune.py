@@ -190,6 +190,20 @@ def test_trial_spec_from_params(tmp_path):
     assert setup.params_of({"method": "moco", "seed": 2}) == {"seed": 2}
 
 
+def test_in_trial_resources():
+    in_trial = WorkerResources(workers=0, cpus_per_worker=1.0)
+    assert in_trial.in_trial and in_trial.trial_resources() == {"cpu": 1.0}
+    assert (in_trial.cpus, in_trial.gpus) == (1.0, 0.0)
+    assert concurrency_for(in_trial, ClusterResources(cpus=2, gpus=0)) == 2
+    gpu = WorkerResources(workers=0, cpus_per_worker=2, gpus_per_worker=0.5)
+    assert gpu.trial_resources() == {"cpu": 2, "gpu": 0.5}
+    assert concurrency_for(gpu, ClusterResources(cpus=16, gpus=1)) == 2
+    driver = WorkerResources(workers=2)
+    assert driver.trial_resources()["cpu"] == 0  # a Train run's workers hold the CPUs
+    with pytest.raises(UserError, match="--workers -1: expected 0"):
+        WorkerResources(workers=-1)
+
+
 def test_concurrency_from_cluster_resources():
     cpu = WorkerResources(workers=2, cpus_per_worker=1)
     assert concurrency_for(cpu, ClusterResources(cpus=8, gpus=0)) == 4
@@ -206,6 +220,7 @@ def test_concurrency_from_cluster_resources():
     ({"reduction_factor": 1}, "--reduction-factor 1: expected 2 or more"),
     ({"methods": []}, "no methods"),
     ({"protocols": ["lineer"]}, "protocol 'lineer'"),
+    ({"workers": -1}, "--workers -1: expected 0 or more"),
 ])
 def test_study_config_checks(tmp_path, kw, message):
     with pytest.raises(UserError, match=message):
@@ -248,13 +263,58 @@ def test_cli_flags_to_study(tmp_path, synth_root):
     smoke = PRESETS["smoke"]
     assert study.methods == ["moco", "lcr"] and study.trials == 5
     assert study.epochs == smoke.epochs and study.image_size == smoke.image_size
-    assert study.backbones == {"moco": "test_resnet", "lcr": "test_resnet"}
+    assert study.backbones == {"moco": "tf_efficientnet_lite0.in1k",
+                               "lcr": "tf_efficientnet_lite0.in1k"}
+    assert study.init == "imagenet" and study.workers == 0 and study.seeds == 3
+    assert study.protocols == ["retrieval", "knn", "linear", "localisation"]
+    assert study.data["val_fraction"] == 0.2
     assert study.fixed["lcr"]["capacity"] == "16" and "capacity" not in study.fixed["moco"]
     assert study.fixed["moco"]["queue_size"] == "128"
-    assert study.fixed["moco"]["mlp_hidden"] == 256  # the preset's scale
+    assert study.fixed["moco"]["mlp_hidden"] == 512  # the preset's scale
     assert study.points == {"moco": [{"lr": 0.1}], "lcr": [{"lr": 0.1}]}
     assert study.shared == ["lr", "momentum"] and study.data["root"] == str(synth_root)
     assert study.study_dir == f"{tmp_path}/cub_sweep-smoke"
+
+
+def test_cli_flags_override_the_preset(tmp_path, synth_root):
+    parser = build_parser("cub_sweep.py", "x", mode="search")
+    args = parser.parse_args(["--data-root", str(synth_root), "--preset", "paper", "--workers",
+                              "0", "--seeds", "1", "--protocols", "knn", "--val-fraction",
+                              "0.3", "--storage", str(tmp_path)])
+    study = study_from_args(args, dataset="cub", mode="search", default_name="x")
+    assert (study.workers, study.seeds, study.protocols) == (0, 1, ["knn"])
+    assert study.data["val_fraction"] == 0.3
+    paper = study_from_args(parser.parse_args(["--data-root", str(synth_root), "--preset",
+                                               "paper", "--storage", str(tmp_path)]),
+                            dataset="cub", mode="search", default_name="x")
+    assert paper.workers == 1 and paper.init == "imagenet"  # Ray Train DDP
+    assert paper.backbones["lcr"] == "resnet50.tv_in1k"
+    assert paper.backbones["lodisc"] == "deit_base_patch16_224.fb_in1k"
+    compare = build_parser("compare_methods.py", "x", mode="compare")
+    study = study_from_args(compare.parse_args(["--data-root", str(synth_root), "--preset",
+                                                "smoke", "--storage", str(tmp_path)]),
+                            dataset="cub", mode="compare", default_name="x")
+    assert study.seeds == 3 and study.workers == 0
+
+
+def test_presets_name_their_weights():
+    import timm
+
+    smoke, paper = PRESETS["smoke"], PRESETS["paper"]
+    for preset in (smoke, PRESETS["laptop"]):
+        assert preset.workers == 0 and preset.seeds >= 3 and preset.init == "imagenet"
+        assert "localisation" in preset.protocols
+        # Every method, LoDisc included (on its CNN location map), on the same lite0 weights.
+        assert {preset.backbone_for(m) for m in preset.methods} == {"tf_efficientnet_lite0.in1k"}
+    assert (smoke.image_size, smoke.epochs, smoke.trials, smoke.batch_size) == (96, 3, 2, 32)
+    assert smoke.synthetic == {"classes": 20, "per_class": 40, "size": 96}
+    assert smoke.settings_for("moco")["queue_size"] == 1024
+    assert smoke.settings_for("lodisc")["mlp_hidden"] == 512
+    assert "queue_size" not in smoke.settings_for("lodisc")  # MoCo v3 has no queue
+    assert paper.workers == 1 and paper.seeds >= 3
+    for name in (paper.cnn_backbone, paper.vit_backbone, smoke.cnn_backbone):
+        # Exact weights: a timm name with its pretrained tag, which timm knows.
+        assert "." in name and name in timm.list_pretrained(name)
 
 
 def test_cli_user_errors():

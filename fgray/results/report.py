@@ -4,7 +4,18 @@ Final test metrics come from the `evals` table (split=test) of every trial that 
 best trial's `config_hash` (the same configuration re-run with other seeds), reported as
 mean ± sample std; when a configuration has no such rows, the trials' own `test_*` columns
 are used. Evaluation rows map to leaderboard columns by (protocol, metric): retrieval rank1 /
-rank5 / map, knn top1, linear top1 (a metric may repeat its protocol, e.g. `knn_top1`).
+rank5 / map, knn top1 / top5, linear top1 / top5 (percent), localisation box_mass / pointing
+/ part_hits (fractions) -- a metric may repeat its protocol, e.g. `knn_top1`.
+
+The init rows (method `init`, or `init:<weights>` when methods start from different weights:
+the initial weights evaluated without SSL) come first. Every other row is compared with MoCo
+and with the init row of its weights, metric by metric: a difference counts only where it
+exceeds the spread, |mean_a - mean_b| > std_a + std_b (the ±1 std intervals do not
+overlap). A row with one value (one seed, or the init row) has no measured spread: its std
+counts as 0, so the rule then rests on the other row's spread alone (two single values
+differ "significantly" whenever they differ). The text renderings show the comparison on
+the headline metric (`HEADLINE`, test kNN top-1) as "vs moco" / "vs init": "+4.1*" where it
+counts, "+1.0 (n.s.)" where it does not; JSON carries it for every metric.
 """
 
 from __future__ import annotations
@@ -30,13 +41,21 @@ from fgray.results.tables import is_local, latest_trials, load, resolve
 FORMATS = ("table", "csv", "markdown", "json")
 RANKED_STATUSES = ("completed", "stopped")
 OPTUNA_JOURNAL = "optuna/journal.log"
+INIT = "init"  # the init rows' method: `init`, or `init:<weights>`
+REFERENCE = "moco"  # the method every other one is compared with
+HEADLINE = "test_knn_top1"  # the metric of the "vs moco" / "vs init" columns
 
 _EVAL_COLUMN = {
     ("retrieval", "rank1"): "test_rank1",
     ("retrieval", "rank5"): "test_rank5",
     ("retrieval", "map"): "test_map",
     ("knn", "top1"): "test_knn_top1",
+    ("knn", "top5"): "test_knn_top5",
     ("linear", "top1"): "test_linear_top1",
+    ("linear", "top5"): "test_linear_top5",
+    ("localisation", "box_mass"): "test_loc_box_mass",
+    ("localisation", "pointing"): "test_loc_pointing",
+    ("localisation", "part_hits"): "test_loc_part_hits",
 }
 
 
@@ -66,18 +85,73 @@ def _params(trial: dict[str, Any]) -> dict[str, Any]:
     return json.loads(text) if text else {}
 
 
+def is_init(method: str) -> bool:
+    """Whether a leaderboard method is an init row (the initial weights, no SSL)."""
+    return method == INIT or method.startswith(f"{INIT}:")
+
+
+def compare(a: dict[str, Any], b: dict[str, Any], metric: str) -> dict[str, Any] | None:
+    """Row `a` against row `b` on `metric`: the difference of the means, the spread
+    std_a + std_b (a missing std -- one value -- counts as 0) and whether the difference
+    exceeds it; None when either mean is missing."""
+    if a.get(metric) is None or b.get(metric) is None:
+        return None
+    diff = float(a[metric]) - float(b[metric])
+    spread = float(a.get(f"{metric}_std") or 0.0) + float(b.get(f"{metric}_std") or 0.0)
+    return {"diff": diff, "spread": spread, "significant": abs(diff) > spread}
+
+
+def method_note(method: str, backbone: str | None) -> str | None:
+    """What a row's reader must know about how it was run."""
+    if is_init(method):
+        return "initial weights, no SSL"
+    if method == "lodisc" and backbone:
+        import timm
+
+        vit = timm.models.is_model_in_modules(
+            backbone, ("vision_transformer", "vision_transformer_hybrid", "deit"))
+        if not vit:
+            return "cnn location map [ours]"  # LoDisc's attention map needs a ViT
+    return None
+
+
+def _weights(row: dict[str, Any]) -> tuple[Any, Any]:
+    return row.get("backbone"), row.get("init")
+
+
+def _add_comparisons(rows: list[dict[str, Any]]) -> None:
+    """Each non-init row against MoCo (`vs_moco`) and against the init row of its weights
+    (`vs_init`; the only init row when there is one), metric by metric."""
+    reference = next((r for r in rows if r["method"] == REFERENCE), None)
+    inits = [r for r in rows if r["is_init"]]
+    for row in rows:
+        row["vs_moco"] = row["vs_init"] = None
+        if row["is_init"]:
+            continue
+        if reference is not None and row is not reference:
+            row["vs_moco"] = {m: compare(row, reference, m) for m in TEST_METRICS}
+        same = [r for r in inits if _weights(r) == _weights(row)]
+        base = same[0] if same else (inits[0] if len(inits) == 1 else None)
+        if base is not None:
+            row["vs_init"] = {m: compare(row, base, m) for m in TEST_METRICS}
+
+
 def leaderboard(study_dir: str) -> list[dict[str, Any]]:
-    """One row per method: its best trial by best_val_knn_top1 among completed/stopped
-    trials, that trial's parameters, its final test metrics (mean, std and count over the
-    seeds of its configuration), trial counts by status and the total GPU/CPU hours."""
+    """One row per method, the init rows first: its best trial by best_val_knn_top1 among
+    completed/stopped trials, the weights it started from (backbone with its tag, init),
+    that trial's parameters, its final test metrics (mean, std and count over the seeds of
+    its configuration), trial counts by status, the total GPU/CPU hours, and its comparison
+    with MoCo and with the init row (see the module docstring)."""
     trials = latest_trials(load(study_dir, "trials").to_pylist())
     evals = load(study_dir, "evals", filter=ds.field("split") == "test").to_pylist()
     rows = []
-    for method in sorted({t["method"] for t in trials}):
+    methods = sorted({t["method"] for t in trials}, key=lambda m: (not is_init(m), m))
+    for method in methods:
         mine = sorted((t for t in trials if t["method"] == method), key=lambda t: t["trial_id"])
         counts = Counter(t.get("status") for t in mine)
         row: dict[str, Any] = {
-            "method": method, "best_trial": None, "best_epoch": None, "config_hash": None,
+            "method": method, "is_init": is_init(method), "backbone": None, "init": None,
+            "note": None, "best_trial": None, "best_epoch": None, "config_hash": None,
             "val_knn_top1": None}
         for col in TEST_METRICS:
             row.update({col: None, f"{col}_std": None, f"{col}_n": 0})
@@ -92,7 +166,8 @@ def leaderboard(study_dir: str) -> list[dict[str, Any]]:
                         if k.startswith(PARAM_PREFIX) and v is not None}
             row.update(best_trial=best["trial_id"], best_epoch=best.get("best_epoch"),
                        config_hash=best.get("config_hash"),
-                       val_knn_top1=best["best_val_knn_top1"])
+                       val_knn_top1=best["best_val_knn_top1"], backbone=best.get("backbone"),
+                       init=best.get("init"))
             same = ([t for t in mine if t.get("config_hash") == best["config_hash"]]
                     if best.get("config_hash") else [best])
             ids = {t["trial_id"] for t in same}
@@ -117,14 +192,29 @@ def leaderboard(study_dir: str) -> list[dict[str, Any]]:
             cpu_hours=math.fsum(float(t["cpu_hours"]) for t in mine
                                 if _finite(t.get("cpu_hours"))),
             params=params, searched=searched)
+        if row["backbone"] is None and mine:  # nothing ranked yet: the weights all the same
+            row.update(backbone=mine[0].get("backbone"), init=mine[0].get("init"))
+        row["note"] = method_note(method, row["backbone"])
         rows.append(row)
+    _add_comparisons(rows)
     return rows
 
 
 # ---------------------------------------------------------------- rendering
 
-_DISPLAY = ("method", "best_trial", "val_knn_top1", *TEST_METRICS, "seeds", "completed",
-            "stopped", "failed", "running", "gpu_hours", "cpu_hours", "params")
+_DISPLAY = ("method", "backbone", "best_trial", "val_knn_top1", *TEST_METRICS, "vs moco",
+            "vs init", "seeds", "completed", "stopped", "failed", "running", "gpu_hours",
+            "cpu_hours", "note", "params")
+LEGEND = (f"vs {REFERENCE} / vs init: difference of the mean test kNN top-1 (points) from "
+          f"{REFERENCE}'s and from the init row's; * where it exceeds the spread, "
+          "|mean_a - mean_b| > std_a + std_b (the ±1 std intervals do not overlap), (n.s.) "
+          "where it does not. A row with one value (one seed, the init row) has std 0: the "
+          "spread is then the other row's std alone.")
+
+
+def _digits(column: str) -> int:
+    """Localisation scores are fractions in [0, 1]; every other metric is percent."""
+    return 3 if column.startswith("test_loc_") else 2
 
 
 def _fmt_number(value: Any, digits: int = 4) -> str:
@@ -151,11 +241,30 @@ def _fmt_params(params: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+def fmt_comparison(result: dict[str, Any] | None, column: str = HEADLINE) -> str:
+    """"+4.1*" for a difference that exceeds the spread, "+1.0 (n.s.)" for one that does
+    not, "-" for none."""
+    if result is None:
+        return "-"
+    digits = _digits(column) - 1
+    text = f"{result['diff']:+.{digits}f}"
+    return f"{text}*" if result["significant"] else f"{text} (n.s.)"
+
+
+def _weights_cell(row: dict[str, Any]) -> str:
+    if not row.get("backbone"):
+        return "-"
+    return f"{row['backbone']} ({row['init']})" if row.get("init") else row["backbone"]
+
+
 def _display_cells(row: dict[str, Any]) -> list[str]:
     cells = {
         "method": row["method"],
+        "backbone": _weights_cell(row),
         "best_trial": row["best_trial"] or "-",
-        "val_knn_top1": _fmt_number(row["val_knn_top1"]),
+        "val_knn_top1": _fmt_number(row["val_knn_top1"], 2),
+        "vs moco": fmt_comparison((row.get("vs_moco") or {}).get(HEADLINE)),
+        "vs init": fmt_comparison((row.get("vs_init") or {}).get(HEADLINE)),
         "seeds": str(max(row[f"{c}_n"] for c in TEST_METRICS)),
         "completed": str(row["trials_completed"]),
         "stopped": str(row["trials_stopped"]),
@@ -163,23 +272,26 @@ def _display_cells(row: dict[str, Any]) -> list[str]:
         "running": str(row["trials_running"]),
         "gpu_hours": _fmt_number(row["gpu_hours"], 2),
         "cpu_hours": _fmt_number(row["cpu_hours"], 2),
+        "note": row.get("note") or "",
         # The searched parameters tell trials apart; fixed ones are in params_json.
         "params": _fmt_params(row["searched"] or row["params"]),
     }
     for col in TEST_METRICS:
-        text = _fmt_number(row[col])
+        text = _fmt_number(row[col], _digits(col))
         if row[f"{col}_std"] is not None:
-            text += f" ± {_fmt_number(row[f'{col}_std'])}"
+            text += f" ± {_fmt_number(row[f'{col}_std'], _digits(col))}"
         cells[col] = text
     return [cells[name] for name in _DISPLAY]
 
 
 def _csv_keys() -> list[str]:
-    keys = ["method", "best_trial", "best_epoch", "config_hash", "val_knn_top1"]
+    keys = ["method", "backbone", "init", "best_trial", "best_epoch", "config_hash",
+            "val_knn_top1"]
     for col in TEST_METRICS:
         keys += [col, f"{col}_std", f"{col}_n"]
-    return keys + ["trials_completed", "trials_stopped", "trials_failed", "trials_running",
-                   "gpu_hours", "cpu_hours", "params", "searched"]
+    return keys + ["vs_moco", "vs_moco_significant", "vs_init", "vs_init_significant",
+                   "trials_completed", "trials_stopped", "trials_failed", "trials_running",
+                   "gpu_hours", "cpu_hours", "note", "params", "searched"]
 
 
 def _json_safe(value: Any) -> Any:
@@ -204,6 +316,10 @@ def render(rows: list[dict[str, Any]], fmt: str) -> str:
         writer.writeheader()
         for row in rows:
             flat = {k: row.get(k) for k in _csv_keys()}
+            for ref in ("vs_moco", "vs_init"):  # the headline metric's comparison
+                result = (row.get(ref) or {}).get(HEADLINE)
+                flat[ref] = result["diff"] if result else None
+                flat[f"{ref}_significant"] = result["significant"] if result else None
             flat["params"] = json.dumps(row.get("params") or {}, sort_keys=True)
             flat["searched"] = json.dumps(row.get("searched") or {}, sort_keys=True)
             writer.writerow(flat)
@@ -213,6 +329,8 @@ def render(rows: list[dict[str, Any]], fmt: str) -> str:
         lines = ["| " + " | ".join(_DISPLAY) + " |", "|" + "---|" * len(_DISPLAY)]
         lines += ["| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
                   for cells in body]
+        if body:
+            lines += ["", LEGEND]
         return "\n".join(lines) + "\n"
     widths = [max(len(h), *(len(cells[i]) for cells in body)) if body else len(h)
               for i, h in enumerate(_DISPLAY)]
@@ -221,6 +339,8 @@ def render(rows: list[dict[str, Any]], fmt: str) -> str:
     lines += ["  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip() for cells in body]
     if not body:
         lines.append("(no trials recorded yet)")
+    else:
+        lines += ["", LEGEND]
     return "\n".join(lines) + "\n"
 
 
@@ -315,7 +435,9 @@ def _write_plots(study_dir: str, out_dir: str | None, notes: list[str]) -> list[
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    trials = latest_trials(load(study_dir, "trials").to_pylist())
+    # The init rows are no trials: nothing to plot against trials or cost.
+    trials = [t for t in latest_trials(load(study_dir, "trials").to_pylist())
+              if not is_init(t["method"])]
     epochs = load(study_dir, "epochs").to_pylist()
     target = out_dir or f"{study_dir.rstrip('/')}/plots"
     fs, out = resolve(target)

@@ -35,8 +35,11 @@ EVAL_PROTOCOLS = ("retrieval", "knn", "linear", "localisation")
 PARAM_PREFIX = "param."
 LOSS_PREFIX = "loss_"
 
-# Final test metrics that the trials table carries and the leaderboard reports.
-TEST_METRICS = ("test_rank1", "test_rank5", "test_map", "test_knn_top1", "test_linear_top1")
+# Final test metrics that the trials table carries and the leaderboard reports: retrieval,
+# kNN and linear probe (percent), localisation of the method's map (fractions in [0, 1]).
+TEST_METRICS = ("test_rank1", "test_rank5", "test_map", "test_knn_top1", "test_knn_top5",
+                "test_linear_top1", "test_linear_top5", "test_loc_box_mass",
+                "test_loc_pointing", "test_loc_part_hits")
 
 _KEYS = [
     pa.field("study", pa.string()),
@@ -45,7 +48,8 @@ _KEYS = [
 ]
 
 TRIALS = pa.schema(_KEYS + [
-    pa.field("backbone", pa.string()),
+    pa.field("backbone", pa.string()),  # the weights' timm name, tag included (ImageNet init)
+    pa.field("init", pa.string()),  # random, imagenet or a weights file
     pa.field("dataset", pa.string()),
     pa.field("image_size", pa.int32()),
     pa.field("status", pa.string()),

@@ -3,7 +3,8 @@
 `EpochRecorder` is one trial's recorder: calling it with an epoch's metrics appends a row to
 the `epochs` table and writes the TensorBoard scalars of run `<method>/<trial_id>`; `finish`
 writes the trial's row to the `trials` table. `record_test` adds the final test evaluation
-(`evals` rows and the `test_*` columns of the trial's row). No Ray here: `fgray pretrain
+(`evals` rows and the `test_*` columns of the trial's row); `record_init` the row of the
+initial weights (method `init`, the study's no-SSL baseline). No Ray here: `fgray pretrain
 --workers 0`, Ray Train's controller callback and the Tune study driver all use it.
 
 The trials table is append-only, so a trial's states (`running`, then a terminal state, then
@@ -43,6 +44,8 @@ _EVAL_ROWS = {
     "knn_top1": ("knn", "top1"), "knn_top5": ("knn", "top5"),
     "linear_top1": ("linear", "top1"), "linear_top5": ("linear", "top5"),
     "linear_paper_top1": ("linear", "paper_top1"),
+    "loc_box_mass": ("localisation", "box_mass"), "loc_pointing": ("localisation", "pointing"),
+    "loc_part_hits": ("localisation", "part_hits"),
 }
 
 
@@ -91,6 +94,19 @@ def config_hash(spec: RunSpec) -> str:
     """The experiment's identity without its seed: runs of one configuration with different
     seeds share it, which is how the leaderboard groups them into mean ± std."""
     return dataclasses.replace(spec, train=dataclasses.replace(spec.train, seed=0)).hash()
+
+
+def weights_name(backbone: str, init: str) -> str:
+    """The timm name of the weights a run starts from: with ImageNet init, the backbone with
+    the pretrained tag timm resolves it to (`tf_efficientnet_lite0` ->
+    `tf_efficientnet_lite0.in1k`); otherwise the backbone as given (random init has no
+    weights to name; a file's path is the `init` column)."""
+    if init != "imagenet" or "." in backbone:
+        return backbone
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(backbone)
+    return f"{cfg.architecture}.{cfg.tag}" if cfg is not None and cfg.tag else backbone
 
 
 def resolved_params(spec: RunSpec) -> dict[str, Any]:
@@ -207,7 +223,8 @@ class EpochRecorder:
         epochs = [int(h["epoch"]) for h in history if h.get("epoch") is not None]
         row = dict(self.keys)
         row.update(
-            backbone=self.spec.backbone_name, dataset=self.spec.data.format,
+            backbone=weights_name(self.spec.backbone_name, self.spec.init),
+            init=self.spec.init, dataset=self.spec.data.format,
             image_size=self.spec.train.image_size, status=status,
             error=_one_line(error) if error else None, best_val_knn_top1=best, best_epoch=at,
             epochs_run=max(epochs) if epochs else 0, seed=self.spec.train.seed,
@@ -297,6 +314,41 @@ def eval_rows(metrics: Mapping[str, float], *, study: str | None, method: str, t
                      "split": "test", "protocol": protocol, "metric": metric,
                      "value": float(value), "seed": int(seed)})
     return rows
+
+
+def record_init(study_dir: str, name: str, spec: RunSpec, metrics: Mapping[str, float], *,
+                study: str | None = None, start_time: float | None = None, cpus: float = 1.0,
+                gpus: float = 0.0) -> dict[str, Any]:
+    """Record the initial weights' evaluation (`fgray.engine.evaluate.evaluate_init`) as the
+    init row `name` (its method and trial id): a completed trials row whose best val kNN
+    top-1 is the weights' val kNN top-1, so it ranks next to the trials, with its test
+    metrics; `evals` rows for test and the val kNN top-1. Returns the trials row."""
+    end = time.time()
+    start = end if start_time is None else float(start_time)
+    wall = max(0.0, end - start)
+    val = metrics.get(SELECTION_METRIC)
+    keys = {"study": study, "trial_id": name, PARTITION_COLUMN: name}
+    row = dict(keys)
+    row.update(
+        backbone=weights_name(spec.backbone_name, spec.init), init=spec.init,
+        dataset=spec.data.format, image_size=spec.train.image_size, status="completed",
+        best_val_knn_top1=float(val) if _finite(val) else None, best_epoch=0, epochs_run=0,
+        seed=spec.train.seed, wall_time_s=wall, cpu_hours=wall * cpus / 3600,
+        gpu_hours=wall * gpus / 3600, start_time=start, end_time=end, fgray_version=__version__,
+        git_revision=git_revision(), config_hash=config_hash(spec))
+    row.update(param_fields({}, {"backbone": spec.backbone_name, "init": spec.init,
+                                 "image_size": spec.train.image_size}))
+    for name_, value in metrics.items():
+        if f"test_{name_}" in TEST_METRICS and _finite(value):
+            row[f"test_{name_}"] = float(value)
+    evals = eval_rows(metrics, study=study, method=name, trial_id=name, seed=spec.train.seed)
+    if _finite(val):
+        evals.append({**keys, "split": "val", "protocol": "knn", "metric": "top1",
+                      "value": float(val), "seed": spec.train.seed})
+    if evals:
+        append(study_dir, "evals", evals)
+    append(study_dir, "trials", [row])
+    return row
 
 
 def record_test(study_dir: str, method: str, trial_id: str, metrics: Mapping[str, float], *,

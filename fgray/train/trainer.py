@@ -1,4 +1,13 @@
-"""Ray Train: the engine's pretraining loop in a `TorchTrainer`, one report per epoch.
+"""Ray Train: the engine's pretraining loop in a `TorchTrainer`, one report per epoch -- or,
+with `--workers 0`, the same loop inside a Ray Tune trial's own process.
+
+`worker_loop` is the one loop for both. It talks to Ray through a small session object
+(`TrainSession` inside a TorchTrainer worker, `TuneSession` inside a Tune trial): rank,
+world size, device, the checkpoint to resume from, and the per-epoch report with its
+checkpoint folder. Everything else -- the engine's Pretrainer, the per-epoch metrics, the
+best-so-far selection metric, the checkpoint's `splits.json` and `metrics.json`, the test
+failure hook, TensorBoard visuals, how deterministic failures end a run -- is shared.
+
 
 Each worker builds the same `Pretrainer` as an in-process run (`fgray.engine.run`), with its
 rank and world size from `ray.train.get_context()` and its device from
@@ -21,9 +30,17 @@ and rank 0 leaves `fgray_error.json` in the run folder; `run_trainer` raises it 
 caller.
 
 Layout of a run folder `STORAGE/NAME/`: Ray's checkpoint-manager state, `epoch-XXXX/`
-(checkpoint.pt and splits.json) for the kept epochs, `ranks/epoch-XXXX.json` (every rank's
-metrics of the epoch: a straggler or a diverging replica shows there) and, on a
+(checkpoint.pt, splits.json and metrics.json) for the kept epochs, `ranks/epoch-XXXX.json`
+(every rank's metrics of the epoch: a straggler or a diverging replica shows there) and, on a
 deterministic failure, `fgray_error.json`.
+
+`--workers 0` (`run_in_trial`): no worker group and no TorchTrainer. The Tune trial runs the
+loop itself on the trial's CPU (or GPU share) and reports with `ray.tune.report`; its run
+folder `STORAGE/NAME/` has the same layout as a Train run's (`epoch-XXXX/` with the same
+keep policy, `ranks/`, `fgray_error.json`), and a trial that Tune's `FailureConfig` restarts
+after a crash, or a restored study restarts, resumes from its latest kept checkpoint. Each
+epoch is recorded (epochs table, TensorBoard) before it is reported, which is where the Train
+controller's `RecordEpochs` records it on the other path.
 """
 
 from __future__ import annotations
@@ -32,6 +49,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +57,7 @@ from typing import Any
 
 import ray.train
 import ray.train.torch
+import ray.tune
 import torch
 from ray.train import (
     CheckpointConfig,
@@ -59,25 +78,29 @@ from fgray.train.records import SELECTION_METRIC, EpochRecorder, format_epoch, w
 ERROR_FILE = "fgray_error.json"
 RANKS_DIR = "ranks"
 SPLITS_FILE = "splits.json"
+METRICS_FILE = "metrics.json"  # the epoch's report, next to its checkpoint
 # Test hook: rank FGRAY_TEST_FAIL_RANK exits hard once, after training epoch
 # FGRAY_TEST_FAIL_AT_EPOCH, before reporting it; the marker file makes it happen only once.
 FAIL_AT_ENV, FAIL_RANK_ENV, FAIL_MARKER_ENV = (
     "FGRAY_TEST_FAIL_AT_EPOCH", "FGRAY_TEST_FAIL_RANK", "FGRAY_TEST_FAIL_MARKER")
+DRIVER_MEMORY = 256 * 2**20  # what a Train-driving trial reserves: it needs no CPU
 # Deterministic: every rank raises them at the same step, so retrying cannot help.
 _NOT_RETRIED = {"FloatingPointError": FloatingPointError, "UserError": UserError}
 
 
 @dataclass(frozen=True)
 class WorkerResources:
-    """What one Train run asks for: `workers` ranks, each with these CPUs and GPUs."""
+    """What one trial asks for: `workers` Ray Train ranks, each with these CPUs and GPUs, or
+    with `workers=0` the trial's own process with one worker's share (no worker group)."""
 
     workers: int = 1
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.workers < 1:
-            raise UserError(f"--workers {self.workers}: expected 1 or more Ray Train workers")
+        if self.workers < 0:
+            raise UserError(f"--workers {self.workers}: expected 0 (the engine loop in the "
+                            "trial's own process) or more Ray Train workers")
         if self.cpus_per_worker <= 0:
             raise UserError(f"--cpus-per-worker {self.cpus_per_worker}: expected more than 0")
         if self.gpus_per_worker < 0:
@@ -88,16 +111,38 @@ class WorkerResources:
                             "single-worker trials instead")
 
     @property
+    def in_trial(self) -> bool:
+        """`--workers 0`: the loop runs in the Tune trial itself, no Ray Train."""
+        return self.workers == 0
+
+    @property
     def use_gpu(self) -> bool:
         return self.gpus_per_worker > 0
 
     @property
     def cpus(self) -> float:
-        return self.workers * self.cpus_per_worker
+        return max(self.workers, 1) * self.cpus_per_worker
 
     @property
     def gpus(self) -> float:
-        return self.workers * self.gpus_per_worker
+        return max(self.workers, 1) * self.gpus_per_worker
+
+    def trial_resources(self) -> dict[str, float]:
+        """What the Tune trial itself reserves: one worker's share when it runs the loop
+        (`--workers 0`); otherwise nothing but a little memory, as it only drives its
+        Train run, whose workers hold the CPUs and GPUs."""
+        if self.in_trial:
+            out = {"cpu": self.cpus_per_worker}
+            if self.use_gpu:
+                out["gpu"] = self.gpus_per_worker
+            return out
+        return {"cpu": 0, "memory": DRIVER_MEMORY}
+
+    def device(self):
+        """The trial's device with `--workers 0`: Ray sets CUDA_VISIBLE_DEVICES to the
+        trial's GPU share, which is then `cuda:0`."""
+        use_cuda = self.use_gpu and torch.cuda.is_available()
+        return torch.device("cuda", 0) if use_cuda else torch.device("cpu")
 
     def scaling_config(self) -> ScalingConfig:
         per_worker = {"CPU": self.cpus_per_worker}
@@ -182,35 +227,165 @@ def _delete(uri: str) -> None:
         fs.delete_file(path)
 
 
-def worker_loop(config: dict[str, Any]) -> None:
-    """The function every Ray Train worker runs (`train_loop_per_worker`)."""
+class TrainSession:
+    """`worker_loop`'s view of Ray inside a TorchTrainer worker (`ray.train`)."""
+
+    def __init__(self) -> None:
+        context = ray.train.get_context()
+        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def get_checkpoint(self):
+        return ray.train.get_checkpoint()
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, name: str) -> None:
+        checkpoint = (ray.train.Checkpoint.from_directory(str(checkpoint_dir))
+                      if checkpoint_dir is not None else None)
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name,
+                         delete_local_checkpoint_after_upload=checkpoint is not None)
+
+    def failed(self, exc: Exception, run_uri: str) -> None:
+        """A deterministic failure: every rank stops cleanly (a worker-group restart would
+        only fail again) and rank 0 leaves the error for `run_trainer` to raise."""
+        if self.rank == 0:
+            _write_json(join(run_uri, ERROR_FILE), {"type": type(exc).__name__,
+                                                    "message": str(exc)})
+
+
+class TuneSession:
+    """`worker_loop`'s view of Ray inside a Tune trial (`--workers 0`, `ray.tune`): one rank.
+
+    `report` records the epoch (epochs table, TensorBoard, `ranks/`: what the Train
+    controller's `RecordEpochs` does on the other path), keeps its checkpoint in the run
+    folder as a Train run does (`epoch-XXXX/`, the best `keep_best` by val kNN top-1 plus the
+    latest), then reports the metrics to Tune. The checkpoints stay out of Tune's hands: a
+    restored experiment's snapshot may name a checkpoint Tune has since deleted, and Tune then
+    fails the trial before it runs; the trial instead resumes from the latest checkpoint its
+    folder holds (`get_checkpoint`), after a crash or a restore alike."""
+
+    rank, world = 0, 1
+
+    def __init__(self, device: torch.device, run_uri: str, recorder: EpochRecorder | None = None,
+                 keep_best: int = 2, echo: bool = False) -> None:
+        self.device = device
+        self.run_uri = run_uri
+        self.recorder = recorder
+        self.keep_best = keep_best
+        self.echo = echo
+
+    def get_checkpoint(self):
+        kept = kept_checkpoints(self.run_uri)
+        if not kept:
+            return None
+        latest = max(kept, key=lambda k: k[1].get("epoch", 0))
+        return ray.train.Checkpoint(join(self.run_uri, latest[0]))
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, name: str) -> None:
+        record_epoch(self.run_uri, [metrics], self.recorder, self.echo)
+        if checkpoint_dir is not None:
+            _persist(checkpoint_dir, join(self.run_uri, name))
+            self._prune(name)
+        ray.tune.report(metrics)
+
+    def _prune(self, latest: str) -> None:
+        kept = kept_checkpoints(self.run_uri)
+        ranked = sorted(kept, key=lambda k: (_score(k[1]), -k[1].get("epoch", 0)), reverse=True)
+        keep = {name for name, _ in ranked[:self.keep_best]} | {latest}
+        fs, root = resolve(self.run_uri)
+        for name, _ in kept:
+            if name not in keep:
+                fs.delete_dir(f"{root}/{name}")
+
+    def failed(self, exc: Exception, run_uri: str) -> None:
+        """A deterministic failure fails the trial; the error file makes a retry by Tune's
+        FailureConfig fail again at once instead of training up to the same point."""
+        _write_json(join(run_uri, ERROR_FILE), {"type": type(exc).__name__,
+                                                "message": str(exc)})
+        raise exc
+
+
+def _score(metrics: dict[str, Any]) -> float:
+    score = metrics.get(SELECTION_METRIC)
+    return float(score) if isinstance(score, (int, float)) else float("-inf")
+
+
+def _persist(local: Path, uri: str) -> None:
+    """Move a checkpoint folder written locally to `uri` (a path or URI), whole or not at
+    all for a reader: on a local filesystem it is renamed into place; on an object store its
+    `metrics.json`, which marks a kept checkpoint, is written last."""
+    import pyarrow.fs as pafs
+
+    fs, target = resolve(uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        staging = Path(f"{target}.tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(local), staging)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(staging, target)
+        return
+    fs.create_dir(target, recursive=True)
+    files = sorted(local.iterdir(), key=lambda f: f.name == METRICS_FILE)
+    for f in files:
+        with open(f, "rb") as src, fs.open_output_stream(f"{target}/{f.name}") as dst:
+            shutil.copyfileobj(src, dst)
+    shutil.rmtree(local, ignore_errors=True)
+
+
+def kept_checkpoints(run_uri: str) -> list[tuple[str, dict[str, Any]]]:
+    """The complete checkpoints of a run folder: (folder name, the epoch's metrics) of each
+    sub-folder holding `checkpoint.pt` and `metrics.json`."""
+    import pyarrow.fs as pafs
+
+    fs, root = resolve(run_uri)
+    out = []
+    for info in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
+        if info.type != pafs.FileType.Directory or info.base_name.endswith(".tmp"):
+            continue
+        metrics = _read_json(join(run_uri, info.base_name, METRICS_FILE))
+        if metrics is not None and fs.get_file_info(
+                f"{info.path}/{CHECKPOINT_FILE}").type == pafs.FileType.File:
+            out.append((info.base_name, metrics))
+    return out
+
+
+def worker_loop(config: dict[str, Any], session: TrainSession | TuneSession | None = None
+                ) -> None:
+    """The engine loop of one rank: the function every Ray Train worker runs
+    (`train_loop_per_worker`, session None: `TrainSession`), and with `--workers 0` what a
+    Tune trial runs itself (`TuneSession`)."""
     from fgray.engine.run import build_pretrainer
 
+    session = session or TrainSession()
     spec = RunSpec.from_dict(config["spec"])
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
+    rank, world, device = session.rank, session.world, session.device
     # Worker-local scratch for the Pretrainer's files; what must last is reported to storage.
     scratch = Path(tempfile.mkdtemp(prefix="fgray-worker-"))
     best = {"value": float("-inf")}
+    clock = {"last": time.perf_counter()}
 
     def on_epoch(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         epoch = int(metrics["epoch"])
         _fail_once_for_test(epoch, rank)
         report = dict(metrics)  # the Pretrainer keeps `metrics` in its history
+        now = time.perf_counter()
+        # Everything of the epoch: training, val kNN, visuals, the checkpoint (a trial's
+        # time outside its epochs is its fixed cost: start-up, data, model, reporting).
+        report["epoch_wall_s"] = now - clock["last"]
         report["param_checksum"] = _param_checksum(trainer.method)
         if SELECTION_METRIC in report:
             best["value"] = max(best["value"], float(report[SELECTION_METRIC]))
         if best["value"] > float("-inf"):
             report[f"best_{SELECTION_METRIC}"] = best["value"]
-        checkpoint = None
         if checkpoint_dir is not None:
             splits = scratch / SPLITS_FILE
             if splits.is_file():  # which images were train / val, next to the weights
                 shutil.copy2(splits, checkpoint_dir / SPLITS_FILE)
-            checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir))
-        ray.train.report(report, checkpoint=checkpoint, checkpoint_dir_name=f"epoch-{epoch:04d}",
-                         delete_local_checkpoint_after_upload=checkpoint is not None)
+            # The epoch's metrics next to its weights: which kept checkpoint is the best can
+            # be read without loading any (`best_checkpoint_dir`).
+            (checkpoint_dir / METRICS_FILE).write_text(json.dumps(report, default=str))
+        session.report(report, checkpoint_dir, f"epoch-{epoch:04d}")
+        clock["last"] = time.perf_counter()  # reporting is the trial's overhead, not the epoch's
 
     # Rank 0 writes the epoch's images itself (tensors are too big for a Ray report) into
     # the trial's TensorBoard run, as an event file of its own next to the controller's.
@@ -230,22 +405,44 @@ def worker_loop(config: dict[str, Any]) -> None:
         trainer = build_pretrainer(spec, device=device, rank=rank, world_size=world,
                                    run_dir=scratch, on_epoch=on_epoch,
                                    on_visuals=on_visuals if board else None, progress=False)
-        restored = ray.train.get_checkpoint()
+        restored = session.get_checkpoint()
         if restored is not None:
             with restored.as_directory() as folder:
                 trainer.resume(Path(folder) / CHECKPOINT_FILE)
         for row in trainer.history:
             if row.get(SELECTION_METRIC) is not None:
                 best["value"] = max(best["value"], float(row[SELECTION_METRIC]))
+        clock["last"] = time.perf_counter()
         trainer.run()
     except tuple(_NOT_RETRIED.values()) as exc:
-        if rank == 0:
-            _write_json(join(config["run_uri"], ERROR_FILE),
-                        {"type": type(exc).__name__, "message": str(exc)})
+        session.failed(exc, config["run_uri"])
     finally:
         for writer in writers:
             writer.close()
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def run_in_trial(spec: RunSpec, *, run_uri: str, resources: WorkerResources,
+                 recorder: EpochRecorder | None = None, keep_best: int = 2,
+                 echo: bool = False) -> None:
+    """`--workers 0`: the engine loop in this Tune trial's process, reporting to Tune, with
+    `run_uri` (STORAGE/NAME, as a Train run's folder) for `ranks/` and the error file.
+
+    A retry of a trial that failed deterministically (Tune's FailureConfig cannot tell it from
+    a crash) raises the recorded error again at once."""
+    failure = _read_json(join(run_uri, ERROR_FILE))
+    if failure is not None:
+        raise _NOT_RETRIED.get(failure.get("type"), RuntimeError)(failure.get("message", ""))
+    # The trial's CPU share as torch threads (a reused actor keeps whatever was set before).
+    torch.set_num_threads(max(1, int(resources.cpus_per_worker)))
+    session = TuneSession(resources.device(), run_uri, recorder, keep_best, echo)
+    board = None if recorder is None else {"study_dir": recorder.study_dir,
+                                           "run": recorder.run_name}
+    try:
+        worker_loop({"spec": spec.to_dict(), "run_uri": run_uri, "tensorboard": board}, session)
+    finally:
+        if recorder is not None:
+            recorder.close()
 
 
 # ---------------------------------------------------------------- controller side
@@ -263,13 +460,21 @@ class RecordEpochs(UserCallback):
         self.echo = echo
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
-        lead = metrics[0]
-        epoch = int(lead["epoch"])
-        _write_json(join(self.run_uri, RANKS_DIR, f"epoch-{epoch:04d}.json"), metrics)
-        if self.recorder is not None:
-            self.recorder(lead)
-        if self.echo:
-            print(format_epoch(lead), flush=True)
+        record_epoch(self.run_uri, metrics, self.recorder, self.echo)
+
+
+def record_epoch(run_uri: str | None, metrics: list[dict[str, Any]],
+                 recorder: EpochRecorder | None = None, echo: bool = False) -> None:
+    """Record one epoch, reported by every rank (`metrics[r]` is rank r's): every rank's
+    metrics under `run_uri/ranks/`, rank 0's in the tables and TensorBoard (`recorder`)."""
+    lead = metrics[0]
+    epoch = int(lead["epoch"])
+    if run_uri is not None:
+        _write_json(join(run_uri, RANKS_DIR, f"epoch-{epoch:04d}.json"), metrics)
+    if recorder is not None:
+        recorder(lead)
+    if echo:
+        print(format_epoch(lead), flush=True)
 
 
 def build_trainer(spec: RunSpec, *, name: str, storage: str, resources: WorkerResources,
@@ -313,8 +518,17 @@ def run_trainer(trainer: TorchTrainer):
 
 
 def best_checkpoint_dir(run_uri: str) -> str | None:
-    """The kept checkpoint with the highest val kNN top-1 of a finished (or interrupted)
-    Train run, as a path or URI; None when the run reported no checkpoint."""
+    """The kept checkpoint with the highest val kNN top-1 (the earliest on ties) of a
+    finished (or interrupted) run, as a path or URI; None when it kept no checkpoint.
+
+    The kept checkpoints are the run folder's sub-folders holding `checkpoint.pt` and the
+    epoch's `metrics.json` (`kept_checkpoints`), for a Train run and a `--workers 0` trial
+    alike. A Train run written before checkpoints carried their metrics is read through
+    Ray's own record of it."""
+    kept = kept_checkpoints(run_uri)
+    if kept:
+        best = max(kept, key=lambda k: (_score(k[1]), -int(k[1].get("epoch", 0))))
+        return join(run_uri, best[0])
     try:
         result = ray.train.Result.from_path(run_uri)
     except RuntimeError:

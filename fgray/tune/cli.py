@@ -1,8 +1,9 @@
 """The command line shared by the scripts in studies/: flags -> StudyConfig -> run_study.
 
     python studies/cub_sweep.py [--data-root ROOT | --synthetic] [--preset smoke|laptop|paper]
-        [--methods moco,lcr,...] [--trials N] [--epochs N] [--backbone NAME]
+        [--methods moco,lcr,...] [--trials N] [--epochs N] [--seeds N] [--backbone NAME]
         [--image-size PX] [--storage PATH_OR_URI] [--resume] [--name NAME] [--address ADDR]
+        [--workers N] ...
 
 Run directly, a script starts a local Ray for the study; under `ray job submit` (or with
 RAY_ADDRESS / --address) it joins that cluster. User errors print one line and exit 2.
@@ -47,7 +48,10 @@ def build_parser(prog: str, description: str, *, mode: str) -> argparse.Argument
     p.add_argument("--resume", action="store_true",
                    help="continue the interrupted study --storage/--name")
     p.add_argument("--address", help="Ray cluster address (default RAY_ADDRESS, else local)")
-    p.add_argument("--workers", type=int, default=1, help="Ray Train workers per trial")
+    p.add_argument("--workers", type=int,
+                   help="Ray Train workers per trial, or 0: each trial runs the engine loop in "
+                        "its own process (no worker group; preset default: 0 for smoke and "
+                        "laptop, 1 for paper)")
     p.add_argument("--cpus-per-worker", type=float, help="CPUs per worker (default 1)")
     p.add_argument("--gpus-per-worker", type=float,
                    help="GPUs per worker, fractions allowed for one-worker trials "
@@ -63,18 +67,20 @@ def build_parser(prog: str, description: str, *, mode: str) -> argparse.Argument
                        help="configurations to try first, after each method's paper recipe: a "
                             "JSON file holding a list of {knob: value} (every method) or "
                             "{method: [...]}")
-        p.add_argument("--seeds", type=int, default=1,
+        p.add_argument("--seeds", type=int,
                        help="seeds of the final test evaluation of each method's best config "
-                            "(extra seeds retrain it)")
+                            "(extra seeds retrain it; preset default: 3)")
     else:
-        p.add_argument("--seeds", type=int, default=3, help="seeds per method")
+        p.add_argument("--seeds", type=int, help="seeds per method (preset default: 3)")
     p.add_argument("--seed", type=int, default=0, help="first training seed; also seeds TPE")
-    p.add_argument("--protocols", default="retrieval,knn,linear",
-                   help="final test protocols: retrieval, knn, linear, linear-paper")
+    p.add_argument("--protocols",
+                   help="final test protocols: retrieval, knn, linear, linear-paper, "
+                        "localisation (preset default: retrieval,knn,linear,localisation)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="fixed setting for every method, or METHOD.KEY=VALUE for one")
-    p.add_argument("--val-fraction", type=float, default=0.1,
-                   help="share of each class's train images held out for model selection")
+    p.add_argument("--val-fraction", type=float,
+                   help="share of each class's train images held out for model selection "
+                        "(preset default)")
     p.add_argument("--cache-dir", help="decoded-cache folder (default FGRAY_CACHE)")
     return p
 
@@ -153,7 +159,9 @@ def study_from_args(args, *, dataset: str, mode: str, default_name: str):
     cache_dir = str(Path(args.cache_dir).expanduser().resolve()) if args.cache_dir else None
     return StudyConfig(
         name=args.name or default_name, storage=_absolute(args.storage),
-        data={"format": fmt, "root": root, "val_fraction": args.val_fraction,
+        data={"format": fmt, "root": root,
+              "val_fraction": (args.val_fraction if args.val_fraction is not None
+                               else preset.val_fraction),
               "cache_dir": cache_dir},
         methods=methods, mode=mode,
         trials=getattr(args, "trials", None) or preset.trials,
@@ -165,12 +173,15 @@ def study_from_args(args, *, dataset: str, mode: str, default_name: str):
         fixed=_fixed(args.set, methods, preset), shared=shared,
         grace_period=getattr(args, "grace_period", None) or preset.grace_period,
         reduction_factor=getattr(args, "reduction_factor", None) or preset.reduction_factor,
-        workers=args.workers, cpus_per_worker=args.cpus_per_worker,
+        workers=args.workers if args.workers is not None else preset.workers,
+        cpus_per_worker=args.cpus_per_worker,
         gpus_per_worker=(args.gpus_per_worker if args.gpus_per_worker is not None
                          else preset.gpus_per_worker),
-        concurrency=args.concurrency, seed=args.seed, seeds=args.seeds,
+        concurrency=args.concurrency, seed=args.seed,
+        seeds=args.seeds if args.seeds is not None else preset.seeds,
         points=_points(getattr(args, "points", None), methods),
-        protocols=[p.strip() for p in args.protocols.split(",") if p.strip()])
+        protocols=([p.strip() for p in args.protocols.split(",") if p.strip()]
+                   if args.protocols else list(preset.protocols)))
 
 
 def _absolute(storage: str) -> str:

@@ -1,13 +1,28 @@
 """Study presets: how big a study is, from a laptop smoke test to the papers' protocol.
 
-- `smoke`: tiny timm models (test_resnet / test_vit) at 48 px (the smallest size at which
-  test_resnet still has a 2x2 feature map for LCR) on a small embedded dataset,
-  a few epochs and trials: the whole pipeline end to end in minutes on a laptop CPU.
-- `laptop`: small real backbones (resnet18 / vit_tiny) at 64 px, tens of epochs.
-- `paper`: the papers' protocol -- ResNet-50 or ViT-B/16 at 224 px, 100 epochs, ImageNet
-  initialisation, batch 128, one GPU per worker.
+- `smoke`: the whole pipeline end to end on a laptop CPU in minutes, on real weights:
+  EfficientNet-Lite0 from ImageNet (`tf_efficientnet_lite0.in1k`, about 3.4 M parameters, the
+  one ImageNet network whose weights fgray can load offline from an installed package) for
+  every method, 96 px, 3 epochs, 2 searched trials per method, the best of each retrained
+  over 3 seeds, trials in their own process (`--workers 0`). LoDisc runs on the CNN with its
+  location map from the last feature map's activation norm ("cnn location map [ours]" in the
+  leaderboard): its attention map needs a ViT, and no ViT is small enough here.
+- `laptop`: the same network at 128 px on a larger embedded set, 20 epochs, 12 trials.
+- `paper`: the papers' protocol -- 224 px, 100 epochs, batch 128, one GPU per Ray Train worker
+  (`--workers 1`, DDP with more), from the ImageNet weights the papers started from, named
+  exactly with their timm tags:
+  - CNN methods: `resnet50.tv_in1k`, torchvision's ResNet-50 IMAGENET1K_V1, the weights LCR's
+    code loads (`torchvision.models.resnet50(pretrained=True)`).
+  - ViT methods: LoDisc's code loads torchvision's `vit_b_16` IMAGENET1K_V1 weights (ImageNet-1k
+    from scratch with a modified DeiT recipe, 81.1 % top-1), which timm does not host. The
+    closest timm weights are `deit_base_patch16_224.fb_in1k`: the same ViT-B/16 architecture
+    (timm builds it as a VisionTransformer), ImageNet-1k only, the DeiT recipe, 81.8 % top-1,
+    ImageNet mean/std. Under timm's `vit_base_patch16_224` name the closest is `.augreg_in1k`
+    (ImageNet-1k only, AugReg recipe, 79.2 %); timm's default `.augreg2_in21k_ft_in1k` was
+    pretrained on ImageNet-21k, which neither paper used.
 
-Every field can be overridden by a flag of the study scripts.
+The trials table records the weights a run started from (`backbone` with its tag, `init`), and
+the leaderboard shows them. Every field can be overridden by a flag of the study scripts.
 """
 
 from __future__ import annotations
@@ -18,6 +33,9 @@ from typing import Any
 
 from fgray.errors import UserError
 from fgray.methods import method_class
+
+ALL_METHODS = ("moco", "lcr", "sdf", "ppssl", "lodisc")
+PROTOCOLS = ("retrieval", "knn", "linear", "localisation")
 
 
 @dataclass(frozen=True)
@@ -32,6 +50,10 @@ class Preset:
     grace_period: int
     reduction_factor: int
     init: str = "random"
+    workers: int = 1  # 0: each trial runs the engine loop itself; N: a Ray Train run of N
+    seeds: int = 1  # seeds of each method's best configuration (compare: of every method)
+    protocols: tuple[str, ...] = PROTOCOLS
+    val_fraction: float = 0.1
     gpus_per_worker: float | None = None  # None: one per worker when the cluster has GPUs
     synthetic: dict[str, int] = field(default_factory=dict)  # write_synthetic arguments
     # Method settings that fit the preset's scale, applied where a method has the field.
@@ -46,27 +68,29 @@ class Preset:
         return {k: v for k, v in self.method_settings.items() if k in fields}
 
 
+LITE0 = "tf_efficientnet_lite0.in1k"
+
 PRESETS: dict[str, Preset] = {
     "smoke": Preset(
-        cnn_backbone="test_resnet", vit_backbone="test_vit", image_size=48, epochs=3, trials=2,
-        batch_size=32, methods=("moco", "lcr", "sdf", "ppssl", "lodisc"), grace_period=1,
-        reduction_factor=2,
-        synthetic={"classes": 10, "per_class": 24, "size": 48},
-        # A queue and projector sized for a 90-image train split; SDF's synthesized pairs
-        # start after one epoch instead of five.
-        method_settings={"queue_size": 256, "mlp_hidden": 256, "warmup_epochs": 1,
+        cnn_backbone=LITE0, vit_backbone=LITE0, image_size=96, epochs=3, trials=2,
+        batch_size=32, methods=ALL_METHODS, grace_period=1, reduction_factor=2,
+        init="imagenet", workers=0, seeds=3, val_fraction=0.2,
+        synthetic={"classes": 20, "per_class": 40, "size": 96},
+        # A queue and projector sized for lite0's 1280-d feature and a few hundred train
+        # images; SDF's synthesized pairs start after one epoch instead of five.
+        method_settings={"queue_size": 1024, "mlp_hidden": 512, "warmup_epochs": 1,
                          "decoder_size": 32}),
     "laptop": Preset(
-        cnn_backbone="resnet18", vit_backbone="vit_tiny_patch16_224", image_size=64, epochs=20,
-        trials=12, batch_size=64, methods=("moco", "lcr", "sdf", "ppssl", "lodisc"),
-        grace_period=2, reduction_factor=2,
-        synthetic={"classes": 20, "per_class": 40, "size": 96},
+        cnn_backbone=LITE0, vit_backbone=LITE0, image_size=128, epochs=20, trials=12,
+        batch_size=64, methods=ALL_METHODS, grace_period=2, reduction_factor=2,
+        init="imagenet", workers=0, seeds=3, val_fraction=0.1,
+        synthetic={"classes": 50, "per_class": 60, "size": 128},
         method_settings={"queue_size": 4096, "mlp_hidden": 1024, "warmup_epochs": 2}),
     "paper": Preset(
-        cnn_backbone=None, vit_backbone=None, image_size=224, epochs=100, trials=32,
-        batch_size=128, methods=("moco", "lcr", "sdf", "ppssl", "lodisc"), grace_period=10,
-        reduction_factor=3, init="imagenet", gpus_per_worker=1.0,
-        synthetic={"classes": 50, "per_class": 60, "size": 256}),
+        cnn_backbone="resnet50.tv_in1k", vit_backbone="deit_base_patch16_224.fb_in1k",
+        image_size=224, epochs=100, trials=32, batch_size=128, methods=ALL_METHODS,
+        grace_period=10, reduction_factor=3, init="imagenet", workers=1, seeds=3,
+        gpus_per_worker=1.0, synthetic={"classes": 50, "per_class": 60, "size": 256}),
 }
 
 

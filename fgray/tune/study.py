@@ -1,10 +1,12 @@
-"""The study driver: Ray Tune trials, each launching a Ray Train run of one configuration.
+"""The study driver: Ray Tune trials, each training one configuration -- in the trial's own
+process (`--workers 0`) or as a Ray Train run (`--workers N`).
 
 A study lives in one folder, STUDY_DIR = STORAGE/NAME (a local path, or s3:// / gs://):
 
     study.json            the study's settings (what `--resume` continues)
     tune/<experiment>/    Ray Tune's experiment state (Tuner.restore reads it)
-    train/<trial_id>/     each trial's Ray Train run: checkpoints, ranks/, state
+    train/<trial_id>/     each trial's run: checkpoints (epoch-XXXX/), ranks/, and for a Ray
+                          Train run Ray's state
     optuna/journal.log    the Optuna studies (JournalStorage; optuna-dashboard opens it)
     tables/{trials,epochs,evals}/  Parquet results;  tensorboard/  scalars and HParams
 
@@ -21,14 +23,29 @@ from each trial's best val kNN top-1 so far.
 Compare (`mode="compare"`): every method x seed at a fixed budget with the recipe defaults,
 one experiment, no search and no early stopping.
 
-A Tune trial is only a driver for its Train run: it asks for no CPU (a little memory so Ray
-can place it), and `max_concurrent_trials` is what the cluster's CPUs / GPUs fit of the
-Train workers (fractional GPUs allowed, e.g. 0.5 for two small-backbone trials per GPU).
-A trial whose Train run fails -- a non-finite loss, a crash past FailureConfig's retries --
-is recorded as failed with its error and the study goes on. After the runs, the best trial
-of each method (by val kNN top-1, as the leaderboard ranks it) is evaluated once on test
-with its best checkpoint, optionally over extra seeds (retrained with the same config), and
-the results are recorded in the tables (`evals`, and `test_*` on the trial's row).
+Two ways to run a trial, one loop (`fgray.train.trainer.worker_loop`) and one way of reporting
+and checkpointing (a per-epoch report with its checkpoint, best k by val kNN plus the latest
+kept, the epoch recorded before it is reported):
+
+- `--workers 0` (the smoke and laptop presets): the trial runs the engine loop itself and
+  reserves one worker's CPUs / GPU share; no worker group, no TorchTrainer, so a trial costs
+  what its epochs cost plus about a second. Tune reuses trial actors (`reuse_actors`: a
+  trial builds all its state -- seeded weights, optimiser, data stream -- from its spec, so
+  nothing leaks from one trial to the next but the warm imports and the decoded caches).
+  Tune's FailureConfig restarts a crashed trial, which resumes from its latest checkpoint.
+- `--workers N` (the paper preset): the trial is only a driver for its Ray Train run (DDP over
+  N workers): it asks for no CPU (a little memory so Ray can place it), and Ray Train's
+  FailureConfig restarts a dead worker group from its latest checkpoint.
+
+`max_concurrent_trials` is what the cluster's CPUs / GPUs fit of one trial's share (fractional
+GPUs allowed, e.g. 0.5 for two small-backbone trials per GPU). A trial that fails -- a
+non-finite loss or a user error (never retried: it would fail again), a crash past the
+retries -- is recorded as failed with its error and the study goes on. After the runs, the
+best trial of each method (by val kNN top-1, as the leaderboard ranks it) is evaluated once on
+test with its best checkpoint, optionally over extra seeds (retrained with the same config),
+and the results are recorded in the tables (`evals`, and `test_*` on the trial's row). The
+initial weights are evaluated once too, with the same protocols on the same splits, as the
+`init` row (one per distinct backbone and init when methods differ: `init:<backbone>`).
 """
 
 from __future__ import annotations
@@ -67,6 +84,7 @@ from fgray.train.trainer import (
     build_trainer,
     join,
     resolve_resources,
+    run_in_trial,
     run_trainer,
 )
 from fgray.tune.journal import Journal
@@ -75,8 +93,8 @@ from fgray.tune.spaces import Space, space_for
 STUDY_FILE = "study.json"
 TUNE_DIR, TRAIN_DIR = "tune", "train"
 SEARCH_METRIC = f"best_{SELECTION_METRIC}"  # what TPE learns from
-DRIVER_MEMORY = 256 * 2**20  # what a trial's driver actor reserves: it needs no CPU
-PROTOCOLS = ("retrieval", "knn", "linear")
+PROTOCOLS = ("retrieval", "knn", "linear", "localisation")
+INIT = "init"  # the method name (and trial id) of the initial weights' row
 POINT = "point"  # the config key of a fixed-point experiment's grid
 
 
@@ -100,7 +118,7 @@ class StudyConfig:
     shared: list[str] = field(default_factory=lambda: ["lr"])  # shared knobs searched
     grace_period: int = 1
     reduction_factor: int = 2
-    workers: int = 1
+    workers: int = 1  # Ray Train workers per trial; 0: the loop in the trial's own process
     cpus_per_worker: float | None = None
     gpus_per_worker: float | None = None
     concurrency: int | None = None  # None: what the cluster fits
@@ -119,7 +137,7 @@ class StudyConfig:
         for name, value, low in (("--trials", self.trials, 1), ("--epochs", self.epochs, 1),
                                  ("--grace-period", self.grace_period, 1),
                                  ("--reduction-factor", self.reduction_factor, 2),
-                                 ("--seeds", self.seeds, 1), ("--workers", self.workers, 1)):
+                                 ("--seeds", self.seeds, 1), ("--workers", self.workers, 0)):
             if value < low:
                 raise UserError(f"{name} {value}: expected {low} or more")
         if self.grace_period > self.epochs:
@@ -166,6 +184,8 @@ class TrialSetup:
     study: StudyConfig
     resources: WorkerResources
     method: str | None = None
+    # FGRAY_TEST_* variables of the driver, set in the trial (the failure-injection hooks).
+    env: tuple[tuple[str, str], ...] = ()
 
     @staticmethod
     def point(config: dict[str, Any]) -> dict[str, Any]:
@@ -198,15 +218,29 @@ class TrialSetup:
 
 
 def train_trial(config: dict[str, Any], setup: TrialSetup) -> None:
-    """A Tune trial: launch the Train run of this configuration, named after the trial so a
-    restored trial resumes its run; results reach Tune through TuneReportCallback."""
+    """A Tune trial. `--workers 0`: run the engine loop here, reporting to Tune. Otherwise
+    launch the Train run of this configuration, named after the trial so a restored trial
+    resumes its run; results reach Tune through TuneReportCallback."""
+    os.environ.update(dict(setup.env))
+    trial_id = ray.tune.get_context().get_trial_id()
+    known = latest_trial_row(setup.study.study_dir, setup.method_of(config), trial_id)
+    if known is not None and known.get("status") in ("completed", "stopped"):
+        # It ended just before its driver was killed, after the last snapshot of the
+        # experiment: the restored experiment only closes it, nothing is trained again.
+        return
+    if known is not None and known.get("status") == "failed":
+        raise RuntimeError(known.get("error") or "failed before the study was resumed")
+    spec = setup.spec_for(config)
+    recorder = setup.recorder(trial_id, config, spec)
+    if setup.resources.in_trial:
+        run_in_trial(spec, run_uri=join(setup.study.study_dir, TRAIN_DIR, trial_id),
+                     resources=setup.resources, recorder=recorder,
+                     keep_best=setup.study.keep_best)
+        return
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    trial_id = ray.tune.get_context().get_trial_id()
-    spec = setup.spec_for(config)
     trainer = build_trainer(spec, name=trial_id, storage=join(setup.study.study_dir, TRAIN_DIR),
-                            resources=setup.resources,
-                            recorder=setup.recorder(trial_id, config, spec),
+                            resources=setup.resources, recorder=recorder,
                             callbacks=[TuneReportCallback()],
                             max_failures=setup.study.max_failures,
                             keep_best=setup.study.keep_best)
@@ -229,7 +263,8 @@ def error_line(text: str | None) -> str:
 class StudyRecorder(Callback):
     """Tune callback on the study driver: a `running` trials row when a trial starts, its
     final row when it completes (`completed`, or `stopped` by ASHA before its budget) or
-    fails (`failed`, with the error). Epoch rows come from the Train controller."""
+    fails (`failed`, with the error). Epoch rows come from the trial (`--workers 0`) or its
+    Train controller."""
 
     def __init__(self, setup: TrialSetup) -> None:
         self.trial_setup = setup
@@ -262,6 +297,10 @@ class StudyRecorder(Callback):
             status = "stopped"  # ended by the scheduler before its epoch budget
         known = latest_trial_row(setup.study.study_dir, method, trial.trial_id)
         ran = history[-1]["epoch"] if history else 0
+        if known and known.get("status") in ("completed", "stopped") and status == "failed":
+            # A trial that finished before its driver was killed failed to be closed again
+            # by the restored experiment (e.g. Tune could not restore it): it stays finished.
+            return
         if known and known.get("status") == status and known.get("epochs_run") == ran:
             # A trial that finished just before its driver was killed is finished again by
             # the restored experiment (its Train run resumes at its end): nothing new.
@@ -299,9 +338,25 @@ def concurrency_for(resources: WorkerResources, cluster: ClusterResources,
     return fits
 
 
+def _test_env() -> tuple[tuple[str, str], ...]:
+    return tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("FGRAY_TEST_")))
+
+
 def _trainable(setup: TrialSetup):
     return ray.tune.with_resources(ray.tune.with_parameters(train_trial, setup=setup),
-                                   {"cpu": 0, "memory": DRIVER_MEMORY})
+                                   setup.resources.trial_resources())
+
+
+def trial_dirname(trial) -> str:
+    """A Tune trial's folder is named after its id (`tune/<experiment>/<trial_id>/`)."""
+    return trial.trial_id
+
+
+def _tune_config(study: StudyConfig, setup: TrialSetup, **kwargs) -> ray.tune.TuneConfig:
+    # Reusing a trial's actor saves a process start and the imports (seconds per trial);
+    # a trial that drives a Train run holds no state worth keeping.
+    return ray.tune.TuneConfig(trial_dirname_creator=trial_dirname,
+                               reuse_actors=setup.resources.in_trial, **kwargs)
 
 
 def _run_config(study: StudyConfig, name: str, setup: TrialSetup) -> ray.tune.RunConfig:
@@ -310,10 +365,13 @@ def _run_config(study: StudyConfig, name: str, setup: TrialSetup) -> ray.tune.Ru
     # Tune's own TensorBoard logger would put a second set of event files in the study;
     # fgray writes TensorBoard itself (STUDY_DIR/tensorboard).
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    # --workers 0: Tune restarts a crashed trial (what Ray Train does for a Train run, whose
+    # trial must then never be retried by Tune itself).
+    retries = study.max_failures if setup.resources.in_trial else 0
     return ray.tune.RunConfig(
         name=name, storage_path=join(study.study_dir, TUNE_DIR),
         callbacks=[CSVLoggerCallback(), JsonLoggerCallback(), StudyRecorder(setup)],
-        failure_config=ray.tune.FailureConfig(max_failures=0), verbose=1)
+        failure_config=ray.tune.FailureConfig(max_failures=retries), verbose=1)
 
 
 def _fit(study: StudyConfig, name: str, setup: TrialSetup, fresh) -> None:
@@ -331,17 +389,23 @@ def _fit(study: StudyConfig, name: str, setup: TrialSetup, fresh) -> None:
 class ResumableOptunaSearch(OptunaSearch):
     """OptunaSearch whose restore also mends what a killed driver left in the journal.
 
-    The journal is written as trials are asked, Tune's snapshot of the searcher only every
-    so often: an Optuna trial asked after the last snapshot belongs to no Tune trial after
-    a restore and would stay RUNNING forever, and when it was an enqueued point (the
+    The journal is written as trials are asked and told, Tune's snapshot of the searcher only
+    every so often: an Optuna trial asked after the last snapshot belongs to no Tune trial
+    after a restore and would stay RUNNING forever, and when it was an enqueued point (the
     recipe, a --points entry) that configuration would never run. Such orphans are marked
-    failed and their enqueued points enqueued again.
+    failed and their enqueued points enqueued again. A trial told (finished) after the last
+    snapshot counts as completed here too: Tune may still close it again, which Optuna
+    would refuse.
     """
 
     def restore(self, checkpoint_path: str) -> None:
         import optuna
 
         super().restore(checkpoint_path)
+        finished = {t.number for t in self._ot_study.get_trials(deepcopy=False)
+                    if t.state.is_finished()}
+        self._completed_trials.update(trial_id for trial_id, t in self._ot_trials.items()
+                                      if t.number in finished)
         tracked = {t.number for t in self._ot_trials.values()}
         running = self._ot_study.get_trials(deepcopy=False,
                                             states=(optuna.trial.TrialState.RUNNING,))
@@ -387,14 +451,15 @@ def make_scheduler(study: StudyConfig):
 def search_method(study: StudyConfig, method: str, resources: WorkerResources,
                   concurrency: int) -> None:
     """One method's search: TPE over its define-by-run space, ASHA on val kNN top-1."""
-    setup = TrialSetup(study, resources, method)
+    setup = TrialSetup(study, resources, method, env=_test_env())
 
     def fresh() -> Tuner:
         return Tuner(_trainable(setup),
-                     tune_config=ray.tune.TuneConfig(search_alg=make_searcher(study, method),
-                                                     scheduler=make_scheduler(study),
-                                                     num_samples=study.trials,
-                                                     max_concurrent_trials=concurrency),
+                     tune_config=_tune_config(study, setup,
+                                              search_alg=make_searcher(study, method),
+                                              scheduler=make_scheduler(study),
+                                              num_samples=study.trials,
+                                              max_concurrent_trials=concurrency),
                      run_config=_run_config(study, method, setup))
 
     _fit(study, method, setup, fresh)
@@ -405,11 +470,11 @@ def run_points(study: StudyConfig, name: str, points: list[dict[str, Any]],
     """Fixed configurations (each with its `method` and `seed`), no search, no stopping."""
     if not points:
         return
-    setup = TrialSetup(study, resources)
+    setup = TrialSetup(study, resources, env=_test_env())
 
     def fresh() -> Tuner:
         return Tuner(_trainable(setup), param_space={POINT: ray.tune.grid_search(points)},
-                     tune_config=ray.tune.TuneConfig(max_concurrent_trials=concurrency),
+                     tune_config=_tune_config(study, setup, max_concurrent_trials=concurrency),
                      run_config=_run_config(study, name, setup))
 
     _fit(study, name, setup, fresh)
@@ -493,6 +558,59 @@ def evaluate_trials(study: StudyConfig, trials: list[dict[str, Any]],
     return rows
 
 
+def _evaluate_init(spec: dict[str, Any], protocols: list[str], seed: int) -> dict[str, float]:
+    """Runs as a Ray task like `_evaluate_checkpoint`: the initial weights of `spec`."""
+    from fgray.engine.evaluate import evaluate_init
+    from fgray.engine.run import resolve_device
+
+    run = RunSpec.from_dict(spec)
+    return evaluate_init(run, run.data, protocols, device=resolve_device(None), seed=seed,
+                         progress=False)
+
+
+def init_targets(study: StudyConfig) -> dict[str, RunSpec]:
+    """The init rows a study has, by name: one per distinct initial weights (backbone and
+    init; the study's init is shared, so per backbone) of its methods: `init` when all
+    methods share them, else `init:<backbone with its weights tag>`. Each is evaluated with
+    the spec of the first method that uses it (image size, the backbone's normalisation, the
+    study's splits and eval settings)."""
+    from fgray.train.records import weights_name
+
+    setup = TrialSetup(study, WorkerResources())
+    specs: dict[str, RunSpec] = {}
+    for method in study.methods:
+        spec = setup.spec_for({"method": method})
+        specs.setdefault(weights_name(spec.backbone_name, spec.init), spec)
+    if len(specs) == 1:
+        return {INIT: next(iter(specs.values()))}
+    return {f"{INIT}:{weights}": spec for weights, spec in specs.items()}
+
+
+def evaluate_init_rows(study: StudyConfig, resources: WorkerResources) -> list[dict[str, Any]]:
+    """Evaluate the initial weights once per init row (`init_targets`) with the study's
+    protocols, as Ray tasks; each becomes a completed trials row (val kNN top-1 as its best,
+    so it ranks like a trial) with its evals rows. Rows already there (a resumed study) are
+    skipped."""
+    from fgray.train.records import latest_trial_row, record_init
+
+    task = ray.remote(num_cpus=resources.cpus_per_worker,
+                      num_gpus=resources.gpus_per_worker)(_evaluate_init)
+    pending = []
+    for name, spec in init_targets(study).items():
+        known = latest_trial_row(study.study_dir, name, name)
+        if known is not None and known.get("status") == "completed":
+            continue
+        pending.append((name, spec, time.time(),
+                        task.remote(spec.to_dict(), study.protocols, study.seed)))
+    rows = []
+    for name, spec, started, ref in pending:
+        metrics = ray.get(ref)
+        rows.append(record_init(study.study_dir, name, spec, metrics, study=study.name,
+                                start_time=started, cpus=resources.cpus,
+                                gpus=resources.gpus))
+    return rows
+
+
 # ---------------------------------------------------------------- the study
 
 
@@ -537,13 +655,16 @@ def prepare(study: StudyConfig) -> None:
     _write_text(join(study.study_dir, STUDY_FILE), study.to_json())
 
 
-def best_trials(study_dir: str) -> list[dict[str, Any]]:
-    """Per method, the leaderboard's best trial (by val kNN top-1) as its latest row."""
+def best_trials(study_dir: str, methods: list[str] | None = None) -> list[dict[str, Any]]:
+    """Per method (of `methods`, default all but the init rows), the leaderboard's best
+    trial (by val kNN top-1) as its latest row."""
     from fgray.results.report import leaderboard
 
     out = []
     for row in leaderboard(study_dir):
-        if row.get("best_trial"):
+        if methods is None and row.get("is_init"):
+            continue
+        if row.get("best_trial") and (methods is None or row["method"] in methods):
             trial = latest_trial_row(study_dir, row["method"], row["best_trial"])
             if trial is not None:
                 out.append(trial)
@@ -584,13 +705,16 @@ def run_study(study: StudyConfig, *, resume: bool = False) -> StudySummary:
                                   gpus_per_worker=study.gpus_per_worker,
                                   cluster_gpus=cluster.gpus)
     concurrency = concurrency_for(resources, cluster, study.concurrency)
-    print(f"study {study.name}: {study.study_dir}  ({concurrency} trials at a time, each "
-          f"{resources.workers} worker(s) x {resources.cpus_per_worker:g} CPU"
-          f"{f' + {resources.gpus_per_worker:g} GPU' if resources.use_gpu else ''})", flush=True)
+    share = (f"{resources.cpus_per_worker:g} CPU"
+             f"{f' + {resources.gpus_per_worker:g} GPU' if resources.use_gpu else ''}")
+    how = (f"each in its own process with {share}" if resources.in_trial
+           else f"each a Ray Train run of {resources.workers} worker(s) x {share}")
+    print(f"study {study.name}: {study.study_dir}  ({concurrency} trials at a time, {how})",
+          flush=True)
     if study.mode == "search":
         for method in study.methods:
             search_method(study, method, resources, concurrency)
-        best = best_trials(study.study_dir)
+        best = best_trials(study.study_dir, study.methods)
         extra = [{"method": t["method"], "seed": study.seed + k,
                   **_searched(t)} for t in best for k in range(1, study.seeds)]
         run_points(study, "final-seeds", extra, resources, concurrency)
@@ -600,12 +724,15 @@ def run_study(study: StudyConfig, *, resume: bool = False) -> StudySummary:
                   for m in study.methods for k in range(study.seeds)]
         run_points(study, "compare", points, resources, concurrency)
         rows = latest_trials(load(study.study_dir, "trials").to_pylist())
-        chosen = [r for r in rows if r.get("status") == "completed"]
+        chosen = [r for r in rows if r.get("status") == "completed"
+                  and r["method"] in study.methods]
     evaluate_trials(study, chosen, resources)
+    evaluate_init_rows(study, resources)
+    close_lost_trials(study)
     rows = latest_trials(load(study.study_dir, "trials").to_pylist())
     write_hparams(study.study_dir, rows)
     Journal(study.study_dir).upload()
-    ran = [r for r in rows if r.get("status") != "running"]
+    ran = [r for r in rows if r.get("status") != "running" and r["method"] in study.methods]
     return StudySummary(
         study_dir=study.study_dir, wall_time_s=time.time() - start,
         trial_time_s=sum(float(r.get("wall_time_s") or 0.0) for r in ran
@@ -613,6 +740,25 @@ def run_study(study: StudyConfig, *, resume: bool = False) -> StudySummary:
         trials=len(ran), concurrency=concurrency,
         stopped=sum(r.get("status") == "stopped" for r in ran),
         failed=sum(r.get("status") == "failed" for r in ran))
+
+
+LOST = ("interrupted: the study's driver stopped after this trial started and before Tune "
+        "saved the experiment; Tune does not know it, and its configuration ran again")
+
+
+def close_lost_trials(study: StudyConfig) -> list[dict[str, Any]]:
+    """Close the trials still `running` once every experiment has finished: trials started
+    after the last snapshot Tune took before its driver was killed. The restored experiment
+    does not know them (the searcher asks for their configuration again), so nothing will
+    ever finish them; they are recorded as failed with `LOST` as their error."""
+    from fgray.results.tables import append, latest_trials, load
+
+    rows = latest_trials(load(study.study_dir, "trials").to_pylist())
+    lost = [dict(r, status="failed", error=LOST, end_time=time.time()) for r in rows
+            if r.get("status") == "running" and r["method"] in study.methods]
+    if lost:
+        append(study.study_dir, "trials", lost)
+    return lost
 
 
 def _searched(trial: dict[str, Any]) -> dict[str, Any]:
