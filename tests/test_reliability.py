@@ -218,6 +218,7 @@ def test_a_user_error_before_training_leaves_no_run_folder(synth_root, tmp_path,
     assert main(argv) == 2
     assert "batch size 4096 exceeds the train split" in capsys.readouterr().err
     assert not (tmp_path / "runs" / "r").exists()
+    assert not (tmp_path / "runs" / "tables").exists()  # no "failed" row for a run never run
     spec = _spec(synth_root, tmp_path, batch_size=4096)
     with pytest.raises(UserError, match="exceeds the train split"):
         run_pretraining(spec, tmp_path / "direct", progress=False)

@@ -27,8 +27,8 @@ def run_name(spec: RunSpec) -> str:
 
 
 def diverged(exc: FloatingPointError) -> UserError:
-    return UserError(f"training diverged ({exc}); expected finite losses: lower the learning "
-                     "rate (--set lr=...) or a loss weight")
+    return UserError(f"training diverged ({exc}); expected a finite loss and weights: lower the "
+                     "learning rate (--set lr=...) or a loss weight")
 
 
 def pretrain_command(args) -> int:
@@ -72,8 +72,9 @@ def _in_process(args, spec: RunSpec, name: str) -> int:
         trainer = run_pretraining(spec, run_dir, device=device, on_epoch=on_epoch,
                                   on_visuals=recorder.visuals, progress=sys.stderr.isatty())
     except BaseException as exc:
-        recorder.finish(trial_history(str(args.storage), spec.method, name), "failed",
-                        error=f"{type(exc).__name__}: {exc}")
+        history = trial_history(str(args.storage), spec.method, name)
+        if history or not isinstance(exc, UserError):  # a user error before training: no row
+            recorder.finish(history, "failed", error=f"{type(exc).__name__}: {exc}")
         if isinstance(exc, FloatingPointError):
             raise diverged(exc) from None
         raise

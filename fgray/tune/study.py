@@ -159,9 +159,13 @@ class StudyConfig:
         return DataSpec(**self.data)
 
     def space(self, method: str, *, validate: bool = False) -> Space:
+        # The backbone fixes family-dependent recipe values (MoCo v3's T: 0.2 ViT, 1.0 CNN).
+        backbone = self.backbones.get(method)
         if validate:
-            return space_for(method, shared=self.shared, fixed=self.fixed.get(method, {}))
-        return Space(method, tuple(self.shared), tuple(sorted(self.fixed.get(method, {}).items())))
+            return space_for(method, shared=self.shared, fixed=self.fixed.get(method, {}),
+                             backbone=backbone)
+        return Space(method, tuple(self.shared), tuple(sorted(self.fixed.get(method, {}).items())),
+                     backbone)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True)
