@@ -24,10 +24,11 @@ NUM_CPUS_ENV = "FGRAY_RAY_NUM_CPUS"
 
 @contextmanager
 def ray_session(address: str | None = None, *, num_cpus: int | None = None,
-                temp_dir: str | None = None) -> Iterator[None]:
+                temp_dir: str | None = None, log_to_driver: bool = True) -> Iterator[None]:
     """Connect to `address` (or RAY_ADDRESS), else start a local Ray; disconnect on exit.
 
     Reuses a connection already open in this process and then leaves it open.
+    `log_to_driver=False` keeps the workers' output in Ray's session logs only.
     """
     import ray
 
@@ -35,7 +36,7 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None,
         yield
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
-    kwargs: dict = {"logging_level": logging.WARNING, "log_to_driver": True}
+    kwargs: dict = {"logging_level": logging.WARNING, "log_to_driver": log_to_driver}
     if address:
         try:
             ray.init(address=address, **kwargs)

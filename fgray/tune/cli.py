@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,9 @@ def build_parser(prog: str, description: str, *, mode: str) -> argparse.Argument
     p.add_argument("--resume", action="store_true",
                    help="continue the interrupted study --storage/--name")
     p.add_argument("--address", help="Ray cluster address (default RAY_ADDRESS, else local)")
+    p.add_argument("--verbose", action="store_true",
+                   help="show Ray Tune's trial tables and the workers' output live (default: "
+                        "a progress line per method here, Ray's output in STUDY/logs/ray.log)")
     p.add_argument("--workers", type=int,
                    help="Ray Train workers per trial, or 0: each trial runs the engine loop in "
                         "its own process (no worker group; preset default: 0 for smoke and "
@@ -184,6 +188,33 @@ def study_from_args(args, *, dataset: str, mode: str, default_name: str):
                    if args.protocols else list(preset.protocols)))
 
 
+@contextmanager
+def ray_log_file(study_dir: str, *, enabled: bool):
+    """Send Ray's Python loggers (Tune, Train, core) to STUDY_DIR/logs/ray.log instead of
+    the console for the duration; yields the file's path, or None (not enabled, or the study
+    lives in object storage, where Ray's session logs on the head keep the same lines)."""
+    import logging
+
+    if not enabled or "://" in study_dir:
+        yield None
+        return
+    path = Path(study_dir) / "logs" / "ray.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    loggers = [logging.getLogger(n) for n in ("ray", "ray.tune", "ray.train", "ray.data")]
+    saved = [(lg.handlers[:], lg.propagate) for lg in loggers]
+    for lg in loggers:
+        lg.handlers = [handler]
+        lg.propagate = False
+    try:
+        yield path
+    finally:
+        for lg, (handlers, propagate) in zip(loggers, saved):
+            lg.handlers, lg.propagate = handlers, propagate
+        handler.close()
+
+
 def _absolute(storage: str) -> str:
     from fgray.train.trainer import absolute_storage
 
@@ -202,8 +233,11 @@ def study_main(argv: list[str] | None = None, *, prog: str, description: str, da
         args = build_parser(prog, description, mode=mode).parse_args(argv)
         default_name = f"{Path(prog).stem}-{args.preset}"
         study = study_from_args(args, dataset=dataset, mode=mode, default_name=default_name)
-        with ray_session(args.address):
-            summary = run_study(study, resume=args.resume)
+        with ray_session(args.address, log_to_driver=args.verbose), \
+                ray_log_file(study.study_dir, enabled=not args.verbose) as log:
+            if log:
+                print(f"Ray's output: {log} (--verbose shows it here)", flush=True)
+            summary = run_study(study, resume=args.resume, verbose=args.verbose)
         print()
         print(results_command(summary.study_dir))
         print(f"study wall time {summary.wall_time_s:.0f} s; {summary.trials} trials "

@@ -76,7 +76,7 @@ LITE0 = "tf_efficientnet_lite0.in1k"
 
 PRESETS: dict[str, Preset] = {
     "smoke": Preset(
-        cnn_backbone=LITE0, vit_backbone=LITE0, image_size=96, epochs=3, trials=2,
+        cnn_backbone=LITE0, vit_backbone=LITE0, image_size=96, epochs=2, trials=2,
         batch_size=32, methods=ALL_METHODS, grace_period=1, reduction_factor=2,
         init="imagenet", workers=0, seeds=3, val_fraction=0.25,
         # The calibrated embedded set (README, "The embedded fine-grained dataset"): the

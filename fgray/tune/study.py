@@ -363,7 +363,96 @@ def _tune_config(study: StudyConfig, setup: TrialSetup, **kwargs) -> ray.tune.Tu
                                reuse_actors=setup.resources.in_trial, **kwargs)
 
 
-def _run_config(study: StudyConfig, name: str, setup: TrialSetup) -> ray.tune.RunConfig:
+class StudyProgress(Callback):
+    """What the study prints for a person, one experiment (a method's search, the seed
+    retrains) at a time: trials started / finished / stopped / failed, the best val kNN top-1
+    so far and an ETA -- a tqdm bar where a terminal is attached, plain lines otherwise. Ray's
+    own reporting goes to the study's log file instead (`--verbose` shows it live).
+
+    tqdm: the progress bar every Python user knows, with rate and ETA handling and a clean
+    fallback when output is not a terminal -- not worth writing by hand."""
+
+    def __init__(self, name: str, total: int, epochs: int, concurrency: int,
+                 stream=None) -> None:
+        import sys
+
+        self.name, self.total, self.epochs = name, total, epochs
+        self.concurrency = max(concurrency, 1)
+        self.stream = stream or sys.stdout
+        self.started: dict[str, float] = {}
+        self.durations: list[float] = []
+        self.counts = {"completed": 0, "stopped": 0, "failed": 0}
+        self.best = float("-inf")
+        self.bar = None
+        if self.stream.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=f"{name:>12}", unit="trial", file=self.stream,
+                            dynamic_ncols=True, leave=True)
+
+    def _eta(self) -> str:
+        done = sum(self.counts.values())
+        left = self.total - done
+        if left <= 0 or not self.durations:
+            return "-"
+        mean = sum(self.durations) / len(self.durations)
+        return f"{mean * math.ceil(left / self.concurrency):.0f} s"
+
+    def _status(self) -> str:
+        c = self.counts
+        best = f"{self.best:.1f}" if self.best > float("-inf") else "-"
+        return (f"{len(self.started)} started, {c['completed']} completed, {c['stopped']} "
+                f"stopped, {c['failed']} failed; best val kNN {best}; ETA {self._eta()}")
+
+    def _show(self, event: str) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(self._status(), refresh=True)
+        else:
+            print(f"[{self.name}] {event}: {self._status()}", file=self.stream, flush=True)
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self.started.setdefault(trial.trial_id, time.time())
+        self._show(f"trial {trial.trial_id} started")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        value = result.get(SELECTION_METRIC)
+        if value is not None and math.isfinite(float(value)):
+            self.best = max(self.best, float(value))
+        if self.bar is not None:
+            self.bar.set_postfix_str(self._status(), refresh=True)
+
+    def _end(self, trial, status: str) -> None:
+        begun = self.started.get(trial.trial_id)
+        if begun is not None:
+            self.durations.append(time.time() - begun)
+        self.counts[status] += 1
+        if self.bar is not None:
+            self.bar.update(1)
+        self._show(f"trial {trial.trial_id} {status}")
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        ran = int((trial.last_result or {}).get("epoch", 0))
+        self._end(trial, "completed" if ran >= self.epochs else "stopped")
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._end(trial, "failed")
+
+    def on_experiment_end(self, trials, **info) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+@dataclass(frozen=True)
+class Console:
+    """How a study talks: `verbose` shows Ray Tune's own tables and the workers' output;
+    otherwise one `StudyProgress` per experiment and Ray's output in the log file."""
+
+    verbose: bool = False
+    concurrency: int = 1
+
+
+def _run_config(study: StudyConfig, name: str, setup: TrialSetup, total: int,
+                console: Console) -> ray.tune.RunConfig:
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
     # Tune's own TensorBoard logger would put a second set of event files in the study;
@@ -374,8 +463,11 @@ def _run_config(study: StudyConfig, name: str, setup: TrialSetup) -> ray.tune.Ru
     retries = study.max_failures if setup.resources.in_trial else 0
     return ray.tune.RunConfig(
         name=name, storage_path=join(study.study_dir, TUNE_DIR),
-        callbacks=[CSVLoggerCallback(), JsonLoggerCallback(), StudyRecorder(setup)],
-        failure_config=ray.tune.FailureConfig(max_failures=retries), verbose=1)
+        callbacks=[CSVLoggerCallback(), JsonLoggerCallback(), StudyRecorder(setup)] + (
+            [] if console.verbose else
+            [StudyProgress(name, total, study.epochs, console.concurrency)]),
+        failure_config=ray.tune.FailureConfig(max_failures=retries),
+        verbose=1 if console.verbose else 0)
 
 
 def _fit(study: StudyConfig, name: str, setup: TrialSetup, fresh) -> None:
@@ -453,7 +545,7 @@ def make_scheduler(study: StudyConfig):
 
 
 def search_method(study: StudyConfig, method: str, resources: WorkerResources,
-                  concurrency: int) -> None:
+                  concurrency: int, console: Console | None = None) -> None:
     """One method's search: TPE over its define-by-run space, ASHA on val kNN top-1."""
     setup = TrialSetup(study, resources, method, env=_test_env())
 
@@ -464,13 +556,15 @@ def search_method(study: StudyConfig, method: str, resources: WorkerResources,
                                               scheduler=make_scheduler(study),
                                               num_samples=study.trials,
                                               max_concurrent_trials=concurrency),
-                     run_config=_run_config(study, method, setup))
+                     run_config=_run_config(study, method, setup, study.trials,
+                                            console or Console(concurrency=concurrency)))
 
     _fit(study, method, setup, fresh)
 
 
 def run_points(study: StudyConfig, name: str, points: list[dict[str, Any]],
-               resources: WorkerResources, concurrency: int) -> None:
+               resources: WorkerResources, concurrency: int,
+               console: Console | None = None) -> None:
     """Fixed configurations (each with its `method` and `seed`), no search, no stopping."""
     if not points:
         return
@@ -479,7 +573,8 @@ def run_points(study: StudyConfig, name: str, points: list[dict[str, Any]],
     def fresh() -> Tuner:
         return Tuner(_trainable(setup), param_space={POINT: ray.tune.grid_search(points)},
                      tune_config=_tune_config(study, setup, max_concurrent_trials=concurrency),
-                     run_config=_run_config(study, name, setup))
+                     run_config=_run_config(study, name, setup, len(points),
+                                            console or Console(concurrency=concurrency)))
 
     _fit(study, name, setup, fresh)
 
@@ -692,7 +787,8 @@ class StudySummary:
         return self.wall_time_s / ideal if ideal > 0 else float("nan")
 
 
-def run_study(study: StudyConfig, *, resume: bool = False) -> StudySummary:
+def run_study(study: StudyConfig, *, resume: bool = False, verbose: bool = True
+              ) -> StudySummary:
     """Run a new study, or continue `study` (from `load_study`) with `resume=True`, on the
     connected Ray cluster; see the module docstring."""
     import optuna
@@ -715,18 +811,19 @@ def run_study(study: StudyConfig, *, resume: bool = False) -> StudySummary:
            else f"each a Ray Train run of {resources.workers} worker(s) x {share}")
     print(f"study {study.name}: {study.study_dir}  ({concurrency} trials at a time, {how})",
           flush=True)
+    console = Console(verbose=verbose, concurrency=concurrency)
     if study.mode == "search":
         for method in study.methods:
-            search_method(study, method, resources, concurrency)
+            search_method(study, method, resources, concurrency, console)
         best = best_trials(study.study_dir, study.methods)
         extra = [{"method": t["method"], "seed": study.seed + k,
                   **_searched(t)} for t in best for k in range(1, study.seeds)]
-        run_points(study, "final-seeds", extra, resources, concurrency)
+        run_points(study, "final-seeds", extra, resources, concurrency, console)
         chosen = best + _same_config(study.study_dir, best)
     else:
         points = [{"method": m, "seed": study.seed + k}
                   for m in study.methods for k in range(study.seeds)]
-        run_points(study, "compare", points, resources, concurrency)
+        run_points(study, "compare", points, resources, concurrency, console)
         rows = latest_trials(load(study.study_dir, "trials").to_pylist())
         chosen = [r for r in rows if r.get("status") == "completed"
                   and r["method"] in study.methods]

@@ -1,0 +1,50 @@
+"""The study's console: per-experiment progress a person can follow, Ray's output elsewhere."""
+
+from __future__ import annotations
+
+import io
+import logging
+from types import SimpleNamespace
+
+from fgray.tune.cli import ray_log_file
+from fgray.tune.study import StudyProgress
+
+
+def _trial(tid: str, epoch: int = 0):
+    return SimpleNamespace(trial_id=tid, last_result={"epoch": epoch}, config={})
+
+
+def test_plain_lines_count_trials_best_and_eta(monkeypatch):
+    clock = iter([100.0, 100.0, 130.0, 160.0, 160.0])
+    monkeypatch.setattr("fgray.tune.study.time.time", lambda: next(clock))
+    out = io.StringIO()  # not a terminal: plain lines, no bar
+    progress = StudyProgress("moco", total=3, epochs=3, concurrency=1, stream=out)
+    a, b = _trial("a", 3), _trial("b", 1)
+    progress.on_trial_start(0, [], a)
+    progress.on_trial_start(0, [], b)
+    progress.on_trial_result(0, [], a, {"val_knn_top1": 41.25, "epoch": 1})
+    progress.on_trial_result(0, [], a, {"val_knn_top1": float("nan"), "epoch": 2})
+    progress.on_trial_complete(0, [], a)  # 3 of 3 epochs: completed, took 30 s
+    progress.on_trial_complete(0, [], b)  # 1 of 3: stopped by ASHA, took 60 s
+    lines = out.getvalue().splitlines()
+    assert lines[0] == ("[moco] trial a started: 1 started, 0 completed, 0 stopped, 0 failed; "
+                        "best val kNN -; ETA -")
+    # Two trials left, one at a time, 30 s each so far: 60 s.
+    assert lines[2] == ("[moco] trial a completed: 2 started, 1 completed, 0 stopped, 0 failed;"
+                        " best val kNN 41.2; ETA 60 s")
+    assert lines[3].startswith("[moco] trial b stopped: 2 started, 1 completed, 1 stopped")
+    assert lines[3].endswith("ETA 45 s")  # one left, mean of 30 s and 60 s
+    progress.on_trial_error(0, [], _trial("c"))
+    assert out.getvalue().splitlines()[-1].endswith("1 failed; best val kNN 41.2; ETA -")
+
+
+def test_ray_output_goes_to_the_study_log_file(tmp_path):
+    logger = logging.getLogger("ray.tune")
+    before = logger.handlers[:]
+    with ray_log_file(str(tmp_path), enabled=True) as path:
+        logger.warning("a Ray Tune table line")
+    assert path == tmp_path / "logs" / "ray.log"
+    assert "a Ray Tune table line" in path.read_text()
+    assert logger.handlers == before  # restored afterwards
+    with ray_log_file("s3://bucket/study", enabled=True) as none:
+        assert none is None
