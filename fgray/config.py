@@ -21,7 +21,7 @@ def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _coerce(name: str, value: Any, tp: Any) -> Any:
+def coerce(name: str, value: Any, tp: Any) -> Any:
     """Convert `value` (often a string from the command line) to the annotated type `tp`."""
     origin = get_origin(tp)
     if origin is Literal:
@@ -34,11 +34,11 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
         args = [a for a in get_args(tp) if a is not type(None)]
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             return None
-        return _coerce(name, value, args[0])
+        return coerce(name, value, args[0])
     if origin in (tuple, list):
         (inner, *_) = get_args(tp) or (str,)
         items = value.split(",") if isinstance(value, str) else list(value)
-        out = [_coerce(name, v, inner) for v in items]
+        out = [coerce(name, v, inner) for v in items]
         return tuple(out) if origin is tuple else out
     try:
         if tp is bool:
@@ -91,7 +91,7 @@ def apply_overrides(cfg: T, overrides: dict[str, Any], *, what: str = "setting")
         if key not in names:
             raise UserError(
                 f"unknown {what} {key!r}: expected one of {', '.join(sorted(names))}")
-        changes[key] = _coerce(key, value, types[key])
+        changes[key] = coerce(key, value, types[key])
     out = dataclasses.replace(cfg, **changes)
     validate = getattr(out, "validate", None)
     if callable(validate):

@@ -76,7 +76,7 @@ def build_parser(prog: str, description: str, *, mode: str) -> argparse.Argument
                             "(extra seeds retrain it; preset default: 3)")
     else:
         p.add_argument("--seeds", type=int, help="seeds per method (preset default: 3)")
-    p.add_argument("--seed", type=int, default=0, help="first training seed; also seeds TPE")
+    p.add_argument("--seed", type=int, help="first training seed; also seeds TPE (default 0)")
     p.add_argument("--protocols",
                    help="final test protocols: retrieval, knn, linear, linear-paper, "
                         "localisation (preset default: retrieval,knn,linear,localisation)")
@@ -148,8 +148,12 @@ def study_from_args(args, *, dataset: str, mode: str, default_name: str):
 
     preset = get_preset(args.preset)
     if args.resume:
-        # The stored study.json decides everything else; only where it lives is needed.
-        return load_study(join(_absolute(args.storage), args.name or default_name))
+        # The stored study.json decides everything else; only where it lives (and how it
+        # runs: --address, --concurrency, --verbose) may be given again, and a setting given
+        # again must equal the stored one -- a resume never silently ignores a flag.
+        stored = load_study(join(_absolute(args.storage), args.name or default_name))
+        check_resume_flags(args, stored)
+        return stored
     if not (args.synthetic or args.data_root):
         raise UserError("no dataset: expected --data-root ROOT or --synthetic")
     methods = _methods(args.methods, preset)
@@ -168,24 +172,64 @@ def study_from_args(args, *, dataset: str, mode: str, default_name: str):
                                else preset.val_fraction),
               "cache_dir": cache_dir},
         methods=methods, mode=mode,
-        trials=getattr(args, "trials", None) or preset.trials,
-        epochs=args.epochs or preset.epochs,
-        batch_size=args.batch_size or preset.batch_size,
-        image_size=args.image_size or preset.image_size,
+        trials=_given(getattr(args, "trials", None), preset.trials),
+        epochs=_given(args.epochs, preset.epochs),
+        batch_size=_given(args.batch_size, preset.batch_size),
+        image_size=_given(args.image_size, preset.image_size),
         backbones={m: args.backbone or preset.backbone_for(m) for m in methods},
         init=args.init or preset.init,
         fixed=_fixed(args.set, methods, preset), shared=shared,
-        grace_period=getattr(args, "grace_period", None) or preset.grace_period,
-        reduction_factor=getattr(args, "reduction_factor", None) or preset.reduction_factor,
+        grace_period=_given(getattr(args, "grace_period", None), preset.grace_period),
+        reduction_factor=_given(getattr(args, "reduction_factor", None),
+                                preset.reduction_factor),
         workers=args.workers if args.workers is not None else preset.workers,
         cpus_per_worker=args.cpus_per_worker,
         gpus_per_worker=(args.gpus_per_worker if args.gpus_per_worker is not None
                          else preset.gpus_per_worker),
-        concurrency=args.concurrency, seed=args.seed,
+        concurrency=args.concurrency, seed=_given(args.seed, 0),
         seeds=args.seeds if args.seeds is not None else preset.seeds,
         points=_points(getattr(args, "points", None), methods),
         protocols=([p.strip() for p in args.protocols.split(",") if p.strip()]
                    if args.protocols else list(preset.protocols)))
+
+
+def _given(value, default):
+    """A flag's value when given (0 included: it is then refused as 0), else the preset's."""
+    return default if value is None else value
+
+
+# Flags a resumed study compares with its study.json: (flag, attribute, stored field).
+_RESUME_FLAGS = (("--trials", "trials", "trials"), ("--epochs", "epochs", "epochs"),
+                 ("--batch-size", "batch_size", "batch_size"),
+                 ("--image-size", "image_size", "image_size"), ("--init", "init", "init"),
+                 ("--seeds", "seeds", "seeds"), ("--seed", "seed", "seed"),
+                 ("--workers", "workers", "workers"),
+                 ("--grace-period", "grace_period", "grace_period"),
+                 ("--reduction-factor", "reduction_factor", "reduction_factor"))
+
+
+def check_resume_flags(args, stored) -> None:
+    """Refuse a `--resume` whose study-defining flags differ from the stored study, naming
+    every difference; flags not given are taken from the stored study."""
+    differ = []
+    for flag, attr, field_name in _RESUME_FLAGS:
+        value = getattr(args, attr, None)
+        if value is not None and value != getattr(stored, field_name):
+            differ.append(f"{flag} {value} (stored {getattr(stored, field_name)})")
+    if getattr(args, "methods", None):
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        if methods != list(stored.methods):
+            differ.append(f"--methods {args.methods} (stored {','.join(stored.methods)})")
+    if args.backbone and any(b != args.backbone for b in stored.backbones.values()):
+        differ.append(f"--backbone {args.backbone} (stored "
+                      f"{','.join(sorted({str(b) for b in stored.backbones.values()}))})")
+    if args.set:
+        differ.append(f"--set {' '.join(args.set)} (a resumed study keeps its settings)")
+    if args.data_root or getattr(args, "points", None) or args.protocols:
+        differ.append("--data-root/--points/--protocols (a resumed study keeps its own)")
+    if differ:
+        raise UserError(f"--resume continues the stored study unchanged, but "
+                        f"{'; '.join(differ)}: drop these flags, or start a new --name")
 
 
 @contextmanager

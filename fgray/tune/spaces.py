@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import typing
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from fgray.config import coerce
 from fgray.engine.optim import OptimConfig
 from fgray.errors import UserError
 from fgray.methods import REGISTRY, method_class
@@ -188,12 +190,20 @@ class Space:
         if cls.family_defaults(True):  # some defaults depend on the backbone family
             cfg = cls.resolve_config(cfg, _is_vit(self.backbone or cls.default_backbone))
         method = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls.Config)}
-        return {**optim, **method, **dict(self.fixed)}
+        return {**optim, **method, **self.typed_fixed()}
+
+    def typed_fixed(self) -> dict[str, Any]:
+        """The study's fixed settings parsed to their fields' types (the command line gives
+        strings: `--set lr=0.01` must centre a range on 0.01, not on "0.01")."""
+        cls = method_class(self.method)
+        types = {**typing.get_type_hints(OptimConfig), **typing.get_type_hints(cls.Config)}
+        return {k: (coerce(k, v, types[k]) if k in types else v) for k, v in self.fixed}
 
     def _run(self, trial: Any | None) -> dict[str, Any]:
         s = Suggest(trial, self.config_defaults())
         METHOD_KNOBS[self.method](s, dict(self.fixed))
-        _shared(s, self.shared)
+        # A shared knob the study fixes (--set lr=...) is a setting, not a search dimension.
+        _shared(s, [k for k in self.shared if k not in dict(self.fixed)])
         return s.params
 
     def __call__(self, trial: Any) -> None:

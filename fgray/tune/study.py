@@ -751,7 +751,30 @@ def prepare(study: StudyConfig) -> None:
             if unknown:
                 raise UserError(f"point {point} for {method}: {unknown[0]!r} is not a knob of "
                                 f"its search space: expected some of {', '.join(sorted(knobs))}")
+    check_data(study)
     _write_text(join(study.study_dir, STUDY_FILE), study.to_json())
+
+
+def check_data(study: StudyConfig) -> None:
+    """The study's settings against its data, before any trial starts (a batch larger than
+    the train split would otherwise fail every trial). Skipped when the data is not on this
+    machine: on a cluster it may be staged to the workers' disks only."""
+    from fgray.data.formats import load_dataset
+
+    data = study.data_spec
+    if "://" in data.root or not Path(data.root).exists():
+        return
+    ds = load_dataset(data.format, data.root, val_fraction=data.val_fraction,
+                      seed=data.split_seed, aircraft_level=data.aircraft_level)
+    train = len(ds.split("train"))
+    if study.batch_size > train:
+        raise UserError(f"--batch-size {study.batch_size} exceeds the train split of "
+                        f"{data.root} ({train} images after the validation split): expected "
+                        f"at most {train}")
+    if not ds.split("val"):
+        raise UserError(f"{data.root}: the validation split is empty (val fraction "
+                        f"{data.val_fraction:g}); trials select on val kNN: expected a larger "
+                        "--val-fraction or more train images per class")
 
 
 def best_trials(study_dir: str, methods: list[str] | None = None) -> list[dict[str, Any]]:
