@@ -112,7 +112,11 @@ class Pretrainer:
                             f" ({len(train_data)} images): expected at most {len(train_data)}")
 
         self.method = method.to(self.device)
-        if cfg.channels_last and self.device.type == "cuda" and not method.backbone.is_vit:
+        # Channels-last convolutions: faster on GPUs, and on CPUs too (oneDNN): measured
+        # 1.5x for tf_efficientnet_lite0's forward + backward at 96 px on one core
+        # (benchmarks/datapath.py). ViTs have no convolutions to speed up.
+        self.channels_last = cfg.channels_last and not method.backbone.is_vit
+        if self.channels_last:
             self.method.to(memory_format=torch.channels_last)
         self.model: nn.Module = self.method
         if world_size > 1:
@@ -243,7 +247,7 @@ class Pretrainer:
             info = StepInfo(epoch=self.epoch, step=step, progress=step / self.total_steps,
                             epochs=self.cfg.epochs)
             view1, view2 = self.augment(images, regions)  # crops anywhere in each image
-            if self.device.type == "cuda" and self.cfg.channels_last:
+            if self.channels_last:
                 view1 = view1.contiguous(memory_format=torch.channels_last)
                 view2 = view2.contiguous(memory_format=torch.channels_last)
             with autocast_for(self.device, self.cfg.precision):
