@@ -89,9 +89,11 @@ def presets(tiny: bool = False) -> dict[str, Preset]:
     cpu_case = Case("moco-test_resnet-64px", image_size=64, batch_size=32, sets=TINY_MOCO)
     cpu = Preset(
         name="cpu", data=SynthData(classes=8, per_class=48, size=96),
+        # The main job's hot path: MoCo on tf_efficientnet_lite0 at the smoke preset's size.
         datapath=(cpu_case, dataclasses.replace(
             cpu_case, name="mocov3-test_vit-64px", method="mocov3", backbone="test_vit",
-            sets={"mlp_hidden": 256, "dim": 64})),
+            sets={"mlp_hidden": 256, "dim": 64}),
+            dataclasses.replace(smoke, name=f"moco-{smoke.backbone}-{smoke.image_size}px")),
         epochs=8, ray=cpu_case, ray_epochs=8, study=cpu_case, study_trials=4, study_epochs=2,
         memory=(smoke, paper), scaling=cpu_case, scaling_steps=10, pil_workers=cores)
     if tiny:
