@@ -108,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     res.add_argument("--tensorboard", action="store_true",
                      help="also print the command that opens TensorBoard on the study")
     res.add_argument("--plots", action="store_true", help="render PNG plots under STUDY_DIR/plots")
+    res.add_argument("--html", action="store_true",
+                     help="write a one-page report to STUDY_DIR/report/index.html")
     res.set_defaults(handler=_results)
     return parser
 
@@ -163,7 +165,7 @@ def _results(args) -> int:
     from fgray.results.report import results_command
 
     print(results_command(args.study_dir, args.format, tensorboard=args.tensorboard,
-                          plots=args.plots))
+                          plots=args.plots, html=args.html))
     return 0
 
 

@@ -15,6 +15,7 @@ import pytest
 from fgray.errors import UserError
 from fgray.results import append, leaderboard, load, plots, render, results_command
 from fgray.results.schema import TEST_METRICS, param_fields
+from fgray.results.tensorboard import HPARAMS_FILE
 
 UTC = dt.timezone.utc
 T0 = dt.datetime(2024, 3, 1, tzinfo=UTC)
@@ -207,7 +208,7 @@ def test_results_command_with_tensorboard(study):
     out = results_command(study, "table", tensorboard=True)
     assert out.splitlines()[0].startswith("method")
     assert f"TensorBoard: tensorboard --logdir {study}/tensorboard" in out
-    assert os.path.isdir(os.path.join(study, "tensorboard", "moco", "m2", "hparams"))
+    assert os.path.isfile(os.path.join(study, "tensorboard", "moco", "m2", HPARAMS_FILE))
     data = json.loads(results_command(study, "json", tensorboard=True))
     assert data["tensorboard"] == f"tensorboard --logdir {study}/tensorboard"
     assert [r["method"] for r in data["leaderboard"]] == ["lcr", "moco"]
@@ -273,8 +274,10 @@ def test_plots_param_importance_from_optuna_journal(study, tmp_path):
 
 
 def test_load_sees_all_rows_written_for_report(study):
-    # 9 trial rows (m2 twice), 4 x 5 + 2 eval rows, 8 x 4 epoch rows.
-    assert load(study, "trials").num_rows == len(TRIALS) + 1
+    # One row per trial (m2's final state), 9 states in its history (m2 twice),
+    # 4 x 5 + 2 eval rows, 8 x 4 epoch rows.
+    assert load(study, "trials").num_rows == len(TRIALS)
+    assert load(study, "trial_events").num_rows == len(TRIALS) + 1
     assert load(study, "evals").num_rows == 22
     assert load(study, "epochs").num_rows == 32
 

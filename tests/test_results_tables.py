@@ -1,4 +1,7 @@
-"""Append-only Parquet tables: concurrent writers, schema evolution, coercion, errors."""
+"""Append-only Parquet tables: concurrent writers, schema evolution, coercion, errors.
+
+The append-only tables are epochs, evals and trial_events (the trials table, one file per
+trial, is tested in test_results_trials.py); trial_events has the trials schema."""
 
 from __future__ import annotations
 
@@ -38,11 +41,12 @@ def _expected_ids(n_writers: int, n_writes: int) -> set[str]:
 
 
 def _check_all_readers_agree(study, expected_ids: set[str]) -> None:
-    loaded = load(str(study), "trials")
+    loaded = load(str(study), "trial_events")
     assert sorted(loaded.column("trial_id").to_pylist()) == sorted(expected_ids)
-    frame = pd.read_parquet(study / "tables" / "trials")
+    frame = pd.read_parquet(study / "tables" / "trial_events")
     assert sorted(frame["trial_id"]) == sorted(expected_ids)
-    dataset = ds.dataset(study / "tables" / "trials", format="parquet", partitioning="hive")
+    dataset = ds.dataset(study / "tables" / "trial_events", format="parquet",
+                         partitioning="hive")
     table = dataset.to_table()
     assert sorted(table.column("trial_id").to_pylist()) == sorted(expected_ids)
     # The partition value each reader reports matches the method each row was written with.
@@ -60,19 +64,20 @@ def test_concurrent_threads_write_every_row(tmp_path):
     study = tmp_path / "study"
     jobs = [(w, i) for w in range(4) for i in range(5)]  # 20 writes from 4 workers
     with ThreadPoolExecutor(max_workers=4) as pool:
-        paths = list(pool.map(lambda job: append(str(study), "trials", _trial_rows(*job)), jobs))
+        paths = list(pool.map(lambda job: append(str(study), "trial_events",
+                                                 _trial_rows(*job)), jobs))
     assert len(set(paths)) == 20 and all(p.endswith(".parquet") for p in paths)
     parquet = [p for p in _files_under(study) if p.endswith(".parquet")]
     assert len(parquet) == 20
     _check_all_readers_agree(study, _expected_ids(4, 5))
-    assert load(str(study), "trials").num_rows == 40
+    assert load(str(study), "trial_events").num_rows == 40
 
 
 def test_concurrent_processes_write_every_row(tmp_path):
     study = tmp_path / "study"
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=4, mp_context=ctx) as pool:
-        futures = [pool.submit(append, str(study), "trials", _trial_rows(w, i))
+        futures = [pool.submit(append, str(study), "trial_events", _trial_rows(w, i))
                    for w in range(4) for i in range(2)]
         paths = [f.result() for f in futures]
     assert len(set(paths)) == 8
@@ -82,13 +87,27 @@ def test_concurrent_processes_write_every_row(tmp_path):
 def test_rows_spanning_methods_write_one_file_per_method(tmp_path):
     rows = [{"trial_id": "a", "method": "moco"}, {"trial_id": "b", "method": "lcr"},
             {"trial_id": "c", "method": "moco"}]
-    files = append_files(str(tmp_path), "trials", rows)
+    files = append_files(str(tmp_path), "trial_events", rows)
     assert sorted(os.path.basename(os.path.dirname(f)) for f in files) == [
         "method=lcr", "method=moco"]
-    assert append(str(tmp_path), "trials", rows) == f"{tmp_path}/tables/trials"
-    loaded = load(str(tmp_path), "trials")
+    assert append(str(tmp_path), "trial_events", rows) == f"{tmp_path}/tables/trial_events"
+    loaded = load(str(tmp_path), "trial_events")
     assert loaded.num_rows == 6
     assert loaded.schema.field("method").type == pa.string()
+
+
+def test_trials_append_writes_one_file_per_trial(tmp_path):
+    rows = [{"trial_id": "a", "method": "moco"}, {"trial_id": "b", "method": "lcr"},
+            {"trial_id": "a", "method": "moco", "status": "completed"}]
+    files = append_files(str(tmp_path), "trials", rows)
+    assert sorted(f.split("/tables/trials/")[1] for f in files) == [
+        "method=lcr/trial-b.parquet", "method=moco/trial-a.parquet"]
+    assert append(str(tmp_path), "trials", rows[:1]).endswith("method=moco/trial-a.parquet")
+    loaded = load(str(tmp_path), "trials")
+    assert loaded.num_rows == 2  # one row per trial: a's completed state stays
+    assert dict(zip(loaded.column("trial_id").to_pylist(),
+                    loaded.column("status").to_pylist())) == {"a": "completed", "b": None}
+    assert load(str(tmp_path), "trial_events").num_rows == 4
 
 
 def test_column_added_later_is_kept_and_earlier_rows_are_null(tmp_path):
@@ -161,7 +180,7 @@ def test_row_without_method_is_a_user_error(tmp_path):
 
 def test_unknown_table_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="unknown table 'runs': expected one of trials, "
-                                        "epochs, evals"):
+                                        "epochs, evals, trial_events"):
         append(str(tmp_path), "runs", [{"method": "moco"}])
     (tmp_path / "tables").mkdir()
     with pytest.raises(UserError, match="unknown table 'runs'"):

@@ -19,7 +19,9 @@ from torchvision.utils import make_grid
 
 from fgray.errors import UserError
 from fgray.results.tensorboard import (
+    HPARAMS_FILE,
     TrialWriter,
+    latest_images,
     overlay_maps,
     run_name,
     scalar_tag,
@@ -136,6 +138,12 @@ def _hparams_by_run(tb_dir):
     return mux, parsed
 
 
+def _event_dirs(tb_dir) -> set[str]:
+    """TensorBoard's runs: every folder that directly holds an event file."""
+    return {os.path.relpath(d, tb_dir).replace(os.sep, "/") for d, _, files in os.walk(tb_dir)
+            if any("tfevents" in f for f in files)}
+
+
 def test_hparams_one_session_per_trial_and_idempotent(tmp_path):
     study = str(tmp_path)
     trials = [
@@ -150,50 +158,198 @@ def test_hparams_one_session_per_trial_and_idempotent(tmp_path):
         _trial("sdf", "s1", "failed", None, {"lr": 0.2}, error="OOM"),
     ]
     sessions = write_hparams(study, later)
-    expected = {"moco/t1/hparams", "moco/t2/hparams", "lcr/l1/hparams", "sdf/s1/hparams"}
+    expected = {"moco/t1", "moco/t2", "lcr/l1", "sdf/s1"}
     assert set(sessions) == expected
 
     tb_dir = tmp_path / "tensorboard"
+    assert _event_dirs(tb_dir) == expected  # one run per trial, nothing else
     for session in expected:
-        files = os.listdir(tb_dir / session)
-        assert len(files) == 1 and files[0].endswith(".hparams")
-    assert len([f for f in os.listdir(tb_dir) if f.endswith(".hparams_experiment")]) == 1
+        assert os.listdir(tb_dir / session) == [HPARAMS_FILE]
 
     mux, parsed = _hparams_by_run(tb_dir)
+    assert set(mux.Runs()) == expected
     starts = {run: data[metadata.SESSION_START_INFO_TAG].session_start_info
               for run, data in parsed.items() if metadata.SESSION_START_INFO_TAG in data}
     assert set(starts) == expected  # every trial exactly once
-    t1 = starts["moco/t1/hparams"].hparams
+    t1 = starts["moco/t1"].hparams
     assert t1["lr"].number_value == pytest.approx(0.03)
     assert t1["tau"].number_value == pytest.approx(0.2)
     assert t1["method"].string_value == "moco"
     assert t1["image_size"].number_value == 32
-    assert starts["lcr/l1/hparams"].hparams["fusion"].string_value == "product"
-    assert starts["lcr/l1/hparams"].hparams["status"].string_value == "stopped"
-    assert json.loads(starts["lcr/l1/hparams"].hparams["crops"].string_value) == [96, 64]
+    assert starts["lcr/l1"].hparams["fusion"].string_value == "product"
+    assert starts["lcr/l1"].hparams["status"].string_value == "stopped"
+    assert json.loads(starts["lcr/l1"].hparams["crops"].string_value) == [96, 64]
 
     ends = {run: data[metadata.SESSION_END_INFO_TAG].session_end_info.status
             for run, data in parsed.items() if metadata.SESSION_END_INFO_TAG in data}
-    assert ends == {"moco/t1/hparams": api_pb2.STATUS_SUCCESS,
-                    "moco/t2/hparams": api_pb2.STATUS_SUCCESS,
-                    "lcr/l1/hparams": api_pb2.STATUS_SUCCESS,
-                    "sdf/s1/hparams": api_pb2.STATUS_FAILURE}
+    assert ends == {"moco/t1": api_pb2.STATUS_SUCCESS, "moco/t2": api_pb2.STATUS_SUCCESS,
+                    "lcr/l1": api_pb2.STATUS_SUCCESS, "sdf/s1": api_pb2.STATUS_FAILURE}
 
     # The latest state of t2 (completed, 8 epochs) is what the session reports.
-    (event,) = mux.Scalars("moco/t2/hparams", "best_val_knn_top1")
+    (event,) = mux.Scalars("moco/t2", "final/best_val_knn_top1")
     assert event.value == pytest.approx(0.66) and event.step == 8
-    assert mux.Scalars("moco/t1/hparams", "test_rank1")[0].value == pytest.approx(0.5)
-    assert "best_val_knn_top1" not in mux.Runs()["sdf/s1/hparams"]["scalars"]
+    assert mux.Scalars("moco/t1", "final/test_rank1")[0].value == pytest.approx(0.5)
+    assert "final/best_val_knn_top1" not in mux.Runs()["sdf/s1"]["scalars"]
 
-    experiment = parsed["."][metadata.EXPERIMENT_TAG].experiment
+    # One experiment, in the first run by method then trial id.
+    holders = [run for run, data in parsed.items() if metadata.EXPERIMENT_TAG in data]
+    assert holders == ["lcr/l1"]
+    experiment = parsed["lcr/l1"][metadata.EXPERIMENT_TAG].experiment
     hparam_names = {h.name for h in experiment.hparam_infos}
     assert {"lr", "tau", "fusion", "crops", "method", "backbone", "seed"} <= hparam_names
-    metric_names = [m.name.tag for m in experiment.metric_infos]
-    assert metric_names[0] == "best_val_knn_top1"
-    assert {"test_rank1", "epochs_run", "gpu_hours"} <= set(metric_names)
+    metric_tags = [m.name.tag for m in experiment.metric_infos]
+    assert metric_tags[0] == "final/best_val_knn_top1"
+    assert experiment.metric_infos[0].display_name == "best_val_knn_top1"
+    assert {"final/test_rank1", "final/epochs_run", "final/gpu_hours"} <= set(metric_tags)
     method_info = next(h for h in experiment.hparam_infos if h.name == "method")
     assert sorted(v.string_value for v in method_info.domain_discrete.values) == [
         "lcr", "moco", "sdf"]
+
+
+def _hparams_plugin_view(tb_dir) -> tuple[api_pb2.Experiment, list]:
+    """The HParams dashboard's experiment and session groups, from TensorBoard's own plugin
+    over the logdir (what the HParams tab shows)."""
+    from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
+    from tensorboard.plugins import base_plugin
+    from tensorboard.plugins.hparams import backend_context, list_session_groups
+
+    mux = plugin_event_multiplexer.EventMultiplexer(size_guidance=LOAD_ALL)
+    mux.AddRunsFromDirectory(str(tb_dir))
+    mux.Reload()
+    provider = data_provider.MultiplexerDataProvider(mux, str(tb_dir))
+    context = backend_context.Context(base_plugin.TBContext(logdir=str(tb_dir),
+                                                            multiplexer=mux,
+                                                            data_provider=provider))
+    from tensorboard import context as tb_context
+
+    ctx = tb_context.RequestContext()
+    experiment = context.experiment_from_metadata(
+        ctx, "", include_metrics=True,
+        hparams_run_to_tag_to_content=context.hparams_metadata(ctx, ""),
+        data_provider_hparams=context.hparams_from_data_provider(ctx, "", limit=None))
+    request = api_pb2.ListSessionGroupsRequest(
+        start_index=0, slice_size=100,
+        allowed_statuses=[api_pb2.STATUS_SUCCESS, api_pb2.STATUS_FAILURE,
+                          api_pb2.STATUS_RUNNING, api_pb2.STATUS_UNKNOWN])
+    handler = list_session_groups.Handler(ctx, context, "", request)
+    return experiment, list(handler.run().session_groups)
+
+
+def _study_like_logs(study: str) -> list[dict]:
+    """What a study leaves in TensorBoard for 3 trials: per-epoch scalars and maps from the
+    trials' recorders, then (at the end) the HParams and the best trial's embeddings."""
+    from fgray.engine.spec import DataSpec, build_spec
+    from fgray.train.records import EpochRecorder
+
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8, generator=gen)
+    rows = []
+    for i, (method, status) in enumerate((("moco", "completed"), ("moco", "stopped"),
+                                          ("lcr", "completed"))):
+        spec = build_spec(method, DataSpec(format="cub", root="/data/cub"),
+                          backbone="test_resnet",
+                          train={"epochs": 3, "batch_size": 16, "image_size": 32})
+        recorder = EpochRecorder(study, f"t{i}", spec, params={"lr": 0.01 * (i + 1)})
+        recorder.finish([], "running")
+        epochs = 3 if status == "completed" else 1
+        history = []
+        for epoch in range(1, epochs + 1):
+            metrics = {"epoch": epoch, "loss": 2.0 - epoch / 4, "val_knn_top1": 10.0 * i + epoch}
+            recorder(metrics)
+            recorder.visuals(epoch, images, {"attention": torch.rand(4, 4, 4, generator=gen)},
+                             {})
+            history.append(metrics)
+        rows.append(recorder.finish(history, status))
+    return rows
+
+
+def test_one_run_per_trial_with_scalars_images_hparams_and_embeddings(tmp_path):
+    study = str(tmp_path)
+    from fgray.results.tables import load
+
+    _study_like_logs(study)
+    write_hparams(study, load(study, "trials").to_pylist())
+    write_embeddings(study, "moco/t0", torch.randn(30, 4), torch.arange(30) % 3,
+                     ["a", "b", "c"])
+    write_hparams(study, load(study, "trials").to_pylist())  # a refresh changes nothing
+    tb_dir = tmp_path / "tensorboard"
+    runs = {"moco/t0", "moco/t1", "lcr/t2"}
+    assert _event_dirs(tb_dir) == runs
+
+    mux, parsed = _hparams_by_run(tb_dir)
+    assert set(mux.Runs()) == runs
+    t0 = mux.Runs()["moco/t0"]
+    assert {"loss/total", "val/knn_top1", "final/best_val_knn_top1"} <= set(t0["scalars"])
+    assert t0["images"] == ["maps/attention"]
+    assert [e.step for e in mux.Images("moco/t0", "maps/attention")] == [1, 2, 3]
+    assert {run for run, data in parsed.items()
+            if metadata.SESSION_START_INFO_TAG in data} == runs
+    assert os.path.isfile(tb_dir / "moco" / "t0" / "projector_config.pbtxt")
+
+    # TensorBoard's HParams plugin: one session group per trial, with the final metrics.
+    experiment, groups = _hparams_plugin_view(tb_dir)
+    assert {m.name.tag for m in experiment.metric_infos} >= {"final/best_val_knn_top1"}
+    assert sorted(s.name for g in groups for s in g.sessions) == sorted(runs)
+    best = {g.sessions[0].name: next(v.value for v in g.metric_values
+                                     if v.name.tag == "final/best_val_knn_top1")
+            for g in groups}
+    assert best == {"moco/t0": 3.0, "moco/t1": 11.0, "lcr/t2": 23.0}
+
+    # The projector plugin finds the embeddings in the trial's own run.
+    from tensorboard.backend.event_processing import data_provider
+    from tensorboard.plugins import base_plugin
+    from tensorboard.plugins.projector.projector_plugin import ProjectorPlugin
+
+    plugin = ProjectorPlugin(base_plugin.TBContext(
+        logdir=str(tb_dir), data_provider=data_provider.MultiplexerDataProvider(
+            mux, str(tb_dir))))
+    plugin._update_configs()
+    assert set(plugin._configs) == {"moco/t0"}
+    (embedding,) = plugin._configs["moco/t0"].embeddings
+    assert embedding.tensor_name == "features"
+    assert os.path.isfile(tb_dir / "moco" / "t0" / embedding.tensor_path)
+
+
+def test_older_sub_runs_are_folded_into_the_trial_run(tmp_path):
+    """Logs of the earlier layout (`<run>/hparams/`, `<run>/embeddings/`, an experiment file
+    in the log root: each a run of its own) become one run per trial."""
+    from torch.utils.tensorboard import SummaryWriter
+    from torch.utils.tensorboard.writer import FileWriter
+
+    study = str(tmp_path)
+    tb_dir = tmp_path / "tensorboard"
+    with TrialWriter(study, "moco/t1") as writer:
+        writer.scalars(1, {"loss": 1.0})
+    old = FileWriter(str(tb_dir / "moco" / "t1" / "hparams"), filename_suffix=".hparams")
+    old.close()
+    FileWriter(str(tb_dir), filename_suffix=".hparams_experiment").close()
+    with SummaryWriter(str(tb_dir / "moco" / "t1" / "embeddings")) as old:
+        old.add_embedding(torch.eye(3), metadata=["0", "1", "2"], tag="features",
+                          global_step=0)
+    assert _event_dirs(tb_dir) == {".", "moco/t1", "moco/t1/hparams", "moco/t1/embeddings"}
+
+    write_hparams(study, [_trial("moco", "t1", "completed", 0.5, {"lr": 0.1})])
+    assert _event_dirs(tb_dir) == {"moco/t1"}
+    config = (tb_dir / "moco" / "t1" / "projector_config.pbtxt").read_text()
+    assert 'tensor_path: "projector/features/tensors.tsv"' in config
+    tensors = np.loadtxt(tb_dir / "moco" / "t1" / "projector" / "features" / "tensors.tsv",
+                         delimiter="\t")
+    assert np.array_equal(tensors, np.eye(3))
+
+
+def test_latest_images_of_a_run(tmp_path):
+    gen = torch.Generator().manual_seed(2)
+    images = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8, generator=gen)
+    with TrialWriter(str(tmp_path), "lcr/t9") as writer:
+        for epoch in (1, 2):
+            writer.maps("maps/rationale", images, torch.rand(2, 2, 2, generator=gen), epoch)
+        writer.image_pairs("pairs/decoded", images, images, 2)
+        writer.image_pairs("other/x", images, images, 2)
+    write_hparams(str(tmp_path), [_trial("lcr", "t9", "completed", 0.5, {})])
+    got = latest_images(str(tmp_path), "lcr/t9")
+    assert [(tag, step) for tag, step, _ in got] == [("maps/rationale", 2), ("pairs/decoded", 2)]
+    assert _png(got[0][2]).shape == (8 + 4, 2 * 8 + 3 * 2, 3)
+    assert latest_images(str(tmp_path), "lcr/none") == []
 
 
 def test_stratified_subsample_keeps_every_class():
@@ -214,7 +370,8 @@ def test_embeddings_projector_files(tmp_path):
     for _ in range(2):  # rewriting replaces, never appends
         run_dir = write_embeddings(str(tmp_path), "moco/t1", features, labels, names,
                                    max_points=120, seed=0)
-    assert run_dir == f"{tmp_path}/tensorboard/moco/t1/embeddings"
+    assert run_dir == f"{tmp_path}/tensorboard/moco/t1"
+    assert not any("tfevents" in f for _, _, fs in os.walk(run_dir) for f in fs)
     config = open(os.path.join(run_dir, "projector_config.pbtxt")).read()
     assert config.count("embeddings {") == 1
     (tensor_dir,) = [d for d, _, fs in os.walk(run_dir) if "tensors.tsv" in fs]
@@ -231,3 +388,71 @@ def test_embeddings_projector_files(tmp_path):
     # Each kept row is the feature of an item of the stated class.
     keep = stratified_subsample(labels, 120, seed=0)
     assert np.allclose(tensors, features[keep].numpy(), atol=1e-5)
+    # A second tag is listed next to the first; no class names: one column, no header.
+    write_embeddings(str(tmp_path), "moco/t1", features[:10], labels[:10], tag="local")
+    config = open(os.path.join(run_dir, "projector_config.pbtxt")).read()
+    assert config.count("embeddings {") == 2 and 'tensor_name: "local"' in config
+    local = open(os.path.join(run_dir, "projector", "local", "metadata.tsv")).read()
+    assert local.splitlines() == ["0"] * 10
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_tensorboard_server_lists_one_run_per_trial(tmp_path):
+    """A real `tensorboard` (its default Rust data server): the runs selector, the projector
+    and the HParams table each list every trial once."""
+    import shutil
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from fgray.results.tables import load
+
+    study = str(tmp_path / "study")
+    _study_like_logs(study)
+    write_hparams(study, load(study, "trials").to_pylist())
+    write_embeddings(study, "moco/t0", torch.randn(30, 4), torch.arange(30) % 3)
+    port = _free_port()
+    binary = shutil.which("tensorboard")
+    command = ([binary] if binary else [sys.executable, "-m", "tensorboard.main"]) + [
+        "--logdir", f"{study}/tensorboard", "--host", "127.0.0.1", "--port", str(port),
+        "--reload_interval", "1"]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def get(path: str, body: dict | None = None):
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}{path}", data=json.dumps(body).encode() if body else None,
+            headers={"Content-Type": "application/json", "X-XSRF-Protected": "1"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read())
+
+    runs = {"moco/t0", "moco/t1", "lcr/t2"}
+    try:
+        deadline, listed = time.time() + 90, []
+        while time.time() < deadline and set(listed) != runs:
+            time.sleep(1)
+            try:
+                listed = get("/data/runs")
+            except OSError:
+                assert server.poll() is None, server.stderr.read().decode()[-2000:]
+        assert sorted(listed) == sorted(runs)  # once each, no sub-runs, no "." run
+        assert get("/data/plugin/projector/runs") == ["moco/t0"]
+        groups = get("/data/plugin/hparams/session_groups", {
+            "experimentName": "", "startIndex": 0, "sliceSize": 100, "colParams": [],
+            "allowedStatuses": ["STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING",
+                                "STATUS_UNKNOWN"]})["sessionGroups"]
+        best = {g["name"]: next(m["value"] for m in g["metricValues"]
+                                if m["name"]["tag"] == "final/best_val_knn_top1")
+                for g in groups}
+        assert best == {"moco/t0": 3.0, "moco/t1": 11.0, "lcr/t2": 23.0}
+    finally:
+        server.terminate()
+        server.wait(30)

@@ -263,7 +263,7 @@ def _search_trials(study: str) -> list[dict]:
 def test_resume_does_not_repeat_finished_trials(which, request):
     resumed_study = request.getfixturevalue(which)
     study = resumed_study["study"]
-    rows = load(study, "trials").to_pylist()
+    rows = load(study, "trial_events").to_pylist()  # every state each trial went through
     trials = _search_trials(study)
     assert len(trials) == 5  # no extra trials after the restore
     assert all(t["status"] in ("completed", "stopped", "failed") for t in trials)

@@ -159,7 +159,7 @@ def test_study_evaluation_writes_embeddings(lcr_run, synth_root, tmp_path):
     metrics = _evaluate_checkpoint(str(storage / name / "checkpoints" / "best"), data,
                                    ["retrieval"], 0, embeddings=(study_dir, "lcr/t1"))
     assert set(metrics) == {"rank1", "rank5", "map"}
-    run_dir = tmp_path / "study" / "tensorboard" / "lcr" / "t1" / "embeddings"
+    run_dir = tmp_path / "study" / "tensorboard" / "lcr" / "t1"  # the trial's one run
     (tensor_dir,) = [d for d, _, fs in os.walk(run_dir) if "tensors.tsv" in fs]
     tensors = np.loadtxt(os.path.join(tensor_dir, "tensors.tsv"), delimiter="\t")
     ds = load_dataset("cub", synth_root, val_fraction=0.1, seed=0)

@@ -20,7 +20,10 @@ counts, "+1.0 (n.s.)" where it does not; JSON carries it for every metric.
 
 from __future__ import annotations
 
+import base64
 import csv
+import datetime as dt
+import html
 import io
 import json
 import math
@@ -519,19 +522,189 @@ def plots(study_dir: str, out_dir: str | None = None,
     return _write_plots(study_dir, out_dir, notes if notes is not None else [])
 
 
+# ---------------------------------------------------------------- viewers and HTML
+
+REPORT_FILE = "report/index.html"
+MAP_PREFIXES = ("maps/", "pairs/")  # the TensorBoard image tags the report shows
+
+
+def _quote_path(study_dir: str, rel: str) -> str:
+    path = f"{study_dir.rstrip('/')}/{rel}"
+    return shlex.quote(path if "://" in path else os.path.abspath(path))
+
+
+def viewer_commands(study_dir: str) -> dict[str, str | None]:
+    """The shell commands that open the study in TensorBoard and in optuna-dashboard (None
+    without an Optuna journal). optuna-dashboard reads a local journal file: for an object
+    store study, the command first copies it here."""
+    commands: dict[str, str | None] = {
+        "tensorboard": f"tensorboard --logdir {_quote_path(study_dir, 'tensorboard')}",
+        "optuna_dashboard": None}
+    fs, root = resolve(study_dir)
+    if fs.get_file_info(f"{root}/{OPTUNA_JOURNAL}").type == pafs.FileType.File:
+        journal = _quote_path(study_dir, OPTUNA_JOURNAL)
+        if "://" not in study_dir:
+            commands["optuna_dashboard"] = f"optuna-dashboard {journal}"
+        else:
+            copy = ("gcloud storage cp" if study_dir.startswith("gs://") else "aws s3 cp")
+            commands["optuna_dashboard"] = (f"{copy} {journal} journal.log && "
+                                            "optuna-dashboard journal.log")
+    return commands
+
+
+_CSS = """
+body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em;
+       color: #1d2433; max-width: 1600px; }
+h1 { margin-bottom: .1em; } h2 { margin-top: 1.6em; border-bottom: 1px solid #d0d7e2; }
+.meta, .legend, figcaption { color: #5a6478; }
+pre { background: #f3f5f9; padding: .6em .8em; border-radius: 4px; overflow-x: auto; }
+.scroll { overflow-x: auto; }
+table { border-collapse: collapse; font-size: 13px; }
+th, td { border: 1px solid #d0d7e2; padding: .3em .55em; text-align: left;
+         white-space: nowrap; vertical-align: top; }
+th { background: #eef1f6; position: sticky; top: 0; }
+tr.init td { background: #fbf7e9; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+td.params { white-space: normal; min-width: 18em; }
+.gallery { display: flex; flex-wrap: wrap; gap: 1.2em; }
+figure { margin: 0; } figure img { max-width: 100%; border: 1px solid #d0d7e2; }
+.plots figure img { width: 560px; }
+.maps figure img { max-width: 820px; }
+"""
+
+_NUMERIC = {"val_knn_top1", *TEST_METRICS, "gpu_hours", "cpu_hours", "seeds", "completed",
+            "stopped", "failed", "running"}
+
+
+def _img(data: bytes, alt: str, *, min_width: int = 0, max_height: int = 700) -> str:
+    """An inline PNG; one narrower than `min_width` is shown enlarged by a whole factor that
+    keeps it under `max_height` (maps of 32-px images would be stamps), with crisp pixels."""
+    encoded = base64.b64encode(data).decode("ascii")
+    size = ""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and min_width:
+        width, height = (int.from_bytes(data[i:i + 4], "big") for i in (16, 20))
+        factor = min(min_width // max(width, 1), max_height // max(height, 1))
+        if factor > 1:
+            size = f' width="{width * factor}" style="image-rendering: pixelated"'
+    return f'<img src="data:image/png;base64,{encoded}" alt="{html.escape(alt)}"{size}>'
+
+
+def _leaderboard_html(rows: list[dict[str, Any]]) -> str:
+    head = "".join(f"<th>{html.escape(name)}</th>" for name in _DISPLAY)
+    body = []
+    for row in rows:
+        cells = []
+        for name, text in zip(_DISPLAY, _display_cells(row)):
+            cls = "num" if name in _NUMERIC else "params" if name == "params" else ""
+            cells.append(f'<td class="{cls}">{html.escape(text)}</td>' if cls
+                         else f"<td>{html.escape(text)}</td>")
+        kind = ' class="init"' if row["is_init"] else ""
+        body.append(f"<tr{kind}>{''.join(cells)}</tr>")
+    if not body:
+        return "<p>(no trials recorded yet)</p>"
+    return (f'<div class="scroll"><table><thead><tr>{head}</tr></thead>'
+            f"<tbody>{''.join(body)}</tbody></table></div>"
+            f'<p class="legend">{html.escape(LEGEND)}</p>')
+
+
+def _read_bytes(path: str) -> bytes:
+    fs, inner = resolve(path)
+    with fs.open_input_stream(inner) as src:
+        return src.read()
+
+
+def html_report(study_dir: str, out: str | None = None,
+                notes: list[str] | None = None) -> str:
+    """Write a one-page, self-contained HTML report of the study (default
+    `STUDY_DIR/report/index.html`; every image inline as base64) and return its path: how to
+    open the study in TensorBoard and optuna-dashboard, the leaderboard (mean ± std over
+    seeds), the plots (written under `STUDY_DIR/plots/` as `--plots` does), and per method
+    its best trial's maps -- the last `maps/*` and `pairs/*` images logged to the trial's
+    TensorBoard run (no model is loaded). Why something is missing goes to `notes` and to
+    the page."""
+    from fgray.results.tensorboard import latest_images, run_name
+
+    notes = notes if notes is not None else []
+    rows = leaderboard(study_dir)
+    plot_paths = _write_plots(study_dir, None, notes)
+    commands = viewer_commands(study_dir)
+    name = study_dir.rstrip("/").rsplit("/", 1)[-1]
+    trials = sum(r["trials_completed"] + r["trials_stopped"] + r["trials_failed"]
+                 + r["trials_running"] for r in rows if not r["is_init"])
+    generated = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+    parts = [f"<h1>Study {html.escape(name)}</h1>",
+             f'<p class="meta">{html.escape(study_dir)} &middot; {trials} trials &middot; '
+             f"generated {generated} by <code>fgray results --html</code></p>",
+             "<h2>Open the study</h2>",
+             "<p>TensorBoard (scalars, maps, HParams, embedding projector; one run per "
+             "trial):</p>", f"<pre>{html.escape(commands['tensorboard'] or '')}</pre>"]
+    if commands["optuna_dashboard"]:
+        parts += ["<p>optuna-dashboard (the Optuna studies: history, importances):</p>",
+                  f"<pre>{html.escape(commands['optuna_dashboard'])}</pre>"]
+    else:
+        notes.append(f"no Optuna journal at {OPTUNA_JOURNAL}: no optuna-dashboard command")
+    parts += ["<h2>Leaderboard</h2>", _leaderboard_html(rows)]
+
+    parts.append("<h2>Plots</h2>")
+    if plot_paths:
+        figures = [f"<figure>{_img(_read_bytes(p), os.path.basename(p))}<figcaption>"
+                   f"{html.escape(os.path.basename(p))}</figcaption></figure>"
+                   for p in plot_paths]
+        parts.append(f'<div class="gallery plots">{"".join(figures)}</div>')
+    else:
+        parts.append("<p>(no plots: nothing recorded yet)</p>")
+
+    parts.append("<h2>Maps of each method's best trial</h2>")
+    shown = 0
+    for row in rows:
+        if row["is_init"] or not row.get("best_trial"):
+            continue
+        images = latest_images(study_dir, run_name(row["method"], row["best_trial"]),
+                               MAP_PREFIXES)
+        if not images:
+            notes.append(f"{row['method']}: its best trial {row['best_trial']} logged no "
+                         f"{' or '.join(p + '*' for p in MAP_PREFIXES)} images to TensorBoard")
+            continue
+        shown += 1
+        parts.append(f"<h3>{html.escape(row['method'])} &mdash; trial "
+                     f"{html.escape(row['best_trial'])}</h3>")
+        figures = [f"<figure>{_img(data, tag, min_width=560)}<figcaption>"
+                   f"{html.escape(tag)}, epoch {step}"
+                   f"</figcaption></figure>" for tag, step, data in images]
+        parts.append(f'<div class="gallery maps">{"".join(figures)}</div>')
+    if not shown:
+        parts.append("<p>(no maps logged by the best trials)</p>")
+    if notes:
+        items = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
+        parts.append(f"<h2>Notes</h2><ul>{items}</ul>")
+
+    page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>fgray study {html.escape(name)}</title>"
+            '<link rel="icon" href="data:,">'
+            f"<style>{_CSS}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
+    target = out or f"{study_dir.rstrip('/')}/{REPORT_FILE}"
+    fs, path = resolve(target)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as stream:
+        stream.write(page.encode("utf-8"))
+    return target
+
+
 def results_command(study_dir: str, fmt: str = "table", *, tensorboard: bool = False,
-                    plots: bool = False) -> str:
+                    plots: bool = False, html: bool = False) -> str:
     """What `fgray results STUDY_DIR` prints: the leaderboard in `fmt`; with `tensorboard`,
     the HParams table is refreshed from the trials table and the command to view the logs is
-    added; with `plots`, the plots are written and their paths listed. With json and either
-    flag the output is one object: {"leaderboard", "tensorboard", "plots", "notes"}."""
+    added; with `plots`, the plots are written and their paths listed; with `html`, the
+    one-page report is written (`html_report`) and its path printed. With json and any flag
+    the output is one object: {"leaderboard", "tensorboard", "plots", "report", "notes"}."""
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
     rows = leaderboard(study_dir)
-    if not (tensorboard or plots):
+    if not (tensorboard or plots or html):
         return render(rows, fmt)
     notes: list[str] = []
-    command = paths = None
+    command = paths = report = None
     if tensorboard:
         from fgray.results.tensorboard import write_hparams
 
@@ -542,14 +715,20 @@ def results_command(study_dir: str, fmt: str = "table", *, tensorboard: bool = F
         command = f"tensorboard --logdir {shlex.quote(logdir)}"
     if plots:
         paths = _write_plots(study_dir, None, notes)
+    if html:
+        # Its plots are the same files --plots writes; their notes are already in `notes`.
+        report = html_report(study_dir, notes=[] if plots else notes)
     if fmt == "json":
         return json.dumps({"leaderboard": _json_safe(rows), "tensorboard": command,
-                           "plots": paths, "notes": notes}, indent=2, default=str)
+                           "plots": paths, "report": report, "notes": notes}, indent=2,
+                          default=str)
     lines = [render(rows, fmt).rstrip("\n"), ""]
     if command:
         lines.append(f"TensorBoard: {command}")
     if paths is not None:
         lines.append("plots:")
         lines += [f"  {p}" for p in paths]
+    if report is not None:
+        lines.append(f"report: {report}")
     lines += [f"note: {n}" for n in notes]
     return "\n".join(lines) + "\n"

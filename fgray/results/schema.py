@@ -1,10 +1,11 @@
 """The declared Arrow schemas of a study's tables, in one place.
 
-Three append-only tables live under `STUDY_DIR/tables/<name>/`, hive-partitioned by `method`:
+Four tables live under `STUDY_DIR/tables/<name>/`, hive-partitioned by `method`:
 
-- `trials`: one row per trial state (the final state wins on read, see `tables.latest_trials`);
-  searched parameters appear in `params_json` and again as dynamic `param.<name>` columns so
-  pandas/DuckDB users can filter on them.
+- `trials`: one row per trial, its current state (one file per trial, replaced atomically:
+  see `fgray.results.tables`); searched parameters appear in `params_json` and again as
+  dynamic `param.<name>` columns so pandas/DuckDB users can filter on them.
+- `trial_events`: append-only history of `trials`, every state written (same schema).
 - `epochs`: one row per trial and epoch; every loss term is a dynamic float64 column,
   `loss` for the total and `loss_<term>` for each named term.
 - `evals`: one row per (trial, split, protocol, metric, seed) evaluation result.
@@ -88,11 +89,13 @@ EVALS = pa.schema(_KEYS + [
     pa.field("seed", pa.int64()),
 ])
 
-SCHEMAS: dict[str, pa.Schema] = {"trials": TRIALS, "epochs": EPOCHS, "evals": EVALS}
+SCHEMAS: dict[str, pa.Schema] = {"trials": TRIALS, "epochs": EPOCHS, "evals": EVALS,
+                                 "trial_events": TRIALS}
 
 # Declared string columns with a closed set of values, checked on write.
 ALLOWED_VALUES: dict[tuple[str, str], tuple[str, ...]] = {
     ("trials", "status"): TRIAL_STATUSES,
+    ("trial_events", "status"): TRIAL_STATUSES,
     ("evals", "split"): EVAL_SPLITS,
     ("evals", "protocol"): EVAL_PROTOCOLS,
 }

@@ -1,53 +1,70 @@
-"""TensorBoard logs of a study under `STUDY_DIR/tensorboard/`.
+"""TensorBoard logs of a study under `STUDY_DIR/tensorboard/`: one run per trial.
 
-Run layout (stable names, so a resumed trial keeps writing to the same run):
+TensorBoard makes a run of every folder that directly holds an event file, so everything a
+trial shows lives in its one folder `<method>/<trial_id>/` (stable names, so a resumed trial
+keeps writing to the same run), and nothing else under `tensorboard/` holds event files:
 
-- `<method>/<trial_id>/`             per-epoch scalars and images (`TrialWriter`)
-- `<method>/<trial_id>/hparams/`     the trial's HParams session (`write_hparams`)
-- `<method>/<trial_id>/embeddings/`  projector data (`write_embeddings`)
-- event files directly in `tensorboard/` with suffix `.hparams_experiment`: the HParams
-  experiment (the union of all trials' hyperparameters and the final metric names)
+- `events.out.tfevents.<time>.<host>...`  per-epoch scalars and images (`TrialWriter`)
+- `events.out.tfevents.0000000000.fgray.hparams`  the trial's HParams session and its final
+  metrics as `final/<metric>` scalars (`write_hparams`); the first trial's file (by method,
+  then trial id) also holds the HParams experiment (every hyperparameter name and metric)
+- `projector_config.pbtxt`, `projector/<tag>/{tensors,metadata}.tsv`  the embedding projector
+  (`write_embeddings`; no event file of its own)
 
-The HParams session and the embeddings get their own sub-runs because they are rewritten
-whole: `write_hparams` deletes a trial's previous `hparams/` files before writing new ones, so
-running it again after more trials finish lists every trial exactly once. Keeping them out of
-the trial's own run also means no second event file appears next to the one a still-running
-`TrialWriter` appends to (TensorBoard reads a run's event files in name order and would miss
-later writes to the earlier file).
+The HParams file is rewritten whole (atomically, under one fixed name) each time, so running
+`write_hparams` again after more trials finish lists every trial exactly once. Its name sorts
+before every `TrialWriter` file: TensorBoard's Python loader reads a run's event files in name
+order and never goes back to an earlier one, so the file a live `TrialWriter` appends to must
+stay the last. (The Rust data server, TensorBoard's default, reads them all.) A TensorBoard
+already running keeps the HParams it first read; restart it to see a rewritten table.
 
-TensorBoard's writers need a local directory; for `s3://` / `gs://` study dirs they write to
-a local staging directory that is copied to the store on `flush`/`close` (and at most every
-`sync_secs` while logging scalars).
+Logs written by earlier versions (sub-runs `<run>/hparams/` and `<run>/embeddings/`, and an
+experiment file in `tensorboard/` itself, each a run of its own) are folded into the trial's
+run by `write_hparams`.
+
+TensorBoard's writers need a local directory; for `s3://` / `gs://` study dirs `TrialWriter`
+writes to a local staging directory that is copied to the store on `flush`/`close` (and at
+most every `sync_secs` while logging scalars). The HParams and projector files are written
+straight to the store (one object each).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 import shutil
 import tempfile
 import time
+import uuid
 from typing import Any
 
 import numpy as np
 import pyarrow.fs as pafs
 import torch
 import torch.nn.functional as F
+from tensorboard.compat.proto.event_pb2 import Event
 from tensorboard.compat.proto.summary_pb2 import Summary
 from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
+from tensorboard.summary.writer.record_writer import RecordWriter
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import scalar as scalar_summary
-from torch.utils.tensorboard.writer import FileWriter
 from torchvision.utils import make_grid
 
 from fgray.errors import UserError
 from fgray.results.schema import TEST_METRICS
 from fgray.results.tables import is_local, latest_trials, resolve
 
-HPARAMS_RUN = "hparams"
-EMBEDDINGS_RUN = "embeddings"
-EXPERIMENT_SUFFIX = ".hparams_experiment"
+# Sorts before every SummaryWriter file of the run (their names carry the Unix time).
+HPARAMS_FILE = "events.out.tfevents.0000000000.fgray.hparams"
+FINAL_SECTION = "final"  # the HParams metrics' scalar tags: final/<metric>
+PROJECTOR_CONFIG = "projector_config.pbtxt"
+PROJECTOR_DIR = "projector"
+# Layout of earlier versions, folded into the trial's run by write_hparams.
+LEGACY_HPARAMS_RUN = "hparams"
+LEGACY_EMBEDDINGS_RUN = "embeddings"
+LEGACY_EXPERIMENT_SUFFIX = ".hparams_experiment"
 
 # Trial-row columns that become hyperparameters next to everything in params_json
 # (`status` too, so the HParams view can filter completed / stopped / failed trials).
@@ -112,21 +129,6 @@ class _LogDir:
             self.local = self._staging
         os.makedirs(self.local, exist_ok=True)
 
-    def clear(self) -> None:
-        """Remove everything previously written to this run."""
-        if is_local(self.fs):
-            shutil.rmtree(self.local, ignore_errors=True)
-            os.makedirs(self.local, exist_ok=True)
-        else:
-            self.fs.delete_dir_contents(self.remote, missing_dir_ok=True)
-
-    def remove_files(self, suffix: str) -> None:
-        """Remove the files directly in this run whose names end with `suffix`."""
-        selector = pafs.FileSelector(self.remote, allow_not_found=True)
-        for info in self.fs.get_file_info(selector):
-            if info.type == pafs.FileType.File and info.base_name.endswith(suffix):
-                self.fs.delete_file(info.path)
-
     def sync(self) -> None:
         """Copy every staged file to the store (whole files: event files are small)."""
         if self._staging is None:
@@ -144,6 +146,48 @@ class _LogDir:
         self.sync()
         if self._staging is not None:
             shutil.rmtree(self._staging, ignore_errors=True)
+
+
+def _put(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    """Write a whole file so that readers see the old content or the new, never a part:
+    temp file and rename locally (the temp name has no "tfevents", so TensorBoard skips it),
+    one PUT on object stores."""
+    directory = path.rsplit("/", 1)[0]
+    fs.create_dir(directory, recursive=True)
+    if not is_local(fs):
+        with fs.open_output_stream(path) as out:
+            out.write(data)
+        return
+    tmp = f"{directory}/.{path.rsplit('/', 1)[1]}.{uuid.uuid4().hex}.tmp"
+    try:
+        with open(tmp, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _run_dir(study_dir: str, run: str) -> tuple[pafs.FileSystem, str, str]:
+    """The filesystem, the run's path in it, and the run's path as a local path or URI."""
+    fs, root = resolve(study_dir)
+    path = f"{root}/tensorboard/{_check_run(run)}"
+    scheme = study_dir.split("://", 1)[0] if "://" in study_dir else None
+    return fs, path, f"{scheme}://{path}" if scheme else path
+
+
+def _event_file(events: list[tuple[int, Summary]]) -> bytes:
+    """An event file's bytes: the version record, then each summary at its step."""
+    buf = io.BytesIO()
+    records = RecordWriter(buf)
+    now = time.time()
+    records.write(Event(wall_time=now, file_version="brain.Event:2").SerializeToString())
+    for step, summary in events:
+        records.write(Event(wall_time=now, step=step, summary=summary).SerializeToString())
+    return buf.getvalue()
 
 
 def _uint8_images(images: torch.Tensor) -> torch.Tensor:
@@ -340,7 +384,7 @@ def _experiment(all_hparams: dict[str, list[Any]], metric_names: list[str]) -> S
     for name in metric_names:
         kind = (api_pb2.DATASET_VALIDATION if name.startswith("best_val")
                 else api_pb2.DATASET_UNKNOWN)
-        metrics.append(api_pb2.MetricInfo(name=api_pb2.MetricName(group="", tag=name),
+        metrics.append(api_pb2.MetricInfo(name=api_pb2.MetricName(group="", tag=final_tag(name)),
                                           display_name=name, dataset_type=kind))
     experiment = api_pb2.Experiment(hparam_infos=infos, metric_infos=metrics,
                                     time_created_secs=time.time())
@@ -348,44 +392,76 @@ def _experiment(all_hparams: dict[str, list[Any]], metric_names: list[str]) -> S
                             plugin_data_pb2.HParamsPluginData(experiment=experiment))
 
 
+def final_tag(metric: str) -> str:
+    """The scalar tag of a trial's final metric in its run (the HParams view's metric)."""
+    return f"{FINAL_SECTION}/{metric}"
+
+
 def write_hparams(study_dir: str, trials: list[dict[str, Any]]) -> list[str]:
-    """Write the HParams plugin table: one session per trial, run `<method>/<trial_id>/hparams`.
+    """Write the HParams plugin table: one session per trial, in the trial's run
+    `<method>/<trial_id>` (file `HPARAMS_FILE`, replaced whole).
 
     `trials` are trials-table rows (several states of one trial collapse to its latest).
     Each session holds the trial's hyperparameters, its status, and its final metrics as
-    scalars; the experiment (all hyperparameter names and metrics) goes to the log root.
-    Rewriting replaces previous files, so each trial is listed once. Returns the session runs.
+    `final/<metric>` scalars at step `epochs_run`; the experiment (all hyperparameter names
+    and metrics) goes into the first trial's file. Sub-runs an earlier version wrote are
+    folded in (module docstring). Returns the trials' runs.
     """
     trials = sorted(latest_trials(trials), key=lambda t: (t["method"], t["trial_id"]))
     all_hparams: dict[str, list[Any]] = {}
     metric_names: list[str] = []
     sessions = []
     for trial in trials:
-        session = f"{_check_run(run_name(trial['method'], trial['trial_id']))}/{HPARAMS_RUN}"
         hparams = trial_hparams(trial)
         metrics = trial_metrics(trial)
         for name, value in hparams.items():
             all_hparams.setdefault(name, []).append(value)
         metric_names.extend(m for m in metrics if m not in metric_names)
         step = int(trial.get("epochs_run") or 0)
-        logdir = _LogDir(study_dir, session)
-        logdir.clear()
-        writer = FileWriter(logdir.local, filename_suffix=".hparams")
-        writer.add_summary(_session_start(hparams, trial.get("start_time")), step)
-        for name, value in metrics.items():
-            writer.add_summary(scalar_summary(name, value), step)
-        writer.add_summary(_session_end(trial.get("status"), trial.get("end_time")), step)
-        writer.close()
-        logdir.close()
-        sessions.append(session)
-    root = _LogDir(study_dir, "")
-    root.remove_files(EXPERIMENT_SUFFIX)
+        events = [(step, _session_start(hparams, trial.get("start_time")))]
+        events += [(step, scalar_summary(final_tag(name), value))
+                   for name, value in metrics.items()]
+        events.append((step, _session_end(trial.get("status"), trial.get("end_time"))))
+        sessions.append((run_name(trial["method"], trial["trial_id"]), events))
     ordered = [m for m in METRIC_COLUMNS if m in metric_names]
-    writer = FileWriter(root.local, filename_suffix=EXPERIMENT_SUFFIX)
-    writer.add_summary(_experiment(all_hparams, ordered))
-    writer.close()
-    root.close()
-    return sessions
+    for i, (run, events) in enumerate(sessions):
+        if i == 0:  # one experiment for the whole study, in the first run
+            events = [(0, _experiment(all_hparams, ordered))] + events
+        fs, path, _ = _run_dir(study_dir, run)
+        _fold_legacy_runs(fs, path)
+        _put(fs, f"{path}/{HPARAMS_FILE}", _event_file(events))
+    fs, root = resolve(study_dir)
+    _remove_legacy_experiment(fs, f"{root}/tensorboard")
+    return [run for run, _ in sessions]
+
+
+def _remove_legacy_experiment(fs: pafs.FileSystem, logdir: str) -> None:
+    selector = pafs.FileSelector(logdir, allow_not_found=True)
+    for info in fs.get_file_info(selector):
+        if info.type == pafs.FileType.File and info.base_name.endswith(LEGACY_EXPERIMENT_SUFFIX):
+            fs.delete_file(info.path)
+
+
+def _fold_legacy_runs(fs: pafs.FileSystem, run_path: str) -> None:
+    """Fold an earlier version's sub-runs of a trial into its run: the HParams sub-run is
+    dropped (the caller rewrites it), the projector files of the embeddings sub-run move to
+    `projector/<tag>/` with the run's projector config rewritten."""
+    hparams = f"{run_path}/{LEGACY_HPARAMS_RUN}"
+    if fs.get_file_info(hparams).type == pafs.FileType.Directory:
+        fs.delete_dir(hparams)
+    legacy = f"{run_path}/{LEGACY_EMBEDDINGS_RUN}"
+    if fs.get_file_info(legacy).type != pafs.FileType.Directory:
+        return
+    # SummaryWriter.add_embedding wrote <step>/<tag>/{tensors,metadata}.tsv.
+    found = fs.get_file_info(pafs.FileSelector(legacy, recursive=True))
+    for info in found:
+        parts = info.path[len(legacy) + 1:].split("/")
+        if info.type == pafs.FileType.File and len(parts) == 3 and parts[2] in (
+                "tensors.tsv", "metadata.tsv"):
+            with fs.open_input_stream(info.path) as src:
+                _put(fs, f"{run_path}/{PROJECTOR_DIR}/{parts[1]}/{parts[2]}", src.read())
+    _write_projector_config(fs, run_path)
+    fs.delete_dir(legacy)
 
 
 # ---------------------------------------------------------------- embeddings
@@ -420,28 +496,90 @@ def _tsv_safe(text: str) -> str:
     return " ".join(str(text).split())
 
 
+def _write_projector_config(fs: pafs.FileSystem, run_path: str) -> None:
+    """The run's projector config: one embedding per `projector/<tag>/tensors.tsv`."""
+    base = f"{run_path}/{PROJECTOR_DIR}"
+    entries = []
+    for info in sorted(fs.get_file_info(pafs.FileSelector(base, allow_not_found=True)),
+                       key=lambda i: i.base_name):
+        if info.type != pafs.FileType.Directory:
+            continue
+        tag = info.base_name
+        if fs.get_file_info(f"{info.path}/tensors.tsv").type != pafs.FileType.File:
+            continue
+        entry = (f'embeddings {{\n  tensor_name: {json.dumps(tag)}\n'
+                 f'  tensor_path: "{PROJECTOR_DIR}/{tag}/tensors.tsv"\n')
+        if fs.get_file_info(f"{info.path}/metadata.tsv").type == pafs.FileType.File:
+            entry += f'  metadata_path: "{PROJECTOR_DIR}/{tag}/metadata.tsv"\n'
+        entries.append(entry + "}\n")
+    _put(fs, f"{run_path}/{PROJECTOR_CONFIG}", "".join(entries).encode())
+
+
 def write_embeddings(study_dir: str, run_name: str, features: torch.Tensor,
                      labels: list[int] | torch.Tensor, class_names: list[str] | None = None,
                      *, max_points: int = 2000, seed: int = 0, tag: str = "features") -> str:
-    """Write features to TensorBoard's embedding projector under `<run_name>/embeddings/`,
-    replacing what was there; large sets are subsampled per class (`stratified_subsample`).
-    Metadata columns: `label` and, with class names, `class`. Returns the run's directory."""
+    """Write features to TensorBoard's embedding projector in the trial's run
+    (`<run_name>/projector/<tag>/`, listed in the run's `projector_config.pbtxt`), replacing
+    what `tag` held; large sets are subsampled per class (`stratified_subsample`). Metadata
+    columns: `label` and, with class names, `class`. No event file is written: the projector
+    belongs to the run the trial's scalars made. Returns the run's directory."""
     labels_t = torch.as_tensor(labels).long().cpu()
     features = features.detach().float().cpu()
     if features.ndim != 2 or features.shape[0] != labels_t.numel():
         raise ValueError(f"features must be [N, D] with N={labels_t.numel()} labels, "
                          f"got shape {tuple(features.shape)}")
+    if not tag or "/" in tag or tag.startswith("."):
+        raise ValueError(f"embedding tag {tag!r}: expected a plain name")
     keep = stratified_subsample(labels_t, max_points, seed)
     kept_labels = labels_t[keep].tolist()
+    tensors = "".join("\t".join(format(float(v), ".8g") for v in row) + "\n"
+                      for row in features[keep].numpy())
     if class_names is not None:
-        metadata_rows: list[Any] = [[str(lab), _tsv_safe(class_names[lab])] for lab in kept_labels]
-        header: list[str] | None = ["label", "class"]
-    else:
-        metadata_rows, header = [str(lab) for lab in kept_labels], None
-    logdir = _LogDir(study_dir, f"{_check_run(run_name)}/{EMBEDDINGS_RUN}")
-    logdir.clear()
-    with SummaryWriter(log_dir=logdir.local, filename_suffix=".embeddings") as writer:
-        writer.add_embedding(features[keep], metadata=metadata_rows, metadata_header=header,
-                             tag=tag, global_step=0)
-    logdir.close()
-    return logdir.uri
+        lines = ["label\tclass"] + [f"{lab}\t{_tsv_safe(class_names[lab])}"
+                                    for lab in kept_labels]
+    else:  # one column: the projector expects no header
+        lines = [str(lab) for lab in kept_labels]
+    fs, path, uri = _run_dir(study_dir, run_name)
+    _put(fs, f"{path}/{PROJECTOR_DIR}/{tag}/tensors.tsv", tensors.encode())
+    _put(fs, f"{path}/{PROJECTOR_DIR}/{tag}/metadata.tsv", ("\n".join(lines) + "\n").encode())
+    _write_projector_config(fs, path)
+    return uri
+
+
+# ---------------------------------------------------------------- reading back
+
+
+def latest_images(study_dir: str, run: str, prefixes: tuple[str, ...] = ("maps/", "pairs/")
+                  ) -> list[tuple[str, int, bytes]]:
+    """The last logged image of each tag of `run` that starts with one of `prefixes`, as
+    (tag, step, PNG bytes), sorted by tag; [] when the run has none. Read with TensorBoard's
+    own event reader (object-store runs are copied to a temporary folder first)."""
+    from tensorboard.backend.event_processing import event_accumulator as ea
+
+    fs, path, _ = _run_dir(study_dir, run)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return []
+    staging = None
+    if not is_local(fs):
+        staging = tempfile.mkdtemp(prefix="fgray-tb-read-")
+        for info in fs.get_file_info(pafs.FileSelector(path)):
+            if info.type == pafs.FileType.File and "tfevents" in info.base_name:
+                with fs.open_input_stream(info.path) as src, \
+                        open(os.path.join(staging, info.base_name), "wb") as out:
+                    shutil.copyfileobj(src, out)
+        path = staging
+    try:
+        # Image reservoirs of size 1 keep the latest image; nothing else is kept.
+        guidance = {ea.IMAGES: 1, ea.SCALARS: 1, ea.TENSORS: 1, ea.HISTOGRAMS: 1,
+                    ea.COMPRESSED_HISTOGRAMS: 1, ea.AUDIO: 1}
+        acc = ea.EventAccumulator(path, size_guidance=guidance)
+        acc.Reload()
+        out = []
+        for tag in sorted(acc.Tags().get("images", [])):
+            if tag.startswith(prefixes):
+                event = acc.Images(tag)[-1]
+                out.append((tag, int(event.step), bytes(event.encoded_image_string)))
+        return out
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)

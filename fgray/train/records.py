@@ -7,9 +7,10 @@ writes the trial's row to the `trials` table. `record_test` adds the final test 
 initial weights (method `init`, the study's no-SSL baseline). No Ray here: `fgray pretrain
 --workers 0`, Ray Train's controller callback and the Tune study driver all use it.
 
-The trials table is append-only, so a trial's states (`running`, then a terminal state, then
-the same terminal state with test metrics) are separate rows; readers keep the latest
-(`fgray.results.tables.latest_trials`: terminal beats running, then the later `end_time`).
+The trials table holds one row per trial, its current state: each state (`running`, then a
+terminal state, then the same state with test metrics) replaces the trial's file
+(`fgray.results.tables.write_trials`; a terminal state is never replaced by `running`), and
+every state is also appended to `trial_events`, the trial's history.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from fgray import __version__
 from fgray.config import to_dict
 from fgray.engine.spec import RunSpec
 from fgray.results.schema import PARTITION_COLUMN, TEST_METRICS, param_fields
-from fgray.results.tables import append, latest_trials, load, resolve
+from fgray.results.tables import append, load, read_trial, resolve, update_trial, write_trials
 
 SELECTION_METRIC = "val_knn_top1"
 
@@ -243,7 +244,7 @@ class EpochRecorder:
                test_metrics: Mapping[str, float] | None = None) -> dict[str, Any]:
         """Write the trial's row; returns it."""
         row = self.trial_row(history, status, error, test_metrics)
-        append(self.study_dir, "trials", [row])
+        write_trials(self.study_dir, [row])
         self.close()
         return row
 
@@ -294,12 +295,8 @@ def has_tables(study_dir: str) -> bool:
 
 
 def latest_trial_row(study_dir: str, method: str, trial_id: str) -> dict[str, Any] | None:
-    if not has_tables(study_dir):
-        return None
-    rows = load(study_dir, "trials",
-                filter={PARTITION_COLUMN: method, "trial_id": trial_id}).to_pylist()
-    latest = latest_trials(rows)
-    return latest[0] if latest else None
+    """The trial's current row in the trials table, or None."""
+    return read_trial(study_dir, method, trial_id)
 
 
 def eval_rows(metrics: Mapping[str, float], *, study: str | None, method: str, trial_id: str,
@@ -347,26 +344,25 @@ def record_init(study_dir: str, name: str, spec: RunSpec, metrics: Mapping[str, 
                       "value": float(val), "seed": spec.train.seed})
     if evals:
         append(study_dir, "evals", evals)
-    append(study_dir, "trials", [row])
+    write_trials(study_dir, [row])
     return row
 
 
 def record_test(study_dir: str, method: str, trial_id: str, metrics: Mapping[str, float], *,
                 seed: int, study: str | None = None) -> dict[str, Any] | None:
-    """Record a trial's final test evaluation: its `evals` rows, and the trial's latest row
-    again with the `test_*` columns filled (end_time = now, so this state is the latest).
+    """Record a trial's final test evaluation: its `evals` rows, and the trial's row with the
+    `test_*` columns filled (end_time = now), in one read-modify-write of the trial's file.
     Returns the new trial row, or None when the trial has no row to extend."""
     rows = eval_rows(metrics, study=study, method=method, trial_id=trial_id, seed=seed)
     if rows:
         append(study_dir, "evals", rows)
-    previous = latest_trial_row(study_dir, method, trial_id)
-    if previous is None:
-        return None
-    row = {k: v for k, v in previous.items() if v is not None}
-    for name, value in metrics.items():
-        column = f"test_{name}"
-        if column in TEST_METRICS:
-            row[column] = float(value)
-    row["end_time"] = time.time()
-    append(study_dir, "trials", [row])
-    return row
+
+    def with_test(row: dict[str, Any]) -> dict[str, Any]:
+        for name, value in metrics.items():
+            column = f"test_{name}"
+            if column in TEST_METRICS:
+                row[column] = float(value)
+        row["end_time"] = time.time()
+        return row
+
+    return update_trial(study_dir, method, trial_id, with_test)
