@@ -62,7 +62,7 @@ class PremadeBatches:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for _ in range(self.steps):
-            yield self.images, self.labels
+            yield self.images, self.labels, None  # (images, labels, regions): whole canvas
 
 
 class PremadeViews:
@@ -71,7 +71,7 @@ class PremadeViews:
     def __init__(self, view1: torch.Tensor, view2: torch.Tensor) -> None:
         self.views = (view1, view2)
 
-    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, images: torch.Tensor, regions=None) -> tuple[torch.Tensor, torch.Tensor]:
         return self.views
 
 
@@ -108,7 +108,7 @@ class PILBatches:
         for _ in range(self.steps):
             v1, v2, y = self._next()
             yield ((v1.to(self.device, non_blocking=True), v2.to(self.device, non_blocking=True)),
-                   y.to(self.device, non_blocking=True))
+                   y.to(self.device, non_blocking=True), None)
 
     def close(self) -> None:
         # Dropping the iterator shuts its persistent worker processes down.
@@ -116,7 +116,7 @@ class PILBatches:
         self.loader = None
 
 
-def pass_views(pair):
+def pass_views(pair, regions=None):
     return pair
 
 
@@ -153,11 +153,11 @@ def data_only(trainer: Pretrainer, pil: PILBatches, steps: int, batch: int,
         loader = CachedBatches(trainer.train_data, batch, device=device, seed=1)
         while True:
             for images, _ in loader:
-                yield trainer.augment(images)
+                yield trainer.augment(images)  # square synthetic canvas: no regions needed
 
     def pil_batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         while True:
-            for views, _ in pil:
+            for views, _, _ in pil:
                 yield views
 
     streams = {"cached": cached_batches(), "pil": pil_batches()}
@@ -203,8 +203,8 @@ def measure_case(case: Case, preset: Preset, data_root: Path, cache_dir: Path,
     steps = trainer.steps_per_epoch
     real_loader, real_augment = trainer.loader, trainer.augment
 
-    images, labels = next(iter(real_loader))
-    view1, view2 = real_augment(images)
+    images, labels, regions = next(iter(real_loader))
+    view1, view2 = real_augment(images, regions)
     premade = (PremadeBatches(images, labels, steps), PremadeViews(view1, view2))
     pil = PILBatches(_pil_loader_for(spec, case, preset, device), steps, device)
     queued = PIL_PREFETCH * max(preset.pil_workers, 1)

@@ -117,8 +117,8 @@ def time_phases(case: Case, data_root: Path, cache_dir: Path, device: torch.devi
     spec = make_spec(case, data_root, cache_dir)
     trainer = make_pretrainer(spec, device)
     method, opt = trainer.method, trainer.optimizer
-    images, _ = next(iter(trainer.loader))
-    view1, view2 = trainer.augment(images)
+    images, _, regions = next(iter(trainer.loader))
+    view1, view2 = trainer.augment(images, regions)
     if device.type == "cuda" and spec.train.channels_last:
         view1 = view1.contiguous(memory_format=torch.channels_last)
         view2 = view2.contiguous(memory_format=torch.channels_last)

@@ -31,13 +31,20 @@ from fgray.results.schema import PARTITION_COLUMN, TEST_METRICS, param_fields
 from fgray.results.tables import append, load, read_trial, resolve, update_trial, write_trials
 
 SELECTION_METRIC = "val_knn_top1"
+# The key under which rank 0's first report after a resume carries the restored history (every
+# finished epoch the checkpoint holds): `record_epoch` pops it and records the epochs missing
+# from the epochs table (`EpochRecorder.record_missing`); nothing downstream sees it.
+RESTORED_KEY = "fgray_restored_history"
+# Per-epoch clocks (Unix seconds) of the process that ran the epoch: when that process started
+# and when the epoch ended. They give a resumed trial's running segments (`running_time`).
+SESSION_START, EPOCH_END = "session_start_time", "epoch_end_time"
 
 # Keys a Ray report adds to an epoch's metrics that are bookkeeping, not measurements.
 _NOT_RECORDED = frozenset({"checkpoint_path", "checkpoint_dir_name", "done",
                            "training_iteration", "trial_id", "timestamp", "time_this_iter_s",
                            "time_total_s", "pid", "hostname", "node_ip", "date",
                            "time_since_restore", "iterations_since_restore", "config",
-                           "experiment_tag"})
+                           "experiment_tag", RESTORED_KEY})
 
 # evaluate_method's metric names -> (protocol, metric) of an `evals` row.
 _EVAL_ROWS = {
@@ -140,6 +147,33 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def running_time(history: Iterable[Mapping[str, Any]], start: float, end: float) -> float:
+    """Seconds a trial spent running between `start` and `end`, leaving out the time no process
+    of it ran (its driver was dead, waiting for a restore).
+
+    Each epoch row carries the start of the process that ran it (`session_start_time`) and its
+    own end (`epoch_end_time`). The rows of one process are a running segment: the first from
+    the trial's `start`, later ones from their process's start, each up to its last epoch's
+    end, and the last segment up to `end`. A trial that ran in one process (or whose rows have
+    no clocks) runs `end - start`. The work a crash loses after a segment's last recorded
+    epoch is not counted: nothing records how long the dead process ran past it. A gap before
+    a process that records no epoch (one resumed at its very end) is not left out."""
+    segments: dict[float, float] = {}
+    for row in history:
+        began, done = row.get(SESSION_START), row.get(EPOCH_END)
+        if _finite(began) and _finite(done):
+            segments[float(began)] = max(segments.get(float(began), float("-inf")), float(done))
+    if len(segments) < 2:
+        return max(0.0, end - start)
+    starts = sorted(segments)
+    total = 0.0
+    for i, began in enumerate(starts):
+        seg_start = start if i == 0 else began
+        seg_end = end if i == len(starts) - 1 else segments[began]
+        total += max(0.0, seg_end - seg_start)
+    return total
+
+
 def best_epoch(history: Iterable[Mapping[str, Any]]) -> tuple[float | None, int | None]:
     """The best val kNN top-1 of a history and the epoch it was reached (the first on ties)."""
     best, epoch = None, None
@@ -156,8 +190,9 @@ class EpochRecorder:
     shipped to the Ray Train controller.
 
     `cpus` and `gpus` are the resources the trial holds (all workers together); with the
-    wall time they give the trial's cpu_hours / gpu_hours. `start_time` (Unix seconds)
-    defaults to now; a resumed trial passes its original start.
+    running time they give the trial's cpu_hours / gpu_hours. `start_time` (Unix seconds)
+    defaults to now; a resumed trial passes its original start (`running_time` leaves out the
+    time it did not run).
     """
 
     def __init__(self, study_dir: str, trial_id: str, spec: RunSpec, *, study: str | None = None,
@@ -201,11 +236,32 @@ class EpochRecorder:
         return self._writer
 
     def __call__(self, metrics: Mapping[str, Any]) -> None:
-        row = self.epoch_row(metrics)
-        append(self.study_dir, "epochs", [row])
+        self._write([self.epoch_row(metrics)])
+
+    def record_missing(self, history: Iterable[Mapping[str, Any]]) -> list[int]:
+        """Record the epochs of `history` (a resumed run's restored history) that the epochs
+        table does not hold yet for this trial -- a crash between an epoch's checkpoint and its
+        row loses the row otherwise -- each once, whatever was recorded before. Returns the
+        epochs written."""
+        recorded = {int(r["epoch"]) for r in
+                    trial_history(self.study_dir, self.spec.method, self.trial_id)}
+        rows: dict[int, dict[str, Any]] = {}
+        for metrics in history:
+            if metrics.get("epoch") is None or int(metrics["epoch"]) in recorded:
+                continue
+            rows[int(metrics["epoch"])] = self.epoch_row(metrics)
+        self._write([rows[e] for e in sorted(rows)])
+        return sorted(rows)
+
+    def _write(self, rows: list[dict[str, Any]]) -> None:
+        if not rows:
+            return
+        append(self.study_dir, "epochs", rows)
         writer = self._trial_writer()
-        scalars = {k: v for k, v in row.items() if k not in self.keys and k != "epoch"}
-        writer.scalars(row["epoch"], scalars)
+        for row in rows:
+            scalars = {k: v for k, v in row.items()
+                       if k not in self.keys and k not in ("epoch", SESSION_START, EPOCH_END)}
+            writer.scalars(row["epoch"], scalars)
         # Flushed every epoch: a trial a scheduler stops is killed without a chance to close.
         writer.flush()
 
@@ -219,7 +275,7 @@ class EpochRecorder:
                   test_metrics: Mapping[str, float] | None = None,
                   end_time: float | None = None) -> dict[str, Any]:
         end = time.time() if end_time is None else float(end_time)
-        wall = max(0.0, end - self.start_time)
+        wall = running_time(history, self.start_time, end)
         best, at = best_epoch(history)
         epochs = [int(h["epoch"]) for h in history if h.get("epoch") is not None]
         row = dict(self.keys)
@@ -242,7 +298,9 @@ class EpochRecorder:
 
     def finish(self, history: list[Mapping[str, Any]], status: str, error: str | None = None,
                test_metrics: Mapping[str, float] | None = None) -> dict[str, Any]:
-        """Write the trial's row; returns it."""
+        """Write the trial's row; returns it. Its wall_time_s (and with the trial's resources
+        its cpu_hours / gpu_hours) is the time the trial spent running (`running_time` of
+        `history`): from `start_time` to now, less the time a resumed trial was not running."""
         row = self.trial_row(history, status, error, test_metrics)
         write_trials(self.study_dir, [row])
         self.close()

@@ -73,7 +73,15 @@ from fgray.engine.loop import CHECKPOINT_FILE
 from fgray.engine.spec import RunSpec
 from fgray.errors import UserError
 from fgray.results.tables import resolve
-from fgray.train.records import SELECTION_METRIC, EpochRecorder, format_epoch, write_visuals
+from fgray.train.records import (
+    EPOCH_END,
+    RESTORED_KEY,
+    SELECTION_METRIC,
+    SESSION_START,
+    EpochRecorder,
+    format_epoch,
+    write_visuals,
+)
 
 ERROR_FILE = "fgray_error.json"
 RANKS_DIR = "ranks"
@@ -363,6 +371,8 @@ def worker_loop(config: dict[str, Any], session: TrainSession | TuneSession | No
     scratch = Path(tempfile.mkdtemp(prefix="fgray-worker-"))
     best = {"value": float("-inf")}
     clock = {"last": time.perf_counter()}
+    started = time.time()  # this process's running segment (`fgray.train.records.running_time`)
+    restored_history: list[list[dict[str, Any]]] = []  # rank 0's, sent with its next report
 
     def on_epoch(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         epoch = int(metrics["epoch"])
@@ -372,6 +382,7 @@ def worker_loop(config: dict[str, Any], session: TrainSession | TuneSession | No
         # Everything of the epoch: training, val kNN, visuals, the checkpoint (a trial's
         # time outside its epochs is its fixed cost: start-up, data, model, reporting).
         report["epoch_wall_s"] = now - clock["last"]
+        report[SESSION_START], report[EPOCH_END] = started, time.time()
         report["param_checksum"] = _param_checksum(trainer.method)
         if SELECTION_METRIC in report:
             best["value"] = max(best["value"], float(report[SELECTION_METRIC]))
@@ -384,6 +395,8 @@ def worker_loop(config: dict[str, Any], session: TrainSession | TuneSession | No
             # The epoch's metrics next to its weights: which kept checkpoint is the best can
             # be read without loading any (`best_checkpoint_dir`).
             (checkpoint_dir / METRICS_FILE).write_text(json.dumps(report, default=str))
+        if restored_history:  # the first report after a resume: the recorder fills any gap
+            report[RESTORED_KEY] = restored_history.pop()
         session.report(report, checkpoint_dir, f"epoch-{epoch:04d}")
         clock["last"] = time.perf_counter()  # reporting is the trial's overhead, not the epoch's
 
@@ -409,10 +422,23 @@ def worker_loop(config: dict[str, Any], session: TrainSession | TuneSession | No
         if restored is not None:
             with restored.as_directory() as folder:
                 trainer.resume(Path(folder) / CHECKPOINT_FILE)
+                saved = Path(folder) / METRICS_FILE
+                last = json.loads(saved.read_text()) if saved.is_file() else None
+            if rank == 0 and trainer.history:
+                restored_history.append(_restored(trainer.history, last))
         for row in trainer.history:
             if row.get(SELECTION_METRIC) is not None:
                 best["value"] = max(best["value"], float(row[SELECTION_METRIC]))
         clock["last"] = time.perf_counter()
+        if restored is not None and trainer.history and trainer.epoch >= spec.train.epochs:
+            # Resumed at its end: nothing left to train, but the last epoch's row may be the one
+            # a crash lost after its checkpoint. Every rank reports that epoch again (no
+            # checkpoint); the recorder writes only what the tables lack.
+            replay = dict(trainer.history[-1])
+            if restored_history:
+                replay = dict(restored_history[0][-1])
+                replay[RESTORED_KEY] = restored_history.pop()
+            session.report(replay, None, f"epoch-{trainer.epoch:04d}")
         trainer.run()
     except tuple(_NOT_RETRIED.values()) as exc:
         session.failed(exc, config["run_uri"])
@@ -420,6 +446,18 @@ def worker_loop(config: dict[str, Any], session: TrainSession | TuneSession | No
         for writer in writers:
             writer.close()
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _restored(history: list[dict[str, Any]], last: dict[str, Any] | None
+              ) -> list[dict[str, Any]]:
+    """A resumed run's history as its reports had it: the checkpoint's own epoch (the one a
+    crash between checkpoint and row can lose) from its `metrics.json`, with the worker's
+    per-epoch extras (epoch_wall_s, the clocks, ...)."""
+    rows = [dict(row) for row in history]
+    if last is not None and rows and int(last.get("epoch", -1)) == int(rows[-1]["epoch"]):
+        rows[-1] = {**rows[-1], **last}
+        rows[-1].pop(RESTORED_KEY, None)
+    return rows
 
 
 def run_in_trial(spec: RunSpec, *, run_uri: str, resources: WorkerResources,
@@ -466,12 +504,23 @@ class RecordEpochs(UserCallback):
 def record_epoch(run_uri: str | None, metrics: list[dict[str, Any]],
                  recorder: EpochRecorder | None = None, echo: bool = False) -> None:
     """Record one epoch, reported by every rank (`metrics[r]` is rank r's): every rank's
-    metrics under `run_uri/ranks/`, rank 0's in the tables and TensorBoard (`recorder`)."""
+    metrics under `run_uri/ranks/`, rank 0's in the tables and TensorBoard (`recorder`).
+
+    The first report after a resume carries the restored history (`RESTORED_KEY`, removed
+    from the reports here, so later callbacks and Tune never see it): its epochs missing from
+    the epochs table are recorded first, once. A report of an epoch that history holds (a run
+    resumed at its end reports its last epoch again) records nothing else."""
     lead = metrics[0]
+    restored = lead.pop(RESTORED_KEY, None)
+    for report in metrics[1:]:
+        report.pop(RESTORED_KEY, None)
     epoch = int(lead["epoch"])
-    if run_uri is not None:
+    replay = bool(restored) and epoch <= max(int(r["epoch"]) for r in restored)
+    if run_uri is not None and not replay:
         _write_json(join(run_uri, RANKS_DIR, f"epoch-{epoch:04d}.json"), metrics)
-    if recorder is not None:
+    if recorder is not None and restored:
+        recorder.record_missing(restored)
+    if recorder is not None and not replay:
         recorder(lead)
     if echo:
         print(format_epoch(lead), flush=True)
