@@ -329,3 +329,56 @@ def test_pretrain_cli_ppssl_with_ais(synth_root, tmp_path, tiny_clip, corpus_fil
     assert rc == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "needs CLIP weights" in err
+
+
+# -- IADM saliency sign -------------------------------------------------------------------------
+
+
+def _independent_saliency(m, images: torch.Tensor, sign: float) -> torch.Tensor:
+    """ReLU(sign * sum_rgb x * dL/dx) of MoCo v2's InfoNCE written out here (query, momentum
+    key of the same image, the queue's negatives, cross-entropy at logit 0), by autograd."""
+    x = images.clone().requires_grad_(True)
+    q = F.normalize(m.projector(m.backbone.pool(m.backbone.forward_features(x))), dim=1)
+    with torch.no_grad():
+        k = F.normalize(m.projector_k(m.backbone_k(images)), dim=1)
+    logits = torch.cat([(q * k).sum(1, keepdim=True), q @ m.queue.t()], 1) / m.cfg.temperature
+    loss = F.cross_entropy(logits, torch.zeros(len(x), dtype=torch.long))
+    (g,) = torch.autograd.grad(loss, x)
+    return F.relu(sign * (images * g).sum(1))
+
+
+def test_iadm_default_saliency_is_the_evidence_that_lowers_the_loss():
+    """The default sign keeps ReLU(-sum_rgb x * dL/dx): the pixels whose presence lowers the
+    InfoNCE loss (benchmarks/iadm_sign.py chose it; README, PP-SSL)."""
+    from fgray.methods.ppssl import PPSSLConfig
+
+    assert PPSSLConfig().saliency_sign == "lowers_loss"
+    torch.manual_seed(0)
+    m = build_method("ppssl", backbone="test_resnet", image_size=32,
+                     overrides={**TINY, "smooth": 0}).eval()
+    v1, _ = _views(batch=4)
+    with torch.no_grad():
+        got = m.spatial_maps(v1)["saliency"]
+    lowers, raises = _independent_saliency(m, v1, -1.0), _independent_saliency(m, v1, 1.0)
+    assert lowers.sum() > 0 and raises.sum() > 0
+    torch.testing.assert_close(got, lowers, rtol=1e-4, atol=1e-7)
+    assert not torch.allclose(got, raises)
+    # The other sign stays available, and equals today's ReLU(sum_rgb x * dL/dx).
+    m.cfg.saliency_sign = "raises_loss"
+    with torch.no_grad():
+        torch.testing.assert_close(m.spatial_maps(v1)["saliency"], raises, rtol=1e-4,
+                                   atol=1e-7)
+
+
+def test_input_gradcam_sign_on_a_planted_loss():
+    images, _ = _planted()
+    x = images.clone().requires_grad_(True)
+    loss = -(x[:, :, :8, :8] ** 2).sum()  # the corner lowers the loss
+    lowers = input_gradcam(loss, x, sign="lowers_loss")
+    assert lowers[:, :8, :8].min() > 0 and lowers[:, 8:, :].sum() == 0
+    assert input_gradcam(loss, x, sign="raises_loss").sum() == 0
+    with pytest.raises(ValueError, match="unknown saliency sign"):
+        input_gradcam(loss, x, sign="up")
+    with pytest.raises(UserError, match="saliency_sign='up': expected one of"):
+        build_method("ppssl", backbone="test_resnet", image_size=32,
+                     overrides={**TINY, "saliency_sign": "up"})

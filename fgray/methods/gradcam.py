@@ -4,7 +4,10 @@
   G = ReLU(sum_c F * dL/dF), element-wise gradient times activation summed over channels.
 - `feature_gradcam(loss, F, mode="classic")`, Selvaraju et al. (ICCV 2017):
   G = ReLU(sum_c w_c F_c) with w_c the spatial mean of dL/dF_c.
-- `input_gradcam(loss, x)`, input level (PP-SSL's IADM): G = ReLU(sum_rgb x * dL/dx).
+- `input_gradcam(loss, x)`, input level (PP-SSL's IADM): G = ReLU(sum_rgb x * dL/dx), the
+  pixels whose presence raises the loss (`sign="raises_loss"`, the default here); with
+  `sign="lowers_loss"`, G = ReLU(-sum_rgb x * dL/dx), the pixels whose presence lowers it --
+  for a contrastive loss, the evidence for the positive pair, as Grad-CAM of a score is.
 
 Gradients come from `torch.autograd.grad` without `create_graph`, so no second graph is built;
 the maps are detached constants. `retain_graph=True` (the default) keeps the forward graph
@@ -42,12 +45,21 @@ def feature_gradcam(loss: Tensor, feature_map: Tensor, *,
     return F.relu(cam).detach()
 
 
+SIGNS = ("raises_loss", "lowers_loss")
+
+
 def input_gradcam(loss: Tensor, images: Tensor, *, retain_graph: bool = True,
-                  smooth: int = 0) -> Tensor:
+                  smooth: int = 0,
+                  sign: Literal["raises_loss", "lowers_loss"] = "raises_loss") -> Tensor:
     """(B, H, W) non-negative, detached saliency of the input pixels; `smooth` > 0 averages it
-    over a (2*smooth+1)^2 window so single-pixel noise does not dominate."""
+    over a (2*smooth+1)^2 window so single-pixel noise does not dominate. `sign` picks which
+    part of sum_rgb x * dL/dx is kept: "raises_loss" its positive part, "lowers_loss" the
+    positive part of its negation."""
+    if sign not in SIGNS:
+        raise ValueError(f"unknown saliency sign {sign!r}: expected one of {', '.join(SIGNS)}")
     g = _grad(loss, images, retain_graph)
-    cam = F.relu((images.detach() * g).sum(1))
+    attribution = (images.detach() * g).sum(1)
+    cam = F.relu(attribution if sign == "raises_loss" else -attribution)
     if smooth > 0:
         k = 2 * smooth + 1
         cam = F.avg_pool2d(cam[:, None], k, stride=1, padding=smooth,

@@ -19,8 +19,10 @@ Everything else is ours [ours]:
   the teacher is loaded on the first training step and is not part of the checkpoint. AIS is
   opt-in (kd_weight = 0 by default) because it needs CLIP weights and a corpus; asking for it
   without them is an error.
-- IADM: the input-level Grad-CAM ReLU(Σ_rgb x ⊙ ∂L_C/∂x) of the InfoNCE loss w.r.t. the query
-  view, box-smoothed (`smooth`), selects what to keep: "crop" keeps the window of area
+- IADM: the input-level Grad-CAM ReLU(−Σ_rgb x ⊙ ∂L_C/∂x) of the InfoNCE loss w.r.t. the
+  query view -- the pixels whose presence lowers the loss, i.e. the evidence for the positive pair
+  (`saliency_sign=lowers_loss`; `raises_loss` keeps ReLU(+Σ_rgb x ⊙ ∂L_C/∂x) instead) --
+  box-smoothed (`smooth`), selects what to keep: "crop" keeps the window of area
   `keep_fraction` (the view's aspect) holding the most saliency, resized back to the view size
   with roi_align; "mask" multiplies the view by a soft mask that is 1 on the top
   `keep_fraction` of pixels by saliency and saliency/threshold below it (0 in the views'
@@ -70,6 +72,10 @@ class PPSSLConfig(MoCoV2Config):
     iadm_mode: Literal["crop", "mask"] = "crop"
     keep_fraction: float = 0.5  # area (crop) or pixel share (mask) kept by IADM
     smooth: int = 2  # saliency box filter half-width, pixels
+    # Which pixels IADM's input Grad-CAM keeps: "lowers_loss" = ReLU(-sum_rgb x * dL/dx), the
+    # evidence for the positive pair; "raises_loss" = ReLU(sum_rgb x * dL/dx), the form used
+    # before. benchmarks/iadm_sign.py measured both (README, PP-SSL).
+    saliency_sign: Literal["lowers_loss", "raises_loss"] = "lowers_loss"
     corpus_path: str | None = None
     corpus_size: int = 0  # 0: every text of the corpus
     clip_model: str = "ViT-B-32"
@@ -227,7 +233,8 @@ class PPSSL(MoCoV2):
     # -- IADM ----------------------------------------------------------------------------------
 
     def saliency(self, loss: Tensor, images: Tensor, retain_graph: bool = True) -> Tensor:
-        return input_gradcam(loss, images, smooth=self.cfg.smooth, retain_graph=retain_graph)
+        return input_gradcam(loss, images, smooth=self.cfg.smooth, retain_graph=retain_graph,
+                             sign=self.cfg.saliency_sign)
 
     def iadm_view(self, images: Tensor, saliency: Tensor) -> Tensor:
         return iadm_view(images.detach(), saliency, self.cfg.iadm_mode, self.cfg.keep_fraction)
@@ -259,8 +266,9 @@ class PPSSL(MoCoV2):
                 "iadm": loss_i.detach()}
 
     def spatial_maps(self, images: Tensor) -> dict[str, Tensor]:
-        """The IADM saliency (B, H, W) of the InfoNCE loss with the image's own momentum key as
-        the positive (no augmentation at evaluation time); nothing is enqueued."""
+        """The IADM saliency (B, H, W), with `saliency_sign`, of the InfoNCE loss with the
+        image's own momentum key as the positive (no augmentation at evaluation time); nothing
+        is enqueued."""
         with torch.enable_grad():
             x = images.detach().requires_grad_(True)
             _, q = self.query(x)
