@@ -42,8 +42,12 @@ def test_resume_with_different_settings_names_them(synth_root, tmp_path):
     prepare(_study(synth_root, tmp_path, "--epochs", "2", "--batch-size", "16"))
     parser = build_parser("cub_sweep.py", "test", mode="search")
     base = ["--storage", str(tmp_path), "--name", "s", "--resume"]
-    same = study_from_args(parser.parse_args(base + ["--epochs", "2"]), dataset="cub",
-                           mode="search", default_name="s")
+    # Flags repeated with their stored values are fine (a resumed command line may repeat
+    # the original one).
+    same = study_from_args(parser.parse_args(base + ["--epochs", "2", "--set",
+                                                     "queue_size=1024", "--data-root",
+                                                     str(synth_root)]),
+                           dataset="cub", mode="search", default_name="s")
     assert same.epochs == 2 and same.batch_size == 16
     args = parser.parse_args(base + ["--epochs", "5", "--methods", "moco,lcr",
                                      "--set", "lr=0.1"])

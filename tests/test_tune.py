@@ -12,6 +12,8 @@ import pickle
 import optuna
 import pytest
 
+from fgray.engine.spec import TrainConfig
+
 from fgray.engine.optim import OptimConfig
 from fgray.errors import UserError
 from fgray.methods import REGISTRY, method_class
@@ -267,7 +269,7 @@ def test_cli_flags_to_study(tmp_path, synth_root):
                                "lcr": "tf_efficientnet_lite0.in1k"}
     assert study.init == "imagenet" and study.workers == 0 and study.seeds == 3
     assert study.protocols == ["retrieval", "knn", "linear", "localisation"]
-    assert study.data["val_fraction"] == 0.2
+    assert study.data["val_fraction"] == 0.25
     assert study.fixed["lcr"]["capacity"] == "16" and "capacity" not in study.fixed["moco"]
     assert study.fixed["moco"]["queue_size"] == "128"
     assert study.fixed["moco"]["mlp_hidden"] == 512  # the preset's scale
@@ -306,8 +308,12 @@ def test_presets_name_their_weights():
         assert "localisation" in preset.protocols
         # Every method, LoDisc included (on its CNN location map), on the same lite0 weights.
         assert {preset.backbone_for(m) for m in preset.methods} == {"tf_efficientnet_lite0.in1k"}
-    assert (smoke.image_size, smoke.epochs, smoke.trials, smoke.batch_size) == (96, 3, 2, 32)
-    assert smoke.synthetic == {"classes": 20, "per_class": 40, "size": 96}
+    assert (smoke.image_size, smoke.epochs, smoke.trials, smoke.batch_size) == (96, 2, 2, 32)
+    # The calibrated embedded set (README): init kNN 35.7 % at 96 px, chance 10 %.
+    assert smoke.synthetic == {"classes": 10, "per_class": 60, "size": 96}
+    assert smoke.settings_for("moco")["knn_k"] == 20
+    assert smoke.settings_for("lodisc")["embed"] == "encoder"
+    assert "embed" not in smoke.settings_for("lcr")
     assert smoke.settings_for("moco")["queue_size"] == 1024
     assert smoke.settings_for("lodisc")["mlp_hidden"] == 512
     assert "queue_size" not in smoke.settings_for("lodisc")  # MoCo v3 has no queue
@@ -335,7 +341,8 @@ def test_presets_fit_their_methods():
         for method in preset.methods:
             if _available(method):
                 fields = {f.name for f in dataclasses.fields(method_class(method).Config)}
-                assert set(preset.settings_for(method)) <= fields
+                train = {f.name for f in dataclasses.fields(TrainConfig)}
+                assert set(preset.settings_for(method)) <= fields | train
         assert math.isfinite(preset.epochs) and preset.grace_period <= preset.epochs
 
 

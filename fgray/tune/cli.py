@@ -223,10 +223,21 @@ def check_resume_flags(args, stored) -> None:
     if args.backbone and any(b != args.backbone for b in stored.backbones.values()):
         differ.append(f"--backbone {args.backbone} (stored "
                       f"{','.join(sorted({str(b) for b in stored.backbones.values()}))})")
-    if args.set:
-        differ.append(f"--set {' '.join(args.set)} (a resumed study keeps its settings)")
-    if args.data_root or getattr(args, "points", None) or args.protocols:
-        differ.append("--data-root/--points/--protocols (a resumed study keeps its own)")
+    for key, value in parse_set_flags(args.set).items():
+        target, _, name = key.partition(".")
+        scoped = {target: name} if name and target in stored.fixed else {
+            m: key for m in stored.fixed}
+        if any(str(stored.fixed[m].get(k)) != value for m, k in scoped.items()):
+            differ.append(f"--set {key}={value} (stored "
+                          f"{sorted({str(stored.fixed[m].get(k)) for m, k in scoped.items()})})")
+    if args.data_root and str(Path(args.data_root).expanduser().resolve()) != \
+            stored.data.get("root"):
+        differ.append(f"--data-root {args.data_root} (stored {stored.data.get('root')})")
+    if args.protocols and [p.strip() for p in args.protocols.split(",") if p.strip()] != \
+            list(stored.protocols):
+        differ.append(f"--protocols {args.protocols} (stored {','.join(stored.protocols)})")
+    if getattr(args, "points", None):
+        differ.append("--points (a resumed study keeps its own)")
     if differ:
         raise UserError(f"--resume continues the stored study unchanged, but "
                         f"{'; '.join(differ)}: drop these flags, or start a new --name")
