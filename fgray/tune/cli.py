@@ -236,8 +236,9 @@ def check_resume_flags(args, stored) -> None:
     if args.protocols and [p.strip() for p in args.protocols.split(",") if p.strip()] != \
             list(stored.protocols):
         differ.append(f"--protocols {args.protocols} (stored {','.join(stored.protocols)})")
-    if getattr(args, "points", None):
-        differ.append("--points (a resumed study keeps its own)")
+    if getattr(args, "points", None) and _points(args.points, list(stored.methods)) != \
+            stored.points:
+        differ.append(f"--points {args.points} (differs from the stored points)")
     if differ:
         raise UserError(f"--resume continues the stored study unchanged, but "
                         f"{'; '.join(differ)}: drop these flags, or start a new --name")
