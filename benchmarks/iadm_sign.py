@@ -137,7 +137,7 @@ def measure(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
         spec, data = make_spec(root, cache, SIGNS[0], args.epochs, seed)
         torch.manual_seed(seed)
         method = build_method("ppssl", backbone=BACKBONE, init="imagenet", image_size=96,
-                              overrides=spec.method_overrides).eval()
+                              config=spec.method_config).eval()
         both_maps(add, method, spec, data, "init", "-", seed)
         for sign in SIGNS:
             spec, data = make_spec(root, cache, sign, args.epochs, seed)

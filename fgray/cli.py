@@ -8,19 +8,30 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
+from collections.abc import Sequence
 
-from fgray.errors import UserError
-
-METHODS = ("moco", "mocov3", "lcr", "lodisc", "sdf", "ppssl")
-FORMATS = ("cub", "cars", "aircraft", "folder")
+from fgray.cliutil import OneLineParser, run_main
+from fgray.data.formats import FORMATS
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse prints usage plus the error; a user mistake should be one line."""
+class RegisteredMethods(Sequence):
+    """`--method`'s choices: the method registry, read when argparse first needs it (a check,
+    usage, help). Building the parser imports no method (nor torch), so `fgray data ...`
+    starts fast."""
 
-    def error(self, message: str):  # type: ignore[override]
-        raise UserError(f"{self.prog}: {message}")
+    def _names(self) -> tuple[str, ...]:
+        from fgray.methods import method_names
+
+        return method_names()
+
+    def __getitem__(self, index):
+        return self._names()[index]
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+    def __contains__(self, value: object) -> bool:
+        return value in self._names()
 
 
 def add_data_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:
@@ -58,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(handler=_data_check)
 
     pre = sub.add_parser("pretrain", help="self-supervised pretraining of one method")
-    pre.add_argument("--method", choices=METHODS, required=True)
+    pre.add_argument("--method", choices=RegisteredMethods(), required=True, metavar="METHOD",
+                     help="a registered method: %(choices)s")
     add_data_args(pre)
     pre.add_argument("--backbone", default=None, help="timm model name (method default if unset)")
     pre.add_argument("--init", default="random", help="random, imagenet or a weights file path")
@@ -75,8 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--seed", type=int, default=0)
     pre.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: best available)")
     pre.add_argument("--cache-dir", default=None, help="decoded-cache folder (default FGRAY_CACHE)")
-    pre.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="any method, optimisation or augmentation knob; repeatable")
+    pre.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                     help="a setting of the run: method.KEY (the method's Config), optim.KEY, "
+                          "train.KEY or aug.KEY; a bare KEY where one section has it; "
+                          "repeatable")
     pre.set_defaults(handler=_pretrain)
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint on the test split")
@@ -146,9 +160,30 @@ def _pretrain(args) -> int:
 
 
 def _eval(args) -> int:
-    from fgray.engine.evaluate import eval_command
+    import json
+    from pathlib import Path
 
-    return eval_command(args)
+    from fgray.engine.evaluate import evaluate_method, load_checkpoint
+    from fgray.engine.run import resolve_device
+    from fgray.engine.spec import DataSpec
+
+    device = resolve_device(args.device)
+    method, spec, _ = load_checkpoint(args.checkpoint, device)
+    data = DataSpec(format=args.dataset, root=args.data_root, val_fraction=args.val_fraction,
+                    split_seed=args.split_seed, aircraft_level=args.aircraft_level,
+                    cache_dir=args.cache_dir)
+    protocols = [p.strip() for p in args.protocols.split(",") if p.strip()]
+    metrics = evaluate_method(method, spec, data, protocols, split=args.split, device=device)
+    ckpt = Path(args.checkpoint)
+    out = Path(args.out) if args.out else (ckpt if ckpt.is_dir() else ckpt.parent) / (
+        f"eval-{args.split}.json")
+    record = {"checkpoint": str(ckpt), "split": args.split, "method": spec.method,
+              "metrics": metrics}
+    out.write_text(json.dumps(record, indent=1))
+    for name, value in metrics.items():
+        print(f"{args.split} {name}: {value:.2f}")
+    print(f"wrote {out}")
+    return 0
 
 
 def _corpus(args) -> int:
@@ -167,18 +202,6 @@ def _results(args) -> int:
     print(results_command(args.study_dir, args.format, tensorboard=args.tensorboard,
                           plots=args.plots, html=args.html))
     return 0
-
-
-def run_main(fn: Callable[[], int], prog: str) -> int:
-    """Run a command body: user errors become one line on stderr and exit code 2."""
-    try:
-        return fn()
-    except UserError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return UserError.exit_code
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
 
 
 def main(argv: list[str] | None = None) -> int:

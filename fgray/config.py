@@ -1,15 +1,20 @@
 """Typed configs as dataclasses, with validation and flat-dict round trips.
 
-Every knob a sweep or `--set key=value` may change is a dataclass field; the field's type
-drives parsing, and `check_range` keeps range checks next to the fields they guard.
+Every knob a sweep or `--set section.key=value` may change is a dataclass field; the field's
+type drives parsing (once: `split_settings`), and `check_range` keeps range checks next to the
+fields they guard. A run's settings come in sections, one dataclass each (the engine names
+them: `method.`, `optim.`, `train.`, `aug.`); a bare key is accepted where exactly one section
+has that field.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 import typing
+from collections.abc import Mapping
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
 from fgray.errors import UserError
@@ -18,7 +23,9 @@ T = TypeVar("T")
 
 
 def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+    """The annotated type of each dataclass field of `cls`, by name."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
 def coerce(name: str, value: Any, tp: Any) -> Any:
@@ -110,15 +117,58 @@ def parse_set_flags(pairs: list[str] | None) -> dict[str, str]:
     return out
 
 
+def split_settings(sets: Mapping[str, Any], sections: Mapping[str, type], *,
+                   owner: str) -> dict[str, dict[str, Any]]:
+    """Route settings to their sections, each value parsed to its field's type.
+
+    `sections` maps a section name to its dataclass (`{"method": LCRConfig, "optim": ...}`).
+    A key is `section.field`, or a bare `field` that exactly one section has. Unknown keys and
+    ambiguous bare keys are one-line user errors naming what would be accepted; `owner` (the
+    method) names whose settings they are. Where two keys name the same field the later wins.
+    """
+    types = {name: _field_types(cls) for name, cls in sections.items()}
+    out: dict[str, dict[str, Any]] = {name: {} for name in sections}
+    for key, value in sets.items():
+        section, field = _locate(str(key), value, types, owner)
+        out[section][field] = coerce(f"{section}.{field}", value, types[section][field])
+    return out
+
+
+def _locate(key: str, value: Any, types: dict[str, dict[str, Any]],
+            owner: str) -> tuple[str, str]:
+    """(section, field) of a settings key, or a UserError saying what was expected."""
+    every = [f"{s}.{f}" for s, fields in types.items() for f in fields]
+    section, dot, field = key.partition(".")
+    if dot:
+        if section not in types:
+            raise UserError(f"unknown setting {key!r} for {owner}: expected a section "
+                            f"{', '.join(s + '.' for s in types)} before the name"
+                            f"{_did_you_mean(key, every)}")
+        if field not in types[section]:
+            raise UserError(f"unknown setting {key!r} for {owner}: expected one of "
+                            f"{', '.join(f'{section}.{f}' for f in sorted(types[section]))}")
+        return section, field
+    owners = [s for s, fields in types.items() if key in fields]
+    if len(owners) == 1:
+        return owners[0], key
+    if owners:
+        raise UserError(f"--set {key}={value} is ambiguous for {owner}: expected "
+                        f"{' or '.join(f'{s}.{key}' for s in owners)}")
+    raise UserError(f"unknown setting {key!r} for {owner}: expected SECTION.NAME with SECTION "
+                    f"one of {', '.join(types)} and NAME a field of it"
+                    f"{_did_you_mean(key, every)}")
+
+
+def _did_you_mean(key: str, names: list[str]) -> str:
+    fields = sorted({n.split(".", 1)[1] for n in names})
+    near = difflib.get_close_matches(key.rpartition(".")[2], fields, n=2, cutoff=0.7)
+    close = [n for n in names if n.split(".", 1)[1] in near]
+    return f" (did you mean {' or '.join(close)}?)" if close else ""
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     """A flat JSON-friendly dict of a dataclass (tuples become lists)."""
     return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
-
-
-def from_dict(cls: type[T], data: dict[str, Any]) -> T:
-    """Build dataclass `cls` from a dict, ignoring keys it does not know."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    return apply_overrides(cls(), {k: v for k, v in data.items() if k in names})
 
 
 def config_hash(*cfgs: Any) -> str:

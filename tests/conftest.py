@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -129,3 +131,35 @@ def synth_root(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synth") / "fg"
     write_synthetic(out, classes=8, per_class=24, size=64, seed=0, progress=False)
     return out
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray with 2 CPUs for one test module's Ray Train runs, shut down after the
+    module. Its temp dir is short (/tmp/rXXXX): Ray's unix socket paths must stay under ~107
+    characters."""
+    from fgray.train.cluster import ray_session
+
+    temp_dir = tempfile.mkdtemp(prefix="r", dir="/tmp")
+    try:
+        with ray_session(num_cpus=2, temp_dir=temp_dir):
+            yield
+    finally:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def exit_once(tmp_path_factory):
+    """Make the fault of a worker-restart test: `make(at_epoch, on_rank)` returns the epoch
+    hook (`epoch_hooks=[hook]`) under which rank `on_rank` exits hard once after training
+    epoch `at_epoch`, before reporting it (`tests/faults.py`), and the marker file that the
+    fault writes when it fires."""
+    from faults import EXIT_ONCE
+
+    def make(at_epoch: int, on_rank: int) -> tuple[dict, Path]:
+        marker = tmp_path_factory.mktemp("fault") / "exited-once"
+        hook = {"hook": EXIT_ONCE,
+                "kwargs": {"at_epoch": at_epoch, "on_rank": on_rank, "marker": str(marker)}}
+        return hook, marker
+
+    return make

@@ -143,9 +143,9 @@ def test_run_spec_round_trips_and_hash_ignores_where_data_lives(tmp_path):
 def test_set_routes_knobs_and_rejects_unknown_ones(tmp_path):
     spec = _spec(tmp_path, tmp_path, sets={"temperature": "0.1", "lr": "0.5",
                                            "knn_k": "7", "aug.scale_min": "0.5"})
-    assert spec.method_overrides == {"temperature": "0.1"}
+    assert spec.method_config.temperature == 0.1
     assert spec.optim.lr == 0.5 and spec.train.knn_k == 7 and spec.augment.scale_min == 0.5
-    with pytest.raises(UserError, match="unknown setting 'capacity' for method moco"):
+    with pytest.raises(UserError, match="unknown setting 'capacity' for moco"):
         _spec(tmp_path, tmp_path, sets={"capacity": "3"})
     with pytest.raises(UserError, match=r"temperature=-1.0 is out of range"):
         _spec(tmp_path, tmp_path, sets={"temperature": "-1"})

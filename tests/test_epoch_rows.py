@@ -11,9 +11,7 @@ import pytest
 import ray.tune
 
 from fgray.engine.spec import DataSpec, build_spec
-from fgray.results.tables import load
-from fgray.train import trainer as trainer_module
-from fgray.train.records import (
+from fgray.results.records import (
     EPOCH_END,
     RESTORED_KEY,
     SESSION_START,
@@ -21,7 +19,10 @@ from fgray.train.records import (
     running_time,
     trial_history,
 )
-from fgray.train.trainer import TuneSession, _persist, join, worker_loop
+from fgray.results.tables import load
+from fgray.storage import join
+from fgray.train import trainer as trainer_module
+from fgray.train.trainer import TuneSession, _persist, worker_loop
 
 EPOCHS = 3
 GAP = 50_000.0  # seconds the (simulated) driver stays dead before the trial resumes
@@ -93,6 +94,27 @@ def test_row_lost_after_checkpoint_is_recorded_once_on_resume(synth_root, tmp_pa
     if crash_at < EPOCHS:  # the resumed process ran epochs: a running segment of its own
         assert 0 < row["wall_time_s"] <= ran + 1.0  # not the GAP the driver was dead
         assert row["cpu_hours"] == pytest.approx(row["wall_time_s"] / 3600)
+
+
+def test_epoch_hooks_run_on_each_epoch_before_its_report(synth_root, tmp_path, monkeypatch):
+    """The per-epoch hooks of the worker loop: every epoch, with the rank, the run folder and
+    what is about to be reported, its checkpoint already written, the report not yet sent."""
+    run_uri = str(tmp_path / "train" / "t1")
+    told: list[dict] = []
+    seen: list[tuple] = []
+    monkeypatch.setattr(ray.tune, "report", lambda metrics, **_: told.append(dict(metrics)))
+
+    def hook(epoch, rank, uri, metrics):
+        seen.append((epoch, rank, uri, metrics["epoch"], len(told)))
+
+    spec = _spec(synth_root, tmp_path / "cache")
+    worker_loop({"spec": spec.to_dict(), "run_uri": run_uri, "tensorboard": None,
+                 "epoch_hooks": [hook]},
+                TuneSession(trainer_module.torch.device("cpu"), run_uri))
+    assert seen == [(e, 0, run_uri, e, e - 1) for e in range(1, EPOCHS + 1)]
+    assert [m["epoch"] for m in told] == list(range(1, EPOCHS + 1))
+    assert all(m["best_val_knn_top1"] == max(t["val_knn_top1"] for t in told[:i + 1])
+               for i, m in enumerate(told))
 
 
 def test_wall_time_counts_running_segments_only(tmp_path):

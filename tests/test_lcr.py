@@ -165,8 +165,8 @@ def test_a_vit_backbone_is_a_user_error():
 # Weak augmentation and a fast-following key encoder so that instance discrimination is
 # learnable in a dozen short epochs on 2 CPU cores; the queue holds one batch, so it is full
 # of real keys from the second step on.
-TRAIN_SETS = {**SMALL, "lr": 0.5, "momentum": 0.99, "knn_k": 10, "aug.scale_min": 0.5,
-              "aug.jitter_p": 0.0, "aug.gray_p": 0.0, "aug.blur_p": "0,0"}
+TRAIN_SETS = {**SMALL, "lr": 0.5, "method.momentum": 0.99, "knn_k": 10,
+              "aug.scale_min": 0.5, "aug.jitter_p": 0.0, "aug.gray_p": 0.0, "aug.blur_p": "0,0"}
 
 
 def test_training_lowers_the_loss(synth_root, tmp_path):
@@ -189,7 +189,8 @@ def test_pretrain_through_the_cli(synth_root, tmp_path, capsys):
             "--backbone", "test_resnet", "--image-size", str(SIZE), "--epochs", "1",
             "--batch-size", "16", "--workers", "0", "--storage", str(tmp_path / "runs"),
             "--name", "lcr1", "--cache-dir", str(tmp_path / "cache")]
-    for kv in ("queue_size=32", "mlp_hidden=32", "capacity=4", "depth=2", "knn_k=10"):
+    for kv in ("queue_size=32", "mlp_hidden=32", "method.capacity=4", "depth=2",
+               "train.knn_k=10"):
         args += ["--set", kv]
     assert main(args) == 0
     assert "epoch 1" in capsys.readouterr().out
@@ -197,4 +198,4 @@ def test_pretrain_through_the_cli(synth_root, tmp_path, capsys):
     metrics = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     assert metrics["loss_cam"] > 0 and "loss_infonce" in metrics
     config = json.loads((run / "config.json").read_text())
-    assert config["method_overrides"]["capacity"] == "4"
+    assert config["method_config"]["capacity"] == 4 and config["method_config"]["depth"] == 2

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,14 +13,13 @@ import pytest
 from fgray.engine.spec import DataSpec, build_spec
 from fgray.errors import UserError
 from fgray.results.tables import latest_trials, load
+from fgray.storage import absolute
 from fgray.train.trainer import (
-    FAIL_AT_ENV,
-    FAIL_MARKER_ENV,
-    FAIL_RANK_ENV,
     RANKS_DIR,
     WorkerResources,
-    absolute_storage,
     best_checkpoint_dir,
+    check_epoch_hooks,
+    load_epoch_hook,
     resolve_resources,
 )
 
@@ -47,42 +44,53 @@ def test_worker_resources():
     with pytest.raises(UserError, match="--workers -1: expected 0"):
         WorkerResources(workers=-1)
     assert WorkerResources(workers=0).cpus == 1.0  # the trial's own process: one share
-    assert absolute_storage("s3://bucket/x/") == "s3://bucket/x"
-    assert absolute_storage("runs") == os.path.abspath("runs")
+    assert absolute("s3://bucket/x/") == "s3://bucket/x"
+    assert absolute("runs") == os.path.abspath("runs")
+
+
+def _record(epoch, rank, run_uri, metrics, *, into=None):
+    (into if into is not None else CALLS).append((epoch, rank, run_uri, dict(metrics)))
+
+
+CALLS: list = []
+
+
+def test_epoch_hooks_are_callables_or_dotted_names():
+    """A hook is a callable, 'package.module:name' (or 'package.module.name'), or a mapping
+    with the name and keyword arguments; anything else is a one-line user error, and a name
+    is imported only where the hook runs."""
+    mine: list = []
+    for spec in (lambda *a: mine.append(a), f"{__name__}:_record", f"{__name__}._record",
+                 {"hook": f"{__name__}:_record", "kwargs": {"into": mine}}):
+        load_epoch_hook(spec)(1, 0, "runs/x", {"epoch": 1})
+    assert len(mine) == 2 and CALLS[-2:] == [(1, 0, "runs/x", {"epoch": 1})] * 2
+    assert check_epoch_hooks(["no.such.module:hook"]) == ("no.such.module:hook",)
+    with pytest.raises(UserError, match="cannot import it"):
+        load_epoch_hook("no.such.module:hook")
+    with pytest.raises(UserError, match="not callable"):
+        load_epoch_hook(f"{__name__}:CALLS")
+    for bad in ("hook", {"hook": "m:f", "args": []}, {"kwargs": {}}, 3):
+        with pytest.raises(UserError, match="epoch hook"):
+            check_epoch_hooks([bad])
 
 
 @pytest.fixture(scope="module")
-def failed_once_run(synth_root, tmp_path_factory):
+def failed_once_run(synth_root, tmp_path_factory, local_ray, exit_once):
     """One 2-worker run in which rank 1 dies after training epoch 2, before reporting it."""
-    from fgray.train.cluster import ray_session
     from fgray.train.trainer import ray_pretrain
 
     tmp = tmp_path_factory.mktemp("raytrain")
-    marker = tmp / "failed-once"
-    env = {FAIL_AT_ENV: str(FAIL_AT), FAIL_RANK_ENV: "1", FAIL_MARKER_ENV: str(marker)}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    temp_dir = tempfile.mkdtemp(prefix="r", dir="/tmp")  # short: unix socket paths
+    fault, marker = exit_once(at_epoch=FAIL_AT, on_rank=1)
     spec = build_spec("moco", DataSpec(format="cub", root=str(synth_root),
                                        cache_dir=str(tmp / "cache")),
                       backbone="test_resnet",
                       train={"epochs": EPOCHS, "batch_size": 32, "image_size": 32, "seed": 1},
                       sets={"queue_size": 64, "mlp_hidden": 32})
     storage = str(tmp / "runs")
-    try:
-        with ray_session(num_cpus=2, temp_dir=temp_dir):
-            run = ray_pretrain(spec, name="ddp", storage=storage, workers=2, max_failures=2,
-                               keep_best=1)
-            first_epochs = load(storage, "epochs").to_pylist()
-            os.environ.pop(FAIL_AT_ENV)
-            again = ray_pretrain(spec, name="ddp", storage=storage, workers=2, keep_best=1)
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    run = ray_pretrain(spec, name="ddp", storage=storage, workers=2, max_failures=2,
+                       keep_best=1, epoch_hooks=[fault])
+    first_epochs = load(storage, "epochs").to_pylist()
+    again = ray_pretrain(spec, name="ddp", storage=storage, workers=2, keep_best=1)
     return {"run": Path(run), "again": Path(again), "storage": storage, "marker": marker,
             "first_epochs": first_epochs}
 

@@ -13,9 +13,7 @@ from tensorboard.backend.event_processing import event_accumulator as ea
 
 from fgray.cli import main
 from fgray.engine.spec import DataSpec, build_spec
-from fgray.results.report import leaderboard, results_command
-from fgray.results.tables import latest_trials, load
-from fgray.train.records import (
+from fgray.results.records import (
     EpochRecorder,
     best_epoch,
     config_hash,
@@ -26,6 +24,8 @@ from fgray.train.records import (
     trial_history,
     weights_name,
 )
+from fgray.results.report import leaderboard, results_command
+from fgray.results.tables import latest_trials, load
 
 TINY = {"queue_size": 64, "mlp_hidden": 32}
 
@@ -83,7 +83,7 @@ def test_finish_writes_one_trial_row(tmp_path):
     params = json.loads(row["params_json"])
     assert params["lr"] == 0.05 and params["queue_size"] == 64
     # MoCo's EMA momentum and SGD's momentum share a name: both are kept.
-    assert params["momentum"] == spec.method_overrides.get("momentum", 0.999)
+    assert params["momentum"] == spec.method_config.momentum
     assert params["optim.momentum"] == spec.optim.momentum
 
     recorder.finish(history, "completed")

@@ -8,7 +8,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -261,42 +260,21 @@ def test_overflowing_model_is_a_divergence_not_a_data_error(synth_root, tmp_path
 
 
 @pytest.mark.slow
-def test_ray_train_worker_restart_reproduces_the_uninterrupted_run(synth_root, tmp_path):
+def test_ray_train_worker_restart_reproduces_the_uninterrupted_run(synth_root, tmp_path,
+                                                                   local_ray, exit_once):
     """2 Ray Train workers: rank 1 dies after training epoch 2 (before reporting it), the group
     restarts from epoch 1's checkpoint; epochs 2 and 3 match an uninterrupted run exactly."""
-    from fgray.train.cluster import ray_session
-    from fgray.train.trainer import (
-        FAIL_AT_ENV,
-        FAIL_MARKER_ENV,
-        FAIL_RANK_ENV,
-        RANKS_DIR,
-        WorkerResources,
-        build_trainer,
-        run_trainer,
-    )
+    from fgray.train.trainer import RANKS_DIR, WorkerResources, build_trainer, run_trainer
 
     spec = _spec(synth_root, tmp_path, epochs=3)
     load_splits(spec.data, spec.train.decoded_size, progress=False)
     storage = str(tmp_path / "runs")
     resources = WorkerResources(workers=2)
-    marker = tmp_path / "failed-once"
-    env = {FAIL_AT_ENV: "2", FAIL_RANK_ENV: "1", FAIL_MARKER_ENV: str(marker)}
-    saved = {k: os.environ.get(k) for k in env}
-    temp_dir = tempfile.mkdtemp(prefix="r", dir="/tmp")  # short: unix socket paths
-    try:
-        with ray_session(num_cpus=2, temp_dir=temp_dir):
-            run_trainer(build_trainer(spec, name="full", storage=storage, resources=resources,
-                                      max_failures=0, keep_best=1))
-            os.environ.update(env)
-            run_trainer(build_trainer(spec, name="restarted", storage=storage,
-                                      resources=resources, max_failures=2, keep_best=1))
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    fault, marker = exit_once(at_epoch=2, on_rank=1)
+    run_trainer(build_trainer(spec, name="full", storage=storage, resources=resources,
+                              max_failures=0, keep_best=1))
+    run_trainer(build_trainer(spec, name="restarted", storage=storage, resources=resources,
+                              max_failures=2, keep_best=1, epoch_hooks=[fault]))
     assert marker.is_file()  # rank 1 did die once
 
     def epochs(name):

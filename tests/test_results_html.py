@@ -20,9 +20,9 @@ import torch
 from PIL import Image
 
 from fgray.engine.spec import DataSpec, build_spec
+from fgray.results.records import EpochRecorder, record_init, record_test
 from fgray.results.report import html_report, leaderboard, results_command, viewer_commands
 from fgray.results.tensorboard import latest_images
-from fgray.train.records import EpochRecorder, record_init, record_test
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -239,7 +239,7 @@ def _study_like_logs(study: str) -> list[dict]:
     """What a study leaves in TensorBoard for 3 trials: per-epoch scalars and maps from the
     trials' recorders, then (at the end) the HParams and the best trial's embeddings."""
     from fgray.engine.spec import DataSpec, build_spec
-    from fgray.train.records import EpochRecorder
+    from fgray.results.records import EpochRecorder
 
     gen = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8, generator=gen)

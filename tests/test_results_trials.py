@@ -22,6 +22,7 @@ import pytest
 
 from fgray.engine.spec import DataSpec, build_spec
 from fgray.results import load
+from fgray.results.records import EpochRecorder, latest_trial_row, record_init, record_test
 from fgray.results.report import leaderboard
 from fgray.results.tables import (
     LEGACY_PREFIX,
@@ -31,7 +32,6 @@ from fgray.results.tables import (
     to_arrow,
     write_trials,
 )
-from fgray.train.records import EpochRecorder, latest_trial_row, record_init, record_test
 
 UTC = dt.timezone.utc
 ROOT = Path(__file__).resolve().parents[1]

@@ -189,7 +189,7 @@ def test_pretrain_cli_sdf(synth_root, tmp_path):
                "--batch-size", "32", "--workers", "0", "--storage", str(tmp_path / "runs"),
                "--cache-dir", str(tmp_path / "cache"), "--name", "sdf-run",
                "--set", "queue_size=64", "--set", "mlp_hidden=64", "--set", "decoder_size=16",
-               "--set", "warmup_epochs=0", "--set", "knn_k=10"])
+               "--set", "method.warmup_epochs=0", "--set", "knn_k=10"])
     assert rc == 0
     lines = (tmp_path / "runs" / "sdf-run" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 1

@@ -25,7 +25,7 @@ import pytest
 from fgray.results.report import leaderboard
 from fgray.results.tables import latest_trials, load
 from fgray.train.cluster import free_port
-from fgray.train.trainer import ERROR_FILE, FAIL_AT_ENV, FAIL_MARKER_ENV, FAIL_RANK_ENV
+from fgray.train.trainer import ERROR_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = ("cub_sweep.py", "cars_sweep.py", "aircraft_sweep.py", "compare_methods.py")
@@ -199,7 +199,7 @@ def _finished(study: str) -> list[dict]:
     return [r for r in rows if r.get("status") in ("completed", "stopped", "failed")]
 
 
-def _resumed_study(head, synth_root, tmp_path_factory, workers: int) -> dict:
+def _resumed_study(head, synth_root, tmp_path_factory, exit_once, workers: int) -> dict:
     """A 5-trial ASHA study (one point diverges), its driver killed once the first trial has
     finished, then resumed with --resume. With `--workers 0`, the first trial's process also
     dies once, after training its second epoch and before reporting it."""
@@ -210,12 +210,15 @@ def _resumed_study(head, synth_root, tmp_path_factory, workers: int) -> dict:
     points.write_text(json.dumps([{"lr": 1e30}, {"lr": 3.0}, {"lr": 1e-4}, {"lr": 0.3}]))
     args = _study_args(synth_root, storage, points, workers)
     study = str(storage / "asha")
-    marker = tmp / "crashed-once"
-    env = dict(head["env"])
-    if workers == 0:
-        env.update({FAIL_AT_ENV: "2", FAIL_RANK_ENV: "0", FAIL_MARKER_ENV: str(marker)})
+    first, marker = list(args), None
+    if workers == 0:  # the first trial that trains epoch 2 dies before reporting it, once
+        fault, marker = exit_once(at_epoch=2, on_rank=0)
+        first += ["--epoch-hook", json.dumps(fault)]
     log = open(tmp / "first.log", "w")
-    driver = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT,
+    # From the repository root: Ray gives the trials the driver's working directory on their
+    # sys.path, where they import the fault hook (`tests.faults`).
+    driver = subprocess.Popen(first, env=head["env"], cwd=REPO, stdout=log,
+                              stderr=subprocess.STDOUT,
                               start_new_session=True)  # its own group: we kill only it
     deadline = time.time() + 900
     while time.time() < deadline and driver.poll() is None and not _finished(study):
@@ -234,13 +237,13 @@ def _resumed_study(head, synth_root, tmp_path_factory, workers: int) -> dict:
 
 
 @pytest.fixture(scope="module")
-def in_trial_study(head, synth_root, tmp_path_factory):
-    return _resumed_study(head, synth_root, tmp_path_factory, workers=0)
+def in_trial_study(head, synth_root, tmp_path_factory, exit_once):
+    return _resumed_study(head, synth_root, tmp_path_factory, exit_once, workers=0)
 
 
 @pytest.fixture(scope="module")
-def train_study(head, synth_root, tmp_path_factory):
-    return _resumed_study(head, synth_root, tmp_path_factory, workers=1)
+def train_study(head, synth_root, tmp_path_factory, exit_once):
+    return _resumed_study(head, synth_root, tmp_path_factory, exit_once, workers=1)
 
 
 BOTH = pytest.mark.parametrize("which", ["in_trial_study", "train_study"])

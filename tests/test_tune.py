@@ -4,7 +4,6 @@ Optuna searcher and ASHA wiring, trial specs, concurrency, the study CLI's flags
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
 import pickle
@@ -12,14 +11,12 @@ import pickle
 import optuna
 import pytest
 
-from fgray.engine.spec import TrainConfig
-
 from fgray.engine.optim import OptimConfig
+from fgray.engine.spec import TrainConfig
 from fgray.errors import UserError
-from fgray.methods import REGISTRY, method_class
+from fgray.methods import method_class, method_names
 from fgray.train.cluster import ClusterResources
 from fgray.train.trainer import WorkerResources
-from fgray.tune import spaces
 from fgray.tune.cli import _fixed, _methods, build_parser, study_from_args
 from fgray.tune.presets import PRESETS
 from fgray.tune.spaces import SHARED_KNOBS, Space, space_for
@@ -37,12 +34,7 @@ from fgray.tune.study import (
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-def _available(method: str) -> bool:
-    module = REGISTRY[method].split(":")[0]
-    return importlib.util.find_spec(module) is not None
-
-
-METHODS = [m for m in spaces.METHOD_KNOBS if _available(m)]
+METHODS = list(method_names())
 # The knobs METHODS.md names for each method's sweep (Config field names).
 EXPECTED = {
     "lcr": {"capacity", "depth", "nu", "t"},
@@ -57,8 +49,8 @@ def _study(tmp_path, **kw) -> StudyConfig:
     base = dict(name="s", storage=str(tmp_path), data={"format": "cub", "root": "/data/cub"},
                 methods=["moco"], epochs=4, image_size=32, batch_size=16,
                 backbones={"moco": "test_resnet", "lcr": "test_resnet"},
-                fixed={"moco": {"queue_size": 64, "mlp_hidden": 32},
-                       "lcr": {"queue_size": 64, "mlp_hidden": 32}})
+                fixed={"moco": {"method.queue_size": 64, "method.mlp_hidden": 32},
+                       "lcr": {"method.queue_size": 64, "method.mlp_hidden": 32}})
     base.update(kw)
     return StudyConfig(**base)
 
@@ -80,8 +72,9 @@ def test_defaults_are_the_config_defaults(method):
     point = space.defaults()
     cls = method_class(method)
     cfg = cls.Config()
-    for name, value in space.settings(point).items():
-        if hasattr(cfg, name):
+    for key, value in space.settings(point).items():
+        section, name = key.split(".")
+        if section == "method":
             assert value == getattr(cfg, name), name
         else:
             assert value == cls.optim_defaults.get(name, getattr(OptimConfig(), name)), name
@@ -99,8 +92,9 @@ def test_sampled_points_build_valid_runs(tmp_path, method):
         space(trial)
         params = trial.params
         spec = setup.spec_for(params)  # raises on a value the Config rejects
-        for name, value in space.settings(params).items():
-            got = spec.method_overrides.get(name, getattr(spec.optim, name, None))
+        for key, value in space.settings(params).items():
+            section, name = key.split(".")
+            got = getattr(spec.method_config if section == "method" else spec.optim, name)
             assert got == value
         ot.tell(trial, 0.0)
 
@@ -109,7 +103,7 @@ def test_a_misspelled_knob_fails_fast(monkeypatch):
     def bad(s, fixed):
         s.float("capacityy", 1, 256, default=32)
 
-    monkeypatch.setitem(spaces.METHOD_KNOBS, "moco", bad)
+    monkeypatch.setattr(method_class("moco"), "search_space", staticmethod(bad))
     with pytest.raises(UserError, match="'capacityy' is not a field of MoCoV2Config"):
         space_for("moco")
 
@@ -119,8 +113,6 @@ def test_a_default_outside_its_range_fails_fast(tmp_path):
         space_for("lcr", fixed={"capacity": 512})
 
 
-@pytest.mark.skipif(not _available("lodisc") or not _available("sdf"),
-                    reason="method modules not present")
 def test_conditional_knobs():
     lodisc, sdf = Space("lodisc", ()), Space("sdf", ())
     ot = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
@@ -139,7 +131,6 @@ def test_conditional_knobs():
     assert "sampling" not in lodisc.settings(lodisc.defaults())
 
 
-@pytest.mark.skipif(not _available("ppssl"), reason="method module not present")
 def test_ppssl_distillation_knobs_need_a_teacher():
     assert "kd_weight" not in Space("ppssl", ()).knob_names()
     with_teacher = Space("ppssl", (), (("clip_weights", "/w.bin"), ("corpus_path", "/c.arrow")))
@@ -184,8 +175,8 @@ def test_trial_spec_from_params(tmp_path):
     setup = TrialSetup(study, WorkerResources(), "lcr")
     spec = setup.spec_for({"capacity": 8, "lr": 0.1, "nu": 0.02})
     assert spec.method == "lcr" and spec.backbone == "test_resnet"
-    assert spec.method_overrides["capacity"] == 8 and spec.optim.lr == 0.1
-    assert spec.method_overrides["queue_size"] == 64
+    assert spec.method_config.capacity == 8 and spec.optim.lr == 0.1
+    assert spec.method_config.queue_size == 64
     assert spec.train.seed == 5 and spec.train.eval_every == 1 and spec.train.epochs == 4
     other = TrialSetup(study, WorkerResources()).spec_for({"method": "moco", "seed": 2})
     assert other.method == "moco" and other.train.seed == 2
@@ -259,7 +250,7 @@ def test_cli_flags_to_study(tmp_path, synth_root):
     parser = build_parser("cub_sweep.py", "x", mode="search")
     args = parser.parse_args(["--data-root", str(synth_root), "--preset", "smoke", "--methods",
                               "moco,lcr", "--trials", "5", "--storage", str(tmp_path),
-                              "--set", "lcr.capacity=16", "--set", "queue_size=128",
+                              "--set", "lcr.method.capacity=16", "--set", "queue_size=128",
                               "--points", str(points), "--search-shared", "lr,momentum"])
     study = study_from_args(args, dataset="cub", mode="search", default_name="cub_sweep-smoke")
     smoke = PRESETS["smoke"]
@@ -270,9 +261,10 @@ def test_cli_flags_to_study(tmp_path, synth_root):
     assert study.init == "imagenet" and study.workers == 0 and study.seeds == 3
     assert study.protocols == ["retrieval", "knn", "linear", "localisation"]
     assert study.data["val_fraction"] == 0.25
-    assert study.fixed["lcr"]["capacity"] == "16" and "capacity" not in study.fixed["moco"]
-    assert study.fixed["moco"]["queue_size"] == "128"
-    assert study.fixed["moco"]["mlp_hidden"] == 512  # the preset's scale
+    assert study.fixed["lcr"]["method.capacity"] == 16
+    assert "method.capacity" not in study.fixed["moco"]
+    assert study.fixed["moco"]["method.queue_size"] == 128
+    assert study.fixed["moco"]["method.mlp_hidden"] == 512  # the preset's scale
     assert study.points == {"moco": [{"lr": 0.1}], "lcr": [{"lr": 0.1}]}
     assert study.shared == ["lr", "momentum"] and study.data["root"] == str(synth_root)
     assert study.study_dir == f"{tmp_path}/cub_sweep-smoke"
@@ -311,12 +303,12 @@ def test_presets_name_their_weights():
     assert (smoke.image_size, smoke.epochs, smoke.trials, smoke.batch_size) == (96, 2, 2, 32)
     # The calibrated embedded set (README): init kNN 35.7 % at 96 px, chance 10 %.
     assert smoke.synthetic == {"classes": 10, "per_class": 60, "size": 96}
-    assert smoke.settings_for("moco")["knn_k"] == 20
-    assert smoke.settings_for("lodisc")["embed"] == "encoder"
-    assert "embed" not in smoke.settings_for("lcr")
-    assert smoke.settings_for("moco")["queue_size"] == 1024
-    assert smoke.settings_for("lodisc")["mlp_hidden"] == 512
-    assert "queue_size" not in smoke.settings_for("lodisc")  # MoCo v3 has no queue
+    assert smoke.settings_for("moco")["train.knn_k"] == 20
+    assert smoke.settings_for("lodisc")["method.embed"] == "encoder"
+    assert "method.embed" not in smoke.settings_for("lcr")
+    assert smoke.settings_for("moco")["method.queue_size"] == 1024
+    assert smoke.settings_for("lodisc")["method.mlp_hidden"] == 512
+    assert "method.queue_size" not in smoke.settings_for("lodisc")  # MoCo v3 has no queue
     assert paper.workers == 1 and paper.seeds >= 3
     for name in (paper.cnn_backbone, paper.vit_backbone, smoke.cnn_backbone):
         # Exact weights: a timm name with its pretrained tag, which timm knows.
@@ -328,6 +320,8 @@ def test_cli_user_errors():
     with pytest.raises(UserError, match="--methods 'moco,nope'"):
         _methods("moco,nope", smoke)
     assert _fixed(["sdf.alpha=2"], ["moco"], smoke)["moco"] == smoke.settings_for("moco")
+    with pytest.raises(UserError, match="ambiguous for sdf"):
+        _fixed(["warmup_epochs=2"], ["moco", "sdf"], smoke)
     parser = build_parser("cub_sweep.py", "x", mode="search")
     with pytest.raises(UserError, match="not allowed with argument"):
         parser.parse_args(["--synthetic", "--data-root", "/x"])
@@ -339,10 +333,9 @@ def test_cli_user_errors():
 def test_presets_fit_their_methods():
     for preset in PRESETS.values():
         for method in preset.methods:
-            if _available(method):
-                fields = {f.name for f in dataclasses.fields(method_class(method).Config)}
-                train = {f.name for f in dataclasses.fields(TrainConfig)}
-                assert set(preset.settings_for(method)) <= fields | train
+            fields = {f"method.{f.name}" for f in dataclasses.fields(method_class(method).Config)}
+            train = {f"train.{f.name}" for f in dataclasses.fields(TrainConfig)}
+            assert set(preset.settings_for(method)) <= fields | train
         assert math.isfinite(preset.epochs) and preset.grace_period <= preset.epochs
 
 

@@ -76,7 +76,7 @@ def test_sdf_decoded_pairs(synth_root, tmp_path):
                "--batch-size", "32", "--workers", "0", "--storage", str(tmp_path / "runs"),
                "--cache-dir", str(tmp_path / "cache"), "--name", "sdf-vis",
                "--set", "queue_size=64", "--set", "mlp_hidden=64", "--set", "decoder_size=16",
-               "--set", "warmup_epochs=0", "--set", "knn_k=10"])
+               "--set", "method.warmup_epochs=0", "--set", "knn_k=10"])
     assert rc == 0
     acc = _accumulator(tmp_path / "runs" / "tensorboard" / "sdf" / "sdf-vis")
     assert acc.Tags()["images"] == ["pairs/decoded"]  # SDF has no spatial map of its own

@@ -36,11 +36,9 @@ eval view that the localisation score compares with the methods' maps.
 from __future__ import annotations
 
 import hashlib
-import math
 import json
+import math
 import os
-import shutil
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +50,7 @@ from fgray.data.formats import FGDataset
 from fgray.data.images import fitted_long_side, load_rgb, resize_within
 from fgray.errors import UserError
 from fgray.progress import Progress
+from fgray.storage import atomic_path
 
 CACHE_VERSION = 2  # 2: whole images on a landscape canvas with regions (1: centre squares)
 MAX_ASPECT = 2.0  # canvas width at most this many times its height
@@ -177,8 +176,9 @@ def build_cache(ds: FGDataset, split: str, size: int, *, cache_dir: str | Path |
     with ThreadPoolExecutor(max_workers=pool_size) as pool:
         sizes = list(pool.map(lambda s: _image_size(s.path), samples))
     width = canvas_width(sizes, size, max_aspect, coverage)
-    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=root))
-    try:
+    # Built under a temporary name; a cache another process finished first is kept.
+    with atomic_path(final, keep_existing=True) as tmp:
+        tmp.mkdir()
         n = len(samples)
         images = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8,
                                            shape=(n, 3, size, width))
@@ -229,13 +229,6 @@ def build_cache(ds: FGDataset, split: str, size: int, *, cache_dir: str | Path |
                 "num_classes": ds.num_classes, "build_seconds": round(seconds, 3),
                 "part_names": ds.part_names}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        try:
-            os.replace(tmp, final)
-        except OSError:  # another process finished the same cache first: use theirs
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return open_cache(final)
 
 

@@ -6,9 +6,7 @@ test per final model.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -16,16 +14,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from fgray.data.augment import augment_preset, eval_transform, eval_view_boxes, eval_view_points
+from fgray.data.cache import CachedSplit
 from fgray.engine.features import embed_split
 from fgray.engine.loop import autocast_for, read_checkpoint
-from fgray.engine.run import load_splits, resolve_device
+from fgray.engine.run import load_splits
 from fgray.engine.spec import DataSpec, RunSpec
 from fgray.errors import UserError
-from fgray.data.cache import CachedSplit
 from fgray.eval.knn import knn_classify
-from fgray.eval.localisation import box_scores, part_hit_rate
 from fgray.eval.linear import linear_probe_fast, linear_probe_paper
+from fgray.eval.localisation import box_scores, part_hit_rate
 from fgray.eval.retrieval import retrieval_metrics
+from fgray.eval_mode import eval_mode
 from fgray.methods import Method, build_method
 
 PROTOCOLS = ("retrieval", "knn", "linear", "linear-paper", "localisation")
@@ -42,7 +41,7 @@ def load_checkpoint(path: str | Path, device: torch.device) -> tuple[Method, Run
     except (KeyError, TypeError) as exc:
         raise UserError(f"{path}: not an fgray checkpoint ({type(exc).__name__})") from None
     method = build_method(spec.method, backbone=spec.backbone, init="random",
-                          image_size=spec.train.image_size, overrides=spec.method_overrides)
+                          image_size=spec.train.image_size, config=spec.method_config)
     method.load_state_dict(state["model"])
     return method.to(device).eval(), spec, state
 
@@ -98,7 +97,8 @@ def evaluate_method(method: Method, spec: RunSpec, data: DataSpec, protocols: li
             torch.from_numpy(target.labels),
             train_transform=lambda x, rows: crop.view(x, 0, splits.train.regions[rows.numpy()]),
             eval_transform=lambda x, rows: eval_transform(
-                x, size, **norm, regions=target.regions[rows.numpy()]), feature_dim=dim, num_classes=n_cls, seed=seed, device=device)
+                x, size, **norm, regions=target.regions[rows.numpy()]),
+            feature_dim=dim, num_classes=n_cls, seed=seed, device=device)
         out.update(linear_paper_top1=lin["top1"])
     if "localisation" in protocols:
         out.update(localisation_scores(method, target, size, bs, device, **norm))
@@ -128,9 +128,7 @@ def localisation_scores(method: nn.Module, data: CachedSplit, size: int, batch_s
     if not has_box.any():
         return {}
     maps, boxes, parts = [], [], []
-    was_training = method.training
-    method.eval()
-    try:
+    with eval_mode(method):
         for start in range(0, len(data), batch_size):
             idx = np.arange(start, min(start + batch_size, len(data)))
             idx = idx[has_box[idx]]
@@ -148,8 +146,6 @@ def localisation_scores(method: nn.Module, data: CachedSplit, size: int, batch_s
                 inside = ((p[..., :2] >= 0) & (p[..., :2] < size)).all(-1)
                 p[..., 2] = p[..., 2] * inside
                 parts.append(p)
-    finally:
-        method.train(was_training)
     maps_t = torch.cat(maps)
     out = {}
     scores = box_scores(maps_t, torch.cat(boxes), (size, size))
@@ -196,22 +192,3 @@ def evaluate_init(spec: RunSpec, data: DataSpec, protocols: list[str], *,
     out["val_knn_top1"] = val["knn_top1"]
     return out
 
-
-def eval_command(args) -> int:
-    device = resolve_device(args.device)
-    method, spec, _ = load_checkpoint(args.checkpoint, device)
-    data = DataSpec(format=args.dataset, root=args.data_root, val_fraction=args.val_fraction,
-                    split_seed=args.split_seed, aircraft_level=args.aircraft_level,
-                    cache_dir=args.cache_dir)
-    protocols = [p.strip() for p in args.protocols.split(",") if p.strip()]
-    metrics = evaluate_method(method, spec, data, protocols, split=args.split, device=device)
-    ckpt = Path(args.checkpoint)
-    out = Path(args.out) if args.out else (ckpt if ckpt.is_dir() else ckpt.parent) / (
-        f"eval-{args.split}.json")
-    record: dict[str, Any] = {"checkpoint": str(ckpt), "split": args.split,
-                              "method": spec.method, "metrics": metrics}
-    out.write_text(json.dumps(record, indent=1))
-    for name, value in metrics.items():
-        print(f"{args.split} {name}: {value:.2f}")
-    print(f"wrote {out}")
-    return 0

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from fgray.data.augment import eval_transform
 from fgray.data.cache import CachedSplit
 from fgray.data.loader import iterate_eval
+from fgray.eval_mode import eval_mode
 
 
 @torch.no_grad()
@@ -19,10 +20,8 @@ def embed_split(module: nn.Module, embed: Callable[[Tensor], Tensor], data: Cach
     """Features and labels of every image of `data`, in cache order, each view normalised
     with the backbone's `mean` / `std`; `module` is put in eval mode for the pass and
     restored after."""
-    was_training = module.training
-    module.eval()
     feats, labels = [], []
-    try:
+    with eval_mode(module):
         start = 0  # iterate_eval keeps cache order, so the regions follow by offset
         for images, y in iterate_eval(data, batch_size, device):
             regions = data.regions[start:start + len(y)]
@@ -30,6 +29,4 @@ def embed_split(module: nn.Module, embed: Callable[[Tensor], Tensor], data: Cach
             feats.append(embed(eval_transform(images, image_size, mean=mean, std=std,
                                               regions=regions)).float())
             labels.append(y)
-    finally:
-        module.train(was_training)
     return torch.cat(feats), torch.cat(labels)

@@ -35,10 +35,13 @@ from fgray.data.cache import CachedSplit
 from fgray.data.loader import CachedBatches
 from fgray.engine.features import embed_split
 from fgray.engine.optim import OptimConfig, build_optimizer, clip_gradients, lr_factor, set_lr
+from fgray.engine.selection import SELECTION_METRIC
 from fgray.engine.spec import TrainConfig
 from fgray.errors import UserError
 from fgray.eval.knn import knn_classify
+from fgray.eval_mode import eval_mode
 from fgray.methods.base import Method, StepInfo
+from fgray.storage import atomic_path
 
 EpochHook = Callable[[dict[str, Any], Path | None], None]
 # (epoch, images uint8 (N,3,S,S), {name: map (N,h,w)}, {name: (a, b) images in [0, 1]})
@@ -220,11 +223,9 @@ class Pretrainer:
         if self.rank != 0 or self.checkpoint_dir is None:
             return None
         out = self.checkpoint_dir / f"epoch-{self.epoch:04d}"
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.mkdir(parents=True, exist_ok=True)
-        torch.save(self.state_dict(rank_states), tmp / CHECKPOINT_FILE)
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.rename(out)
+        with atomic_path(out) as tmp:  # a reader sees no checkpoint or a whole one
+            tmp.mkdir()
+            torch.save(self.state_dict(rank_states), tmp / CHECKPOINT_FILE)
         kept = sorted(p for p in self.checkpoint_dir.glob("epoch-*") if not p.name.endswith(".tmp"))
         for old in kept[:-self.cfg.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
@@ -314,7 +315,7 @@ class Pretrainer:
         knn = knn_classify(bank.float(), bank_labels, feats.float(), labels, k=self.cfg.knn_k,
                            temperature=self.cfg.knn_temperature,
                            num_classes=self.train_data.num_classes)
-        return {"val_knn_top1": knn["top1"], "val_knn_top5": knn["top5"]}
+        return {SELECTION_METRIC: knn["top1"], "val_knn_top5": knn["top5"]}
 
     def visuals(self, count: int = 8) -> Visuals | None:
         """The first `count` validation images (the same every epoch) as uint8 at image_size,
@@ -331,15 +332,11 @@ class Pretrainer:
         mean = torch.tensor(self.norm["mean"], device=self.device).view(1, 3, 1, 1)
         std = torch.tensor(self.norm["std"], device=self.device).view(1, 3, 1, 1)
         shown = ((view * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
-        was_training = self.method.training
-        self.method.eval()
         devices = [self.device] if self.device.type == "cuda" else []
-        try:  # no_grad outside; a method that needs input gradients enables them itself
-            with torch.random.fork_rng(devices=devices), torch.no_grad():
-                maps = self.method.spatial_maps(view)
-                pairs = self.method.pair_images(view)
-        finally:
-            self.method.train(was_training)
+        # no_grad outside; a method that needs input gradients enables them itself
+        with eval_mode(self.method), torch.random.fork_rng(devices=devices), torch.no_grad():
+            maps = self.method.spatial_maps(view)
+            pairs = self.method.pair_images(view)
         maps = {k: v.detach().float().cpu() for k, v in maps.items()}
         pairs = {k: (a.detach().float().cpu(), b.detach().float().cpu())
                  for k, (a, b) in pairs.items()}

@@ -21,7 +21,16 @@ class OptimConfig:
     warmup_epochs: float = 0.0
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of the peak lr
     grad_clip: float = 0.0  # max global grad norm; 0 turns clipping off
-    exclude_bias_norm_wd: bool = False
+    # Biases and norm weights (the 1-d parameters) get no weight decay and, under LARS, no
+    # trust-ratio adaptation. None: on for LARS (moco-v3's LARS), off for SGD and AdamW (MoCo
+    # v2's SGD and moco-v3's AdamW decay every parameter).
+    exclude_bias_norm_wd: bool | None = None
+
+    @property
+    def excludes_bias_norm(self) -> bool:
+        if self.exclude_bias_norm_wd is None:
+            return self.optimizer == "lars"
+        return self.exclude_bias_norm_wd
 
     def validate(self) -> None:
         check_range("lr", self.lr, 0.0, lo_open=True)
@@ -34,8 +43,9 @@ class OptimConfig:
 
 class LARS(torch.optim.Optimizer):
     """LARS (You et al. 2017) as in MoCo v3's code: SGD with momentum whose update is scaled
-    by the trust ratio ||w|| / ||g + wd*w||; groups marked `lars_exclude` (biases, norms) skip
-    weight decay and the trust ratio."""
+    by the trust ratio ||w|| / ||g + wd*w||. Groups marked `lars_exclude` skip weight decay and
+    the trust ratio: `build_optimizer` puts biases and norm weights there, which is what
+    moco-v3's LARS does for every parameter of one dimension or less."""
 
     def __init__(self, params, lr: float, weight_decay: float = 0.0, momentum: float = 0.9,
                  trust_coefficient: float = 0.001) -> None:
@@ -49,7 +59,7 @@ class LARS(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 g = p.grad
-                if not group["lars_exclude"] and p.ndim > 1:
+                if not group["lars_exclude"]:
                     g = g.add(p, alpha=group["weight_decay"])
                     w_norm, g_norm = torch.norm(p), torch.norm(g)
                     ratio = torch.where((w_norm > 0) & (g_norm > 0),
@@ -63,12 +73,31 @@ class LARS(torch.optim.Optimizer):
                 p.add_(mu, alpha=-group["lr"])
 
 
+def split_bias_norm(groups: list[dict]) -> list[dict]:
+    """Each group split in two: its weights (ndim > 1) as they are, and its biases and norm
+    weights (ndim <= 1) with no weight decay and `lars_exclude`. Empty groups are dropped."""
+    out = []
+    for g in groups:
+        params = list(g["params"])
+        decay = [p for p in params if p.ndim > 1]
+        skip = [p for p in params if p.ndim <= 1]
+        if decay:
+            out.append({**g, "params": decay})
+        if skip:
+            out.append({**g, "params": skip, "weight_decay": 0.0, "lars_exclude": True})
+    return out
+
+
 def build_optimizer(groups: list[dict], cfg: OptimConfig, global_batch: int,
                     fused: bool = False) -> torch.optim.Optimizer:
+    """The optimiser of `cfg` over a method's `param_groups()`, at the peak lr
+    `cfg.lr x global_batch / 256` (each group's `peak_lr`, which `set_lr` schedules)."""
     lr = cfg.lr * global_batch / 256
+    groups = [{**g, "params": list(g["params"])} for g in groups]
+    if cfg.excludes_bias_norm:
+        groups = split_bias_norm(groups)
     for g in groups:
         g.setdefault("weight_decay", cfg.weight_decay)
-        g["lr_scale"] = g.get("lr_scale", 1.0)
     extra = {"fused": True} if fused else {}
     if cfg.optimizer == "sgd":
         opt = torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, **extra)
@@ -77,7 +106,7 @@ def build_optimizer(groups: list[dict], cfg: OptimConfig, global_batch: int,
     else:
         opt = LARS(groups, lr=lr, momentum=cfg.momentum)
     for g in opt.param_groups:
-        g["peak_lr"] = lr * g["lr_scale"]
+        g["peak_lr"] = lr
     return opt
 
 

@@ -23,11 +23,11 @@ from fgray.data.cache import CachedSplit, build_cache
 from fgray.data.formats import FGDataset, load_dataset
 from fgray.data.splits import split_record
 from fgray.engine.loop import CHECKPOINT_FILE, Pretrainer, VisualsHook
+from fgray.engine.selection import Best
 from fgray.engine.spec import DataSpec, RunSpec
 from fgray.errors import UserError
 from fgray.methods import build_method
-
-SELECTION_METRIC = "val_knn_top1"
+from fgray.storage import atomic_path, is_uri
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -47,7 +47,7 @@ def check_writable(path: str | Path, what: str = "storage") -> None:
     not): the folder itself or, when it does not exist yet, its nearest existing ancestor is
     tried with a temporary file. Creates nothing that stays. URIs (s3://, gs://) pass."""
     text = str(path)
-    if "://" in text:
+    if is_uri(text):
         return
     target = Path(text).expanduser().absolute()
     probe = target
@@ -116,7 +116,8 @@ def build_pretrainer(spec: RunSpec, *, device: torch.device, rank: int = 0, worl
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    found = sorted((Path(run_dir) / "checkpoints").glob(f"epoch-*/{CHECKPOINT_FILE}"))
+    found = sorted(p for p in (Path(run_dir) / "checkpoints").glob(f"epoch-*/{CHECKPOINT_FILE}")
+                   if not p.parent.name.endswith(".tmp"))  # an older version's temporaries
     return found[-1] if found else None
 
 
@@ -126,9 +127,7 @@ class BestKeeper:
 
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir
-        self.best = float("-inf")
-        for line in self._lines():
-            self.best = max(self.best, line.get(SELECTION_METRIC, float("-inf")))
+        self.best = Best(rows=self._lines())
 
     def _lines(self) -> list[dict]:
         path = self.run_dir / "metrics.jsonl"
@@ -137,15 +136,9 @@ class BestKeeper:
     def __call__(self, metrics: dict[str, Any], checkpoint: Path | None) -> None:
         with open(self.run_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(metrics) + "\n")
-        score = metrics.get(SELECTION_METRIC)
-        if checkpoint is not None and score is not None and score > self.best:
-            self.best = score
-            best = self.run_dir / "checkpoints" / "best"
-            tmp = best.with_name("best.tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(checkpoint, tmp)
-            shutil.rmtree(best, ignore_errors=True)
-            tmp.rename(best)
+        if self.best.update(metrics) and checkpoint is not None:
+            with atomic_path(self.run_dir / "checkpoints" / "best") as tmp:
+                shutil.copytree(checkpoint, tmp)
 
 
 def run_pretraining(spec: RunSpec, run_dir: str | Path, *, device: torch.device | None = None,

@@ -1,20 +1,26 @@
-"""RunSpec: everything one pretraining run needs, as plain data.
+"""RunSpec: everything one pretraining run needs, as typed configs.
 
 The same spec drives an in-process run, each Ray Train worker and each Tune trial, so it
-round-trips through a flat dict (`to_dict` / `from_dict`).
+round-trips through a plain dict (`to_dict` / `from_dict`).
+
+A run's settings come in four sections, one dataclass each: `method.` (the method's Config),
+`optim.` (OptimConfig), `train.` (TrainConfig) and `aug.` (AugmentConfig). `build_spec` takes
+them as `--set` pairs, `section.name` or a bare name that only one section has, and parses each
+value to its field's type once: the spec holds typed values only, so a run set from the command
+line (`"0.1"`) and the same run set by a Tune trial (`0.1`) are equal and hash the same.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from fgray.config import apply_overrides, check_range, config_hash
+from fgray.config import apply_overrides, check_range, config_hash, split_settings
 from fgray.data.augment import PRESETS, AugmentConfig
 from fgray.engine.optim import OptimConfig
-from fgray.errors import UserError
-from fgray.methods import method_class, method_config
+from fgray.methods import method_class
 from fgray.models.backbone import backbone_normalisation
 
 
@@ -67,28 +73,47 @@ class RunSpec:
     data: DataSpec
     backbone: str | None = None
     init: str = "random"
-    method_overrides: dict[str, Any] = field(default_factory=dict)
+    method_config: Any = None  # the method's Config dataclass; None: its defaults
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
+    def __post_init__(self) -> None:
+        if self.method_config is None:
+            self.method_config = method_class(self.method).Config()
+
     @property
     def backbone_name(self) -> str:
         return self.backbone or method_class(self.method).default_backbone
+
+    @property
+    def method_overrides(self) -> dict[str, Any]:
+        """The method settings that differ from its Config defaults, typed. For code written
+        before `method_config`; new code reads `method_config`."""
+        default = type(self.method_config)()
+        return {f.name: getattr(self.method_config, f.name)
+                for f in dataclasses.fields(self.method_config)
+                if getattr(self.method_config, f.name) != getattr(default, f.name)}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunSpec:
-        aug = dict(d["augment"])
-        for key in ("blur_p", "solarize_p", "mean", "std"):
-            aug[key] = tuple(aug[key])
+        """The spec of `to_dict`'s output; a spec written before `method_config` (its
+        `method_overrides` strings) loads too."""
+        config_cls = method_class(d["method"]).Config
+        method = d.get("method_config")
+        if method is None:
+            method = d.get("method_overrides") or {}
         return cls(method=d["method"], data=DataSpec(**d["data"]), backbone=d.get("backbone"),
                    init=d.get("init", "random"),
-                   method_overrides=dict(d.get("method_overrides", {})),
-                   train=TrainConfig(**d["train"]), optim=OptimConfig(**d["optim"]),
-                   augment=AugmentConfig(**aug))
+                   method_config=apply_overrides(config_cls(), method,
+                                                 what=f"{d['method']} setting"),
+                   train=apply_overrides(TrainConfig(), d["train"], what="train setting"),
+                   optim=apply_overrides(OptimConfig(), d["optim"], what="optimiser setting"),
+                   augment=apply_overrides(AugmentConfig(), d["augment"],
+                                           what="augmentation setting"))
 
     def hash(self) -> str:
         """Identifies the experiment (not where its data lives)."""
@@ -96,41 +121,43 @@ class RunSpec:
             self.data, root="", cache_dir=None)))
 
 
+def setting_sections(method: str) -> dict[str, type]:
+    """The dataclass of each settings section of a run of `method`."""
+    return {"method": method_class(method).Config, "optim": OptimConfig,
+            "train": TrainConfig, "aug": AugmentConfig}
+
+
+def parse_settings(method: str, sets: Mapping[str, Any] | None) -> dict[str, Any]:
+    """`sets` for a run of `method`, each key qualified (`capacity` -> `method.capacity`) and
+    each value parsed to its field's type; ranges are checked by `build_spec`."""
+    split = split_settings(sets or {}, setting_sections(method), owner=method)
+    return {f"{section}.{name}": value for section, values in split.items()
+            for name, value in values.items()}
+
+
 def build_spec(method: str, data: DataSpec, *, backbone: str | None = None,
                init: str = "random", train: dict[str, Any] | None = None,
-               sets: dict[str, Any] | None = None) -> RunSpec:
+               sets: Mapping[str, Any] | None = None) -> RunSpec:
     """Resolve a run from the method's defaults, explicit train settings and `--set` pairs.
 
-    A `--set` key names a method knob, an optimiser setting (lr, weight_decay, optimizer,
-    warmup_epochs, ...), a train setting (knn_k, precision, ...) or an augmentation parameter
-    as `aug.NAME`; method knobs win where names coincide.
+    A `sets` key is `method.NAME` (a field of the method's Config), `optim.NAME` (lr,
+    weight_decay, optimizer, momentum, warmup_epochs, ...), `train.NAME` (knn_k, precision,
+    ...) or `aug.NAME` (an augmentation parameter); a bare NAME is accepted where exactly one
+    section has it (`capacity`, `lr`), and is an error naming the candidates where more do
+    (MoCo's EMA `momentum` and SGD's: `method.momentum` or `optim.momentum`). Values may be
+    strings (the command line) or typed (a Tune trial); `train.*` wins over `train`.
     """
     cls = method_class(method)
-    method_fields = {f.name for f in dataclasses.fields(cls.Config)}
-    optim_fields = {f.name for f in dataclasses.fields(OptimConfig)}
-    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    m_over, o_over, t_over, a_over = {}, {}, dict(train or {}), {}
-    for key, value in (sets or {}).items():
-        if key in method_fields:
-            m_over[key] = value
-        elif key in optim_fields:
-            o_over[key] = value
-        elif key in train_fields:
-            t_over[key] = value
-        elif key.startswith("aug."):
-            a_over[key[4:]] = value
-        else:
-            known = sorted(method_fields | optim_fields | train_fields) + ["aug.<name>"]
-            raise UserError(f"unknown setting {key!r} for method {method}: expected one of"
-                            f" {', '.join(known)}")
-    method_config(method, m_over)  # validates now, with a clear message
-    train_cfg = apply_overrides(TrainConfig(), t_over, what="train setting")
-    optim_cfg = apply_overrides(apply_overrides(OptimConfig(), cls.optim_defaults), o_over,
-                                what="optimiser setting")
+    split = split_settings(sets or {}, setting_sections(method), owner=method)
+    method_cfg = apply_overrides(cls.Config(), split["method"], what=f"{method} setting")
+    train_cfg = apply_overrides(TrainConfig(), {**(train or {}), **split["train"]},
+                                what="train setting")
+    optim_cfg = apply_overrides(apply_overrides(OptimConfig(), cls.optim_defaults),
+                                split["optim"], what="optimiser setting")
     preset = PRESETS[cls.augment_preset]
     # The views are normalised with the backbone's own statistics unless set explicitly.
     mean, std = backbone_normalisation(backbone or cls.default_backbone)
     aug_cfg = apply_overrides(preset, {"size": train_cfg.image_size, "mean": mean, "std": std,
-                                       **a_over}, what="augmentation setting")
+                                       **split["aug"]}, what="augmentation setting")
     return RunSpec(method=method, data=data, backbone=backbone, init=init,
-                   method_overrides=m_over, train=train_cfg, optim=optim_cfg, augment=aug_cfg)
+                   method_config=method_cfg, train=train_cfg, optim=optim_cfg, augment=aug_cfg)

@@ -34,17 +34,6 @@ def concat_all_gather(x: Tensor) -> Tensor:
     return torch.cat(out)
 
 
-def gather_with_grad(x: Tensor) -> Tensor:
-    """All-gather that keeps the gradient of this rank's slice (MoCo v3 gathers keys without
-    grad; kept separate so the no-grad case stays cheap)."""
-    if not distributed():
-        return x
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
-    parts[dist.get_rank()] = x
-    return torch.cat(parts)
-
-
 def info_nce_queue(q: Tensor, k: Tensor, queue: Tensor, temperature: float) -> Tensor:
     """MoCo v2 InfoNCE: one positive key per query against the queue's negatives.
 
@@ -148,12 +137,3 @@ def shuffled_groups_forward(fn, x: Tensor, groups: int) -> Tensor:
     out = torch.cat([fn(chunk) for chunk in x[perm].chunk(groups)])
     return out[torch.argsort(perm)]
 
-
-def no_weight_decay_groups(module: nn.Module, exclude_bias_and_norm: bool) -> list[dict]:
-    """Trainable parameters in one group, or two when biases and norm weights skip decay."""
-    params = [p for p in module.parameters() if p.requires_grad]
-    if not exclude_bias_and_norm:
-        return [{"params": params}]
-    decay = [p for p in params if p.ndim > 1]
-    skip = [p for p in params if p.ndim <= 1]
-    return [{"params": decay}, {"params": skip, "weight_decay": 0.0, "lars_exclude": True}]

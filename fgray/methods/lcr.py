@@ -37,7 +37,7 @@ Deliberate differences from the code, each a documented choice:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +45,8 @@ from torch import Tensor, nn
 
 from fgray.config import check_range
 from fgray.errors import UserError
-from fgray.methods.base import StepInfo
+from fgray.eval_mode import eval_mode
+from fgray.methods.base import StepInfo, Suggest, register
 from fgray.methods.gradcam import feature_gradcam, normalise_maps
 from fgray.methods.moco import MoCoV2, MoCoV2Config
 from fgray.models.backbone import Backbone
@@ -89,6 +90,7 @@ def rationale_kl(gradcam: Tensor, attention: Tensor, t: float, reduction: str) -
     return per_image.sum() if reduction == "sum" else per_image.mean()
 
 
+@register("lcr")
 class LCR(MoCoV2):
     Config = LCRConfig
     default_backbone = "resnet50"
@@ -96,6 +98,13 @@ class LCR(MoCoV2):
     # LCR's README trains at lr 0.03 with batch 128 and does not scale it by batch/256; the
     # engine does (lr x global batch / 256), so the recipe's 0.03 at batch 128 is 0.06 here.
     optim_defaults = {**MoCoV2.optim_defaults, "lr": 0.06}
+
+    @staticmethod
+    def search_space(s: Suggest, fixed: dict[str, Any]) -> None:
+        s.int("capacity", 1, 256, log=True)
+        s.categorical("depth", (1, 2))
+        s.float("nu", 1e-3, 1e-1, log=True)
+        s.float("t", 0.1, 1.0)
 
     def __init__(self, backbone: Backbone, cfg: LCRConfig) -> None:
         if backbone.is_vit:
@@ -108,16 +117,6 @@ class LCR(MoCoV2):
 
     # -- pieces ---------------------------------------------------------------------------------
 
-    def query_map(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(NCHW feature map F, L2-normalised query projection), with F in the query's graph."""
-        feats = self.backbone.forward_features(x)
-        fmap = self.backbone.features_to_map(feats)
-        if fmap is not feats:
-            # An NHWC model: let the head read the NCHW view so that F is in the loss's graph.
-            feats = fmap.permute(0, 2, 3, 1)
-        q = F.normalize(self.projector(self.backbone.pool(feats)), dim=1)
-        return fmap, q
-
     def attention(self, fmap: Tensor) -> Tensor:
         """A (B, h, w): the branch's max over its C channels, min-max normalised per image."""
         return normalise_maps(self.rationale(fmap).amax(1))
@@ -125,7 +124,7 @@ class LCR(MoCoV2):
     # -- the method surface ---------------------------------------------------------------------
 
     def forward(self, view1: Tensor, view2: Tensor, step: StepInfo) -> dict[str, Tensor]:
-        fmap, q = self.query_map(view1)
+        fmap, _, q = self.query(view1, feature_map=True)
         k = self.keys(view2)
         infonce = self.contrast(q, k)
         self.enqueue(k)
@@ -146,9 +145,5 @@ class LCR(MoCoV2):
 
     @torch.no_grad()
     def spatial_maps(self, images: Tensor) -> dict[str, Tensor]:
-        was_training = self.training
-        self.eval()
-        try:
+        with eval_mode(self):
             return {"rationale": self.attention(self.backbone.feature_map(images)).float()}
-        finally:
-            self.train(was_training)

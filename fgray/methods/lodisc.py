@@ -50,7 +50,7 @@ T = 0.2, momentum 0.99 ramped to 1, batch 32, 100 epochs, BYOL augmentation (cro
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -58,7 +58,8 @@ from torch import Tensor, nn
 
 from fgray.config import check_range
 from fgray.errors import UserError
-from fgray.methods.base import StepInfo
+from fgray.eval_mode import eval_mode
+from fgray.methods.base import StepInfo, Suggest, register
 from fgray.methods.common import momentum_copy
 from fgray.methods.moco import MoCoV3, MoCoV3Config
 from fgray.models.backbone import Backbone
@@ -169,6 +170,7 @@ def mask_images(images: Tensor, mask: Tensor) -> Tensor:
     return images * pixels.to(images.dtype)
 
 
+@register("lodisc")
 class LoDisc(MoCoV3):
     Config = LoDiscConfig
     default_backbone = "vit_base_patch16_224"
@@ -177,6 +179,18 @@ class LoDisc(MoCoV3):
     optim_defaults = {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.5,
                       "warmup_epochs": 0.0}
     sync_bn = True
+    structural = ("sampling",)  # topk or stochastic: whether sample_temperature is searched
+
+    @staticmethod
+    def search_space(s: Suggest, fixed: dict[str, Any]) -> None:
+        s.float("keep_ratio", 0.1, 0.9)
+        s.float("local_weight", 0.1, 10.0, log=True)
+        s.categorical("fusion", ("product", "last", "rollout"))
+        # The released code keeps the top patches deterministically (temperature 0).
+        stochastic = s.defaults.get("sample_temperature", 0.0) > 0
+        if s.categorical("sampling", ("topk", "stochastic"),
+                         default="stochastic" if stochastic else "topk") == "stochastic":
+            s.float("sample_temperature", 0.05, 2.0, log=True)
 
     def __init__(self, backbone: Backbone, cfg: LoDiscConfig) -> None:
         super().__init__(backbone, cfg)
@@ -246,12 +260,8 @@ class LoDisc(MoCoV3):
     def spatial_maps(self, images: Tensor) -> dict[str, Tensor]:
         """The momentum encoder's fused map (renormalised to sum 1 per image) and the cells a
         deterministic top-k keeps."""
-        was_training = self.training
-        self.eval()
-        try:
+        with eval_mode(self):
             _, log_scores = self.key_and_scores(images)
-        finally:
-            self.train(was_training)
         b, h, w = log_scores.shape
         attention = log_scores.flatten(1).softmax(1).view(b, h, w)
         kept = keep_mask(log_scores, self.cfg.keep_ratio, 0.0).float()

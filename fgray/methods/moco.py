@@ -17,14 +17,14 @@ reproduced: its ViT's stop-gradient patch embedding and fixed 2-D sin-cos positi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from fgray.config import check_range
-from fgray.methods.base import Method, StepInfo
+from fgray.methods.base import Method, StepInfo, register
 from fgray.methods.common import (
     batch_shuffle_ddp,
     batch_unshuffle_ddp,
@@ -61,6 +61,15 @@ class MoCoV2Config:
         check_range("shuffle_bn_groups", self.shuffle_bn_groups, 1)
 
 
+class Query(NamedTuple):
+    """What the query encoder computes on the way to q, for methods that need more than q."""
+
+    features: Tensor  # the backbone's feature output (timm layout), or its NCHW map if asked
+    pooled: Tensor  # z: the pooled backbone feature the projector reads
+    q: Tensor  # the L2-normalised projection
+
+
+@register("moco")
 class MoCoV2(Method):
     Config = MoCoV2Config
     default_backbone = "resnet50"
@@ -80,11 +89,18 @@ class MoCoV2(Method):
 
     # -- pieces subclasses reuse ------------------------------------------------------------
 
-    def query(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(timm feature output, L2-normalised projection) of the query encoder."""
+    def query(self, x: Tensor, *, feature_map: bool = False) -> Query:
+        """The query encoder on `x`: its features, pooled feature z and q. With `feature_map`,
+        `features` is the NCHW map F and the head reads that view of it, so F is in q's graph
+        even for an NHWC model (Grad-CAM of the loss w.r.t. F needs it)."""
         feats = self.backbone.forward_features(x)
-        q = F.normalize(self.projector(self.backbone.pool(feats)), dim=1)
-        return feats, q
+        out = feats
+        if feature_map:
+            out = self.backbone.features_to_map(feats)
+            if out is not feats:
+                feats = out.permute(0, 2, 3, 1)
+        z = self.backbone.pool(feats)
+        return Query(out, z, F.normalize(self.projector(z), dim=1))
 
     def _key_encoder(self, x: Tensor) -> Tensor:
         return F.normalize(self.projector_k(self.backbone_k(x)), dim=1)
@@ -113,7 +129,7 @@ class MoCoV2(Method):
     # -- the method surface -----------------------------------------------------------------
 
     def forward(self, view1: Tensor, view2: Tensor, step: StepInfo) -> dict[str, Tensor]:
-        _, q = self.query(view1)
+        q = self.query(view1).q
         k = self.keys(view2)
         loss = self.contrast(q, k)
         self.enqueue(k)
@@ -142,6 +158,7 @@ class MoCoV3Config:
         check_range("momentum", self.momentum, 0.0, 1.0)
 
 
+@register("mocov3", in_presets=False)
 class MoCoV3(Method):
     Config = MoCoV3Config
     default_backbone = "vit_base_patch16_224"

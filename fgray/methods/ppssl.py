@@ -37,7 +37,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +46,7 @@ from torchvision.ops import roi_align
 
 from fgray.config import check_range
 from fgray.errors import UserError
-from fgray.methods.base import StepInfo
+from fgray.methods.base import StepInfo, Suggest, register
 from fgray.methods.corpus import (
     check_clip_weights,
     corpus_info,
@@ -165,8 +165,18 @@ def iadm_view(images: Tensor, saliency: Tensor, mode: str, keep_fraction: float)
     raise ValueError(f"unknown IADM mode {mode!r}")
 
 
+@register("ppssl")
 class PPSSL(MoCoV2):
     Config = PPSSLConfig
+
+    @staticmethod
+    def search_space(s: Suggest, fixed: dict[str, Any]) -> None:
+        s.float("iadm_weight", 0.1, 2.0, log=True)
+        s.float("keep_fraction", 0.2, 0.8)
+        # AIS needs a CLIP teacher and a text corpus; without them it stays off (kd_weight 0).
+        if fixed.get("clip_weights") and fixed.get("corpus_path"):
+            s.float("kd_weight", 0.01, 10.0, log=True, default=1.0)
+            s.float("kd_temperature", 0.01, 0.5, log=True)
 
     def __init__(self, backbone: Backbone, cfg: PPSSLConfig) -> None:
         super().__init__(backbone, cfg)
@@ -245,21 +255,20 @@ class PPSSL(MoCoV2):
         cfg = self.cfg
         iadm = cfg.iadm_weight > 0
         x = view1.detach().requires_grad_(True) if iadm else view1
-        feats, q = self.query(x)
+        _, z, q = self.query(x)
         k = self.keys(view2)
         loss_c = self.contrast(q, k)
         total = loss_c
         zero = torch.zeros((), device=loss_c.device)
         loss_kd, loss_i = zero, zero
         if self.student is not None:
-            student = self.student(self.backbone.pool(feats))
+            student = self.student(z)
             loss_kd = kd_loss(student, self.teacher_embed(view1), self.corpus,
                               cfg.kd_temperature)
             total = total + cfg.kd_weight * loss_kd
         if iadm:
             kept = self.iadm_view(view1, self.saliency(loss_c, x))
-            _, q_i = self.query(kept)
-            loss_i = self.contrast(q_i, k)
+            loss_i = self.contrast(self.query(kept).q, k)
             total = total + cfg.iadm_weight * loss_i
         self.enqueue(k)
         return {"loss": total, "infonce": loss_c.detach(), "kd": loss_kd.detach(),
@@ -271,6 +280,5 @@ class PPSSL(MoCoV2):
         is enqueued."""
         with torch.enable_grad():
             x = images.detach().requires_grad_(True)
-            _, q = self.query(x)
-            loss = self.contrast(q, self.keys(images.detach()))
+            loss = self.contrast(self.query(x).q, self.keys(images.detach()))
             return {"saliency": self.saliency(loss, x, retain_graph=False)}

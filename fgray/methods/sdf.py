@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from fgray.config import check_range
 from fgray.errors import UserError
-from fgray.methods.base import StepInfo
+from fgray.methods.base import StepInfo, Suggest, register
 from fgray.methods.common import concat_all_gather, frozen_bn_statistics
 from fgray.methods.moco import MoCoV2, MoCoV2Config
 from fgray.models.backbone import Backbone
@@ -154,8 +154,19 @@ class UpConvDecoder(nn.Module):
         return torch.sigmoid(self.to_rgb(self.blocks(h)))
 
 
+@register("sdf")
 class SDF(MoCoV2):
     Config = SDFConfig
+
+    @staticmethod
+    def search_space(s: Suggest, fixed: dict[str, Any]) -> None:
+        if s.categorical("perturb", ("gaussian", "shuffle")) == "gaussian":
+            s.float("epsilon", 0.1, 3.0, log=True)
+        s.float("q_var", 0.05, 0.6)
+        s.float("q_cam", 0.05, 0.6)
+        s.categorical("set_rule", ("union", "intersection"))
+        s.float("alpha", 0.1, 10.0, log=True)
+        s.float("nu", 0.05, 2.0, log=True)
 
     def __init__(self, backbone: Backbone, cfg: SDFConfig) -> None:
         super().__init__(backbone, cfg)
@@ -237,8 +248,7 @@ class SDF(MoCoV2):
         """
         with frozen_bn_statistics(self):
             x, x_p = self.synthesized_pair(z, size, recon)
-            _, q = self.query(x)
-            return self.contrast(q, self.keys(x_p))
+            return self.contrast(self.query(x).q, self.keys(x_p))
 
     @torch.no_grad()
     def decoded_pair(self, images: Tensor) -> tuple[Tensor, Tensor]:
@@ -254,8 +264,7 @@ class SDF(MoCoV2):
 
     def forward(self, view1: Tensor, view2: Tensor, step: StepInfo) -> dict[str, Tensor]:
         cfg = self.cfg
-        z = self.backbone.pool(self.backbone.forward_features(view1))
-        q = F.normalize(self.projector(z), dim=1)
+        _, z, q = self.query(view1)
         k = self.keys(view2)
         loss_c = self.contrast(q, k)
         if self.training:

@@ -19,7 +19,6 @@ name, then renamed, so a killed conversion never leaves half a file). Only model
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 from torch import Tensor
 
 from fgray.errors import UserError
+from fgray.storage import atomic_path
 
 StateDict = dict[str, Tensor]
 
@@ -121,13 +121,6 @@ def packaged_weights_file(name: str, cache_dir: str | Path | None = None) -> Pat
         return target
     state = torch.load(entry.source(), map_location="cpu", weights_only=True)
     converted = entry.convert(state)
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="converting-", suffix=".pth.tmp", dir=folder)
-    os.close(fd)
-    try:
+    with atomic_path(target) as tmp:
         torch.save(converted, tmp)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return target

@@ -1,4 +1,5 @@
-"""Study results: Parquet tables, TensorBoard logs, leaderboard and plots.
+"""Study results: Parquet tables, TensorBoard logs, leaderboard and plots, and the per-epoch
+and per-trial records a run writes into them (`fgray.results.records`).
 
 `load`, `append` and `write_trials` need only pyarrow; TensorBoard writers (torch) live in
 `fgray.results.tensorboard` and are imported on use.

@@ -37,9 +37,20 @@ from typing import Any
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
+from fgray.engine.selection import BEST_METRIC, Best, best_of, score
 from fgray.errors import UserError
 from fgray.results.schema import PARAM_PREFIX, TEST_METRICS
-from fgray.results.tables import is_local, latest_trials, load, resolve
+from fgray.results.tables import latest_trials, load
+from fgray.storage import (
+    absolute,
+    as_location,
+    is_local,
+    join,
+    put,
+    read_bytes,
+    resolve,
+    write_text,
+)
 
 FORMATS = ("table", "csv", "markdown", "json")
 RANKED_STATUSES = ("completed", "stopped")
@@ -159,20 +170,20 @@ def leaderboard(study_dir: str) -> list[dict[str, Any]]:
         for col in TEST_METRICS:
             row.update({col: None, f"{col}_std": None, f"{col}_n": 0})
         ranked = [t for t in mine
-                  if t.get("status") in RANKED_STATUSES and _finite(t.get("best_val_knn_top1"))]
+                  if t.get("status") in RANKED_STATUSES and score(t, BEST_METRIC) is not None]
         params: dict[str, Any] = {}
         searched: dict[str, Any] = {}
         if ranked:
             # The best of the search: a seed retrain of the chosen configuration is a sample
             # of its spread, not a rival (picking the luckiest seed would bias the row).
             pool = [t for t in ranked if t.get(f"{PARAM_PREFIX}seed") is None] or ranked
-            best = max(pool, key=lambda t: t["best_val_knn_top1"])
+            best, _ = best_of(pool, BEST_METRIC)
             params = _params(best)
             searched = {k[len(PARAM_PREFIX):]: v for k, v in best.items()
                         if k.startswith(PARAM_PREFIX) and v is not None}
             row.update(best_trial=best["trial_id"], best_epoch=best.get("best_epoch"),
                        config_hash=best.get("config_hash"),
-                       val_knn_top1=best["best_val_knn_top1"], backbone=best.get("backbone"),
+                       val_knn_top1=best[BEST_METRIC], backbone=best.get("backbone"),
                        init=best.get("init"))
             same = ([t for t in mine if t.get("config_hash") == best["config_hash"]]
                     if best.get("config_hash") else [best])
@@ -357,8 +368,7 @@ def _save(fig: Any, fs: pafs.FileSystem, directory: str, name: str) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     path = f"{directory}/{name}"
-    with fs.open_output_stream(path) as stream:
-        stream.write(buf.getvalue())
+    put(fs, path, buf.getvalue())
     return path
 
 
@@ -376,7 +386,7 @@ def _open_journal(study_dir: str, notes: list[str]) -> tuple[Any, str | None]:
     fs, root = resolve(study_dir)
     path = f"{root}/{OPTUNA_JOURNAL}"
     if fs.get_file_info(path).type != pafs.FileType.File:
-        notes.append(f"no Optuna journal at {study_dir.rstrip('/')}/{OPTUNA_JOURNAL}: "
+        notes.append(f"no Optuna journal at {join(study_dir, OPTUNA_JOURNAL)}: "
                      "parameter-importance plots skipped")
         return None, None
     import optuna
@@ -445,16 +455,16 @@ def _write_plots(study_dir: str, out_dir: str | None, notes: list[str]) -> list[
     trials = [t for t in latest_trials(load(study_dir, "trials").to_pylist())
               if not is_init(t["method"])]
     epochs = load(study_dir, "epochs").to_pylist()
-    target = out_dir or f"{study_dir.rstrip('/')}/plots"
+    target = out_dir or join(study_dir, "plots")
     fs, out = resolve(target)
     fs.create_dir(out, recursive=True)
     paths = []
 
     curves: dict[str, dict[str, dict[int, float]]] = {}
     for e in epochs:
-        if _finite(e.get("val_knn_top1")) and e.get("epoch") is not None:
+        if score(e) is not None and e.get("epoch") is not None:
             curves.setdefault(e["method"], {}).setdefault(e["trial_id"], {})[e["epoch"]] = \
-                float(e["val_knn_top1"])
+                score(e)
     if not curves:
         notes.append("no val_knn_top1 in the epochs table: val-vs-epoch plots skipped")
     for method in sorted(curves):
@@ -479,14 +489,13 @@ def _write_plots(study_dir: str, out_dir: str | None, notes: list[str]) -> list[
         ax = fig.subplots()
         for method in sorted({t["method"] for t in trials}):
             ordered = sorted((t for t in trials if t["method"] == method), key=_start_key)
-            best, xs, ys = None, [], []
+            best, xs, ys = Best(BEST_METRIC), [], []
             for i, t in enumerate(ordered, start=1):
-                if t.get("status") in RANKED_STATUSES and _finite(t.get("best_val_knn_top1")):
-                    value = float(t["best_val_knn_top1"])
-                    best = value if best is None else max(best, value)
-                if best is not None:
+                if t.get("status") in RANKED_STATUSES:
+                    best.update(t)
+                if best.value is not None:
                     xs.append(i)
-                    ys.append(best)
+                    ys.append(best.value)
             ax.step(xs, ys, where="post", marker="o", label=method)
         ax.set_xlabel("trial (by start time)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -499,8 +508,8 @@ def _write_plots(study_dir: str, out_dir: str | None, notes: list[str]) -> list[
         ax = fig.subplots()
         for method in sorted({t["method"] for t in trials}):
             pts = [((t.get("gpu_hours") or 0.0) + (t.get("cpu_hours") or 0.0),
-                    float(t["best_val_knn_top1"]))
-                   for t in trials if t["method"] == method and _finite(t.get("best_val_knn_top1"))]
+                    score(t, BEST_METRIC))
+                   for t in trials if t["method"] == method and score(t, BEST_METRIC) is not None]
             ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=method)
         ax.set_xlabel("GPU + CPU hours")
         ax.set_ylabel("best val kNN top-1")
@@ -509,10 +518,7 @@ def _write_plots(study_dir: str, out_dir: str | None, notes: list[str]) -> list[
         paths.append(_save(fig, fs, out, "cost_vs_accuracy.png"))
 
     paths += _importance_plots(study_dir, fs, out, notes)
-    if "://" in target:
-        scheme = target.split("://", 1)[0]
-        paths = [f"{scheme}://{p}" for p in paths]
-    return paths
+    return [as_location(target, p) for p in paths]
 
 
 def plots(study_dir: str, out_dir: str | None = None,
@@ -532,8 +538,8 @@ MAP_PREFIXES = ("maps/", "pairs/")  # the TensorBoard image tags the report show
 
 
 def _quote_path(study_dir: str, rel: str) -> str:
-    path = f"{study_dir.rstrip('/')}/{rel}"
-    return shlex.quote(path if "://" in path else os.path.abspath(path))
+    path = join(study_dir, rel)
+    return shlex.quote(absolute(path))
 
 
 def viewer_commands(study_dir: str) -> dict[str, str | None]:
@@ -611,9 +617,10 @@ def _leaderboard_html(rows: list[dict[str, Any]]) -> str:
 
 
 def _read_bytes(path: str) -> bytes:
-    fs, inner = resolve(path)
-    with fs.open_input_stream(inner) as src:
-        return src.read()
+    data = read_bytes(path)
+    if data is None:
+        raise FileNotFoundError(path)
+    return data
 
 
 def html_report(study_dir: str, out: str | None = None,
@@ -686,11 +693,8 @@ def html_report(study_dir: str, out: str | None = None,
             f"<title>fgray study {html.escape(name)}</title>"
             '<link rel="icon" href="data:,">'
             f"<style>{_CSS}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
-    target = out or f"{study_dir.rstrip('/')}/{REPORT_FILE}"
-    fs, path = resolve(target)
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(path) as stream:
-        stream.write(page.encode("utf-8"))
+    target = out or join(study_dir, REPORT_FILE)
+    write_text(target, page)
     return target
 
 
@@ -712,7 +716,7 @@ def results_command(study_dir: str, fmt: str = "table", *, tensorboard: bool = F
         from fgray.results.tensorboard import write_hparams
 
         write_hparams(study_dir, load(study_dir, "trials").to_pylist())
-        logdir = f"{study_dir.rstrip('/')}/tensorboard"
+        logdir = join(study_dir, "tensorboard")
         if "://" not in logdir:
             logdir = os.path.abspath(logdir)
         command = f"tensorboard --logdir {shlex.quote(logdir)}"

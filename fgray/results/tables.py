@@ -78,6 +78,7 @@ from fgray.results.schema import (
     dynamic_type,
     schema_for,
 )
+from fgray.storage import as_location, atomic_path, is_local, join, resolve
 
 try:
     import fcntl
@@ -92,23 +93,6 @@ SNAPSHOT_PREFIX = "trial-"  # tables/trials/method=<m>/trial-<trial_id>.parquet
 LEGACY_PREFIX = "part-"  # the append-only files of every other table
 LOCK_NAME = ".lock"
 STALE_TEMP_S = 600.0  # a trials temp file this old belongs to a writer that died
-
-
-def resolve(study_dir: str) -> tuple[pafs.FileSystem, str]:
-    """The pyarrow filesystem and the path inside it for a local path or a storage URI."""
-    if "://" in study_dir:
-        try:
-            fs, path = pafs.FileSystem.from_uri(study_dir)
-        except (pa.ArrowException, ValueError, OSError) as exc:
-            raise UserError(
-                f"{study_dir}: cannot open this storage location ({exc}); expected a local "
-                "path or an s3:// or gs:// URI") from None
-        return fs, path.rstrip("/")
-    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(study_dir))
-
-
-def is_local(fs: pafs.FileSystem) -> bool:
-    return isinstance(fs, pafs.LocalFileSystem)
 
 
 # ---------------------------------------------------------------- coercion on write
@@ -219,40 +203,25 @@ def to_arrow(table: str, rows: list[dict[str, Any]]) -> pa.Table:
 # ---------------------------------------------------------------- append
 
 
-def _temp_name(name: str) -> str:
-    """A temp file beside `name`: hidden ('.') for pyarrow/pandas/Spark, and not `*.parquet`
-    for DuckDB's glob, which matches hidden files."""
-    return f".{name}.{uuid.uuid4().hex}.tmp"
-
-
 def _write_file(fs: pafs.FileSystem, directory: str, data: pa.Table,
                 name: str | None = None) -> str:
     """Write `data` as `directory/name` (default a new unique `part-<uuid>.parquet`) so that
     readers see the old file or the whole new one (module docstring)."""
-    fs.create_dir(directory, recursive=True)
     name = name or f"{LEGACY_PREFIX}{uuid.uuid4().hex}.parquet"
     final = f"{directory}/{name}"
     if not is_local(fs):
+        fs.create_dir(directory, recursive=True)
         pq.write_table(data, final, filesystem=fs)
         return final
-    tmp = f"{directory}/{_temp_name(name)}"
-    try:
-        with open(tmp, "wb") as out:
-            pq.write_table(data, out)
-            out.flush()
-            os.fsync(out.fileno())  # the rename must not reach the disk before the data
-        os.replace(tmp, final)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_path(final) as tmp:  # fsync'ed, then renamed over `final`
+        pq.write_table(data, str(tmp))
     return final
 
 
 def table_dir(study_dir: str, table: str) -> str:
     """Where `table`'s dataset lives (a local path or a URI, like `study_dir`)."""
     schema_for(table)
-    return f"{study_dir.rstrip('/')}/tables/{table}"
+    return join(study_dir, "tables", table)
 
 
 def _by_method(table: str, rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -268,10 +237,7 @@ def _by_method(table: str, rows: list[dict[str, Any]]) -> dict[str, list[dict[st
 
 
 def _uris(study_dir: str, paths: list[str]) -> list[str]:
-    if "://" in study_dir:
-        scheme = study_dir.split("://", 1)[0]
-        return [f"{scheme}://{p}" for p in paths]
-    return paths
+    return [as_location(study_dir, p) for p in paths]
 
 
 def append_files(study_dir: str, table: str, rows: list[dict[str, Any]]) -> list[str]:

@@ -37,7 +37,6 @@ import os
 import shutil
 import tempfile
 import time
-import uuid
 from typing import Any
 
 import numpy as np
@@ -54,7 +53,8 @@ from torchvision.utils import make_grid
 
 from fgray.errors import UserError
 from fgray.results.schema import TEST_METRICS
-from fgray.results.tables import is_local, latest_trials, resolve
+from fgray.results.tables import latest_trials
+from fgray.storage import as_location, is_local, put, resolve
 
 # Sorts before every SummaryWriter file of the run (their names carry the Unix time).
 HPARAMS_FILE = "events.out.tfevents.0000000000.fgray.hparams"
@@ -119,8 +119,6 @@ class _LogDir:
     def __init__(self, study_dir: str, rel: str) -> None:
         self.fs, root = resolve(study_dir)
         self.remote = f"{root}/tensorboard/{rel}" if rel else f"{root}/tensorboard"
-        scheme = study_dir.split("://", 1)[0] if "://" in study_dir else None
-        self.uri = f"{scheme}://{self.remote}" if scheme else self.remote
         if is_local(self.fs):
             self.local = self.remote
             self._staging: str | None = None
@@ -148,35 +146,11 @@ class _LogDir:
             shutil.rmtree(self._staging, ignore_errors=True)
 
 
-def _put(fs: pafs.FileSystem, path: str, data: bytes) -> None:
-    """Write a whole file so that readers see the old content or the new, never a part:
-    temp file and rename locally (the temp name has no "tfevents", so TensorBoard skips it),
-    one PUT on object stores."""
-    directory = path.rsplit("/", 1)[0]
-    fs.create_dir(directory, recursive=True)
-    if not is_local(fs):
-        with fs.open_output_stream(path) as out:
-            out.write(data)
-        return
-    tmp = f"{directory}/.{path.rsplit('/', 1)[1]}.{uuid.uuid4().hex}.tmp"
-    try:
-        with open(tmp, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def _run_dir(study_dir: str, run: str) -> tuple[pafs.FileSystem, str, str]:
     """The filesystem, the run's path in it, and the run's path as a local path or URI."""
     fs, root = resolve(study_dir)
     path = f"{root}/tensorboard/{_check_run(run)}"
-    scheme = study_dir.split("://", 1)[0] if "://" in study_dir else None
-    return fs, path, f"{scheme}://{path}" if scheme else path
+    return fs, path, as_location(study_dir, path)
 
 
 def _event_file(events: list[tuple[int, Summary]]) -> bytes:
@@ -239,11 +213,6 @@ class TrialWriter:
         self._last_sync = time.monotonic()
         self._dir = _LogDir(study_dir, self.run_name)
         self._writer = SummaryWriter(log_dir=self._dir.local, flush_secs=flush_secs)
-
-    @property
-    def log_dir(self) -> str:
-        """The run's directory: a local path or a URI, like the study dir."""
-        return self._dir.uri
 
     def scalars(self, epoch: int, metrics: dict[str, Any]) -> None:
         """Log every metric (loss terms, val metrics, lr, throughput, ...) at `epoch`; tags
@@ -429,7 +398,7 @@ def write_hparams(study_dir: str, trials: list[dict[str, Any]]) -> list[str]:
             events = [(0, _experiment(all_hparams, ordered))] + events
         fs, path, _ = _run_dir(study_dir, run)
         _fold_legacy_runs(fs, path)
-        _put(fs, f"{path}/{HPARAMS_FILE}", _event_file(events))
+        put(fs, f"{path}/{HPARAMS_FILE}", _event_file(events))
     fs, root = resolve(study_dir)
     _remove_legacy_experiment(fs, f"{root}/tensorboard")
     return [run for run, _ in sessions]
@@ -459,7 +428,7 @@ def _fold_legacy_runs(fs: pafs.FileSystem, run_path: str) -> None:
         if info.type == pafs.FileType.File and len(parts) == 3 and parts[2] in (
                 "tensors.tsv", "metadata.tsv"):
             with fs.open_input_stream(info.path) as src:
-                _put(fs, f"{run_path}/{PROJECTOR_DIR}/{parts[1]}/{parts[2]}", src.read())
+                put(fs, f"{run_path}/{PROJECTOR_DIR}/{parts[1]}/{parts[2]}", src.read())
     _write_projector_config(fs, run_path)
     fs.delete_dir(legacy)
 
@@ -512,7 +481,7 @@ def _write_projector_config(fs: pafs.FileSystem, run_path: str) -> None:
         if fs.get_file_info(f"{info.path}/metadata.tsv").type == pafs.FileType.File:
             entry += f'  metadata_path: "{PROJECTOR_DIR}/{tag}/metadata.tsv"\n'
         entries.append(entry + "}\n")
-    _put(fs, f"{run_path}/{PROJECTOR_CONFIG}", "".join(entries).encode())
+    put(fs, f"{run_path}/{PROJECTOR_CONFIG}", "".join(entries).encode())
 
 
 def write_embeddings(study_dir: str, run_name: str, features: torch.Tensor,
@@ -540,8 +509,8 @@ def write_embeddings(study_dir: str, run_name: str, features: torch.Tensor,
     else:  # one column: the projector expects no header
         lines = [str(lab) for lab in kept_labels]
     fs, path, uri = _run_dir(study_dir, run_name)
-    _put(fs, f"{path}/{PROJECTOR_DIR}/{tag}/tensors.tsv", tensors.encode())
-    _put(fs, f"{path}/{PROJECTOR_DIR}/{tag}/metadata.tsv", ("\n".join(lines) + "\n").encode())
+    put(fs, f"{path}/{PROJECTOR_DIR}/{tag}/tensors.tsv", tensors.encode())
+    put(fs, f"{path}/{PROJECTOR_DIR}/{tag}/metadata.tsv", ("\n".join(lines) + "\n").encode())
     _write_projector_config(fs, path)
     return uri
 

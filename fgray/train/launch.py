@@ -55,7 +55,7 @@ def _in_process(args, spec: RunSpec, name: str) -> int:
     import torch
 
     from fgray.engine.run import resolve_device, run_pretraining
-    from fgray.train.records import EpochRecorder, format_epoch, trial_history
+    from fgray.results.records import EpochRecorder, format_epoch, trial_history
 
     device = resolve_device(args.device)
     cuda = device.type == "cuda"

@@ -5,8 +5,8 @@ with `--workers 0`, the same loop inside a Ray Tune trial's own process.
 (`TrainSession` inside a TorchTrainer worker, `TuneSession` inside a Tune trial): rank,
 world size, device, the checkpoint to resume from, and the per-epoch report with its
 checkpoint folder. Everything else -- the engine's Pretrainer, the per-epoch metrics, the
-best-so-far selection metric, the checkpoint's `splits.json` and `metrics.json`, the test
-failure hook, TensorBoard visuals, how deterministic failures end a run -- is shared.
+best-so-far selection metric, the checkpoint's `splits.json` and `metrics.json`, the
+per-epoch hooks, TensorBoard visuals, how deterministic failures end a run -- is shared.
 
 
 Each worker builds the same `Pretrainer` as an in-process run (`fgray.engine.run`), with its
@@ -23,6 +23,16 @@ writes the epoch's spatial maps and image pairs to the trial's TensorBoard run i
 `CheckpointConfig` keeps the best k checkpoints by val_knn_top1 plus the latest;
 `FailureConfig(max_failures)` restarts the worker group from the latest checkpoint when a
 worker dies, and a run of the same (storage, name) resumes.
+
+Per-epoch hooks (`epoch_hooks` of `build_trainer`, `run_in_trial` and `ray_pretrain`): every
+rank calls each hook after training an epoch, once the epoch's checkpoint is written and before
+the epoch is reported, as `hook(epoch, rank, run_uri, metrics)` (`metrics`: a copy of what the
+rank is about to report). A hook is given as a callable (picklable: Ray ships it to the
+workers), as a string `package.module:name` that each worker imports, or as a mapping
+`{"hook": "package.module:name", "kwargs": {...}}` (JSON, as a stored study holds it), called
+with those keyword arguments too. Custom logging and alerts use them, and the tests inject
+faults with them (`tests/faults.py`). A hook that raises fails the worker as training would:
+the group restarts from the latest checkpoint; one that cannot be imported is a user error.
 
 Deterministic failures (a non-finite loss, a user error such as a batch larger than the
 split) are not retried: every rank hits them at the same point, so the workers stop cleanly
@@ -45,12 +55,12 @@ controller's `RecordEpochs` records it on the other path.
 
 from __future__ import annotations
 
+import importlib
 import json
-import os
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,27 +80,33 @@ from ray.train import (
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from fgray.engine.loop import CHECKPOINT_FILE
+from fgray.engine.selection import BEST_METRIC, SELECTION_METRIC, Best, best_of, ranked
 from fgray.engine.spec import RunSpec
 from fgray.errors import UserError
-from fgray.results.tables import resolve
-from fgray.train.records import (
+from fgray.results.records import (
     EPOCH_END,
     RESTORED_KEY,
-    SELECTION_METRIC,
     SESSION_START,
     EpochRecorder,
     format_epoch,
+    trial_history,
     write_visuals,
+)
+from fgray.storage import (
+    absolute,
+    atomic_path,
+    delete_file,
+    is_local,
+    join,
+    read_json,
+    resolve,
+    write_json,
 )
 
 ERROR_FILE = "fgray_error.json"
 RANKS_DIR = "ranks"
 SPLITS_FILE = "splits.json"
 METRICS_FILE = "metrics.json"  # the epoch's report, next to its checkpoint
-# Test hook: rank FGRAY_TEST_FAIL_RANK exits hard once, after training epoch
-# FGRAY_TEST_FAIL_AT_EPOCH, before reporting it; the marker file makes it happen only once.
-FAIL_AT_ENV, FAIL_RANK_ENV, FAIL_MARKER_ENV = (
-    "FGRAY_TEST_FAIL_AT_EPOCH", "FGRAY_TEST_FAIL_RANK", "FGRAY_TEST_FAIL_MARKER")
 DRIVER_MEMORY = 256 * 2**20  # what a Train-driving trial reserves: it needs no CPU
 # Deterministic: every rank raises them at the same step, so retrying cannot help.
 _NOT_RETRIED = {"FloatingPointError": FloatingPointError, "UserError": UserError}
@@ -178,29 +194,73 @@ def resolve_resources(workers: int, *, cpus_per_worker: float | None = None,
                            gpus_per_worker=gpus_per_worker)
 
 
-def absolute_storage(storage: str | os.PathLike) -> str:
-    """A local storage path made absolute (Ray needs that); URIs unchanged."""
-    text = str(storage)
-    return text.rstrip("/") if "://" in text else os.path.abspath(os.path.expanduser(text))
+# Until fgray/tune/cli.py imports `fgray.storage.absolute` itself.
+absolute_storage = absolute
 
 
-def join(base: str, *parts: str) -> str:
-    return "/".join([base.rstrip("/"), *parts])
+# ---------------------------------------------------------------- epoch hooks
+
+# hook(epoch, rank, run_uri, metrics), called on every rank after each training epoch.
+EpochHook = Callable[[int, int, str, Mapping[str, Any]], None]
+# A hook as `build_trainer` takes it: the callable, "package.module:name", or
+# {"hook": "package.module:name", "kwargs": {...}} (module docstring).
+EpochHookSpec = EpochHook | str | Mapping[str, Any]
+
+
+def _hook_target(spec: EpochHookSpec) -> tuple[str, str, dict[str, Any]] | None:
+    """(module, attribute, keyword arguments) of a hook spec given by name; None for a
+    callable; a malformed spec is a UserError."""
+    if callable(spec):
+        return None
+    if isinstance(spec, str):
+        name, kwargs = spec, {}
+    elif isinstance(spec, Mapping) and isinstance(spec.get("hook"), str) \
+            and set(spec) <= {"hook", "kwargs"} and isinstance(spec.get("kwargs", {}), Mapping):
+        name, kwargs = spec["hook"], dict(spec.get("kwargs", {}))
+    else:
+        raise UserError(f"epoch hook {spec!r}: expected a callable, 'package.module:name' or "
+                        "{'hook': 'package.module:name', 'kwargs': {...}}")
+    module, _, attr = name.partition(":") if ":" in name else name.rpartition(".")
+    if not module or not attr:
+        raise UserError(f"epoch hook {name!r}: expected 'package.module:name'")
+    return module, attr, kwargs
+
+
+def check_epoch_hooks(specs: Sequence[EpochHookSpec]) -> tuple[EpochHookSpec, ...]:
+    """`specs` checked for their form (not imported: the workers import them)."""
+    specs = tuple(specs or ())
+    for spec in specs:
+        _hook_target(spec)
+    return specs
+
+
+def load_epoch_hook(spec: EpochHookSpec) -> EpochHook:
+    """The callable a hook spec names (imported here); a name that does not import or is
+    not callable is a UserError."""
+    target_of = _hook_target(spec)
+    if target_of is None:
+        return spec  # type: ignore[return-value]
+    module, attr, kwargs = target_of
+    name = f"{module}:{attr}"
+    try:
+        target: Any = importlib.import_module(module)
+        for part in attr.split("."):
+            target = getattr(target, part)
+    except (ImportError, AttributeError) as exc:
+        raise UserError(f"epoch hook {name!r}: cannot import it ({exc}); expected an "
+                        "importable 'package.module:name' on every worker") from None
+    if not callable(target):
+        raise UserError(f"epoch hook {name!r}: not callable")
+    if not kwargs:
+        return target
+
+    def hook(epoch: int, rank: int, run_uri: str, metrics: Mapping[str, Any]) -> None:
+        target(epoch, rank, run_uri, metrics, **kwargs)
+
+    return hook
 
 
 # ---------------------------------------------------------------- worker side
-
-
-def _fail_once_for_test(epoch: int, rank: int) -> None:
-    at = os.environ.get(FAIL_AT_ENV)
-    if not at or int(at) != epoch or int(os.environ.get(FAIL_RANK_ENV, "0")) != rank:
-        return
-    marker = Path(os.environ.get(FAIL_MARKER_ENV)
-                  or Path(tempfile.gettempdir()) / f"fgray-test-fail-{epoch}-{rank}")
-    if marker.exists():
-        return
-    marker.write_text(f"rank {rank} exited after epoch {epoch}\n")
-    os._exit(1)
 
 
 def _param_checksum(module: torch.nn.Module) -> float:
@@ -208,31 +268,6 @@ def _param_checksum(module: torch.nn.Module) -> float:
     with torch.no_grad():
         sums = [p.detach().double().sum() for p in module.parameters()]
         return float(torch.stack(sums).sum().item()) if sums else 0.0
-
-
-def _write_json(uri: str, payload: Any) -> None:
-    fs, path = resolve(uri)
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(path) as out:
-        out.write(json.dumps(payload, default=str).encode())
-
-
-def _read_json(uri: str) -> Any | None:
-    import pyarrow.fs as pafs
-
-    fs, path = resolve(uri)
-    if fs.get_file_info(path).type != pafs.FileType.File:
-        return None
-    with fs.open_input_stream(path) as src:
-        return json.loads(src.read().decode())
-
-
-def _delete(uri: str) -> None:
-    import pyarrow.fs as pafs
-
-    fs, path = resolve(uri)
-    if fs.get_file_info(path).type == pafs.FileType.File:
-        fs.delete_file(path)
 
 
 class TrainSession:
@@ -256,8 +291,8 @@ class TrainSession:
         """A deterministic failure: every rank stops cleanly (a worker-group restart would
         only fail again) and rank 0 leaves the error for `run_trainer` to raise."""
         if self.rank == 0:
-            _write_json(join(run_uri, ERROR_FILE), {"type": type(exc).__name__,
-                                                    "message": str(exc)})
+            write_json(join(run_uri, ERROR_FILE), {"type": type(exc).__name__,
+                                                   "message": str(exc)})
 
 
 class TuneSession:
@@ -296,9 +331,9 @@ class TuneSession:
         ray.tune.report(metrics)
 
     def _prune(self, latest: str) -> None:
-        kept = kept_checkpoints(self.run_uri)
-        ranked = sorted(kept, key=lambda k: (_score(k[1]), -k[1].get("epoch", 0)), reverse=True)
-        keep = {name for name, _ in ranked[:self.keep_best]} | {latest}
+        kept = _by_epoch(kept_checkpoints(self.run_uri))
+        best = ranked(kept, row=lambda k: k[1])[:self.keep_best]  # the earlier of a tie
+        keep = {name for name, _ in best} | {latest}
         fs, root = resolve(self.run_uri)
         for name, _ in kept:
             if name not in keep:
@@ -307,30 +342,23 @@ class TuneSession:
     def failed(self, exc: Exception, run_uri: str) -> None:
         """A deterministic failure fails the trial; the error file makes a retry by Tune's
         FailureConfig fail again at once instead of training up to the same point."""
-        _write_json(join(run_uri, ERROR_FILE), {"type": type(exc).__name__,
-                                                "message": str(exc)})
+        write_json(join(run_uri, ERROR_FILE), {"type": type(exc).__name__,
+                                               "message": str(exc)})
         raise exc
 
 
-def _score(metrics: dict[str, Any]) -> float:
-    score = metrics.get(SELECTION_METRIC)
-    return float(score) if isinstance(score, (int, float)) else float("-inf")
+def _by_epoch(kept: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict[str, Any]]]:
+    return sorted(kept, key=lambda k: int(k[1].get("epoch", 0)))
 
 
 def _persist(local: Path, uri: str) -> None:
     """Move a checkpoint folder written locally to `uri` (a path or URI), whole or not at
     all for a reader: on a local filesystem it is renamed into place; on an object store its
     `metrics.json`, which marks a kept checkpoint, is written last."""
-    import pyarrow.fs as pafs
-
     fs, target = resolve(uri)
-    if isinstance(fs, pafs.LocalFileSystem):
-        staging = Path(f"{target}.tmp")
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(local), staging)
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(staging, target)
+    if is_local(fs):
+        with atomic_path(target) as staging:
+            shutil.move(str(local), staging)
         return
     fs.create_dir(target, recursive=True)
     files = sorted(local.iterdir(), key=lambda f: f.name == METRICS_FILE)
@@ -350,7 +378,7 @@ def kept_checkpoints(run_uri: str) -> list[tuple[str, dict[str, Any]]]:
     for info in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
         if info.type != pafs.FileType.Directory or info.base_name.endswith(".tmp"):
             continue
-        metrics = _read_json(join(run_uri, info.base_name, METRICS_FILE))
+        metrics = read_json(join(run_uri, info.base_name, METRICS_FILE))
         if metrics is not None and fs.get_file_info(
                 f"{info.path}/{CHECKPOINT_FILE}").type == pafs.FileType.File:
             out.append((info.base_name, metrics))
@@ -369,14 +397,14 @@ def worker_loop(config: dict[str, Any], session: TrainSession | TuneSession | No
     rank, world, device = session.rank, session.world, session.device
     # Worker-local scratch for the Pretrainer's files; what must last is reported to storage.
     scratch = Path(tempfile.mkdtemp(prefix="fgray-worker-"))
-    best = {"value": float("-inf")}
+    best = Best()  # the best val kNN top-1 so far, restored history included
     clock = {"last": time.perf_counter()}
-    started = time.time()  # this process's running segment (`fgray.train.records.running_time`)
+    started = time.time()  # this process's running segment (`fgray.results.records.running_time`)
     restored_history: list[list[dict[str, Any]]] = []  # rank 0's, sent with its next report
+    hooks: list[EpochHook] = []
 
     def on_epoch(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         epoch = int(metrics["epoch"])
-        _fail_once_for_test(epoch, rank)
         report = dict(metrics)  # the Pretrainer keeps `metrics` in its history
         now = time.perf_counter()
         # Everything of the epoch: training, val kNN, visuals, the checkpoint (a trial's
@@ -384,10 +412,9 @@ def worker_loop(config: dict[str, Any], session: TrainSession | TuneSession | No
         report["epoch_wall_s"] = now - clock["last"]
         report[SESSION_START], report[EPOCH_END] = started, time.time()
         report["param_checksum"] = _param_checksum(trainer.method)
-        if SELECTION_METRIC in report:
-            best["value"] = max(best["value"], float(report[SELECTION_METRIC]))
-        if best["value"] > float("-inf"):
-            report[f"best_{SELECTION_METRIC}"] = best["value"]
+        best.update(report)
+        if best.value is not None:
+            report[BEST_METRIC] = best.value
         if checkpoint_dir is not None:
             splits = scratch / SPLITS_FILE
             if splits.is_file():  # which images were train / val, next to the weights
@@ -395,6 +422,8 @@ def worker_loop(config: dict[str, Any], session: TrainSession | TuneSession | No
             # The epoch's metrics next to its weights: which kept checkpoint is the best can
             # be read without loading any (`best_checkpoint_dir`).
             (checkpoint_dir / METRICS_FILE).write_text(json.dumps(report, default=str))
+        for hook in hooks:
+            hook(epoch, rank, config["run_uri"], dict(report))
         if restored_history:  # the first report after a resume: the recorder fills any gap
             report[RESTORED_KEY] = restored_history.pop()
         session.report(report, checkpoint_dir, f"epoch-{epoch:04d}")
@@ -415,6 +444,7 @@ def worker_loop(config: dict[str, Any], session: TrainSession | TuneSession | No
         write_visuals(writers[0], epoch, images, maps, pairs)
 
     try:
+        hooks.extend(load_epoch_hook(h) for h in config.get("epoch_hooks") or ())
         trainer = build_pretrainer(spec, device=device, rank=rank, world_size=world,
                                    run_dir=scratch, on_epoch=on_epoch,
                                    on_visuals=on_visuals if board else None, progress=False)
@@ -427,8 +457,7 @@ def worker_loop(config: dict[str, Any], session: TrainSession | TuneSession | No
             if rank == 0 and trainer.history:
                 restored_history.append(_restored(trainer.history, last))
         for row in trainer.history:
-            if row.get(SELECTION_METRIC) is not None:
-                best["value"] = max(best["value"], float(row[SELECTION_METRIC]))
+            best.update(row)
         clock["last"] = time.perf_counter()
         if restored is not None and trainer.history and trainer.epoch >= spec.train.epochs:
             # Resumed at its end: nothing left to train, but the last epoch's row may be the one
@@ -462,13 +491,15 @@ def _restored(history: list[dict[str, Any]], last: dict[str, Any] | None
 
 def run_in_trial(spec: RunSpec, *, run_uri: str, resources: WorkerResources,
                  recorder: EpochRecorder | None = None, keep_best: int = 2,
-                 echo: bool = False) -> None:
+                 echo: bool = False, epoch_hooks: Sequence[EpochHookSpec] = ()) -> None:
     """`--workers 0`: the engine loop in this Tune trial's process, reporting to Tune, with
-    `run_uri` (STORAGE/NAME, as a Train run's folder) for `ranks/` and the error file.
+    `run_uri` (STORAGE/NAME, as a Train run's folder) for `ranks/` and the error file, and
+    `epoch_hooks` after each epoch (module docstring).
 
     A retry of a trial that failed deterministically (Tune's FailureConfig cannot tell it from
     a crash) raises the recorded error again at once."""
-    failure = _read_json(join(run_uri, ERROR_FILE))
+    epoch_hooks = check_epoch_hooks(epoch_hooks)
+    failure = read_json(join(run_uri, ERROR_FILE))
     if failure is not None:
         raise _NOT_RETRIED.get(failure.get("type"), RuntimeError)(failure.get("message", ""))
     # The trial's CPU share as torch threads (a reused actor keeps whatever was set before).
@@ -477,7 +508,8 @@ def run_in_trial(spec: RunSpec, *, run_uri: str, resources: WorkerResources,
     board = None if recorder is None else {"study_dir": recorder.study_dir,
                                            "run": recorder.run_name}
     try:
-        worker_loop({"spec": spec.to_dict(), "run_uri": run_uri, "tensorboard": board}, session)
+        worker_loop({"spec": spec.to_dict(), "run_uri": run_uri, "tensorboard": board,
+                     "epoch_hooks": list(epoch_hooks)}, session)
     finally:
         if recorder is not None:
             recorder.close()
@@ -517,7 +549,7 @@ def record_epoch(run_uri: str | None, metrics: list[dict[str, Any]],
     epoch = int(lead["epoch"])
     replay = bool(restored) and epoch <= max(int(r["epoch"]) for r in restored)
     if run_uri is not None and not replay:
-        _write_json(join(run_uri, RANKS_DIR, f"epoch-{epoch:04d}.json"), metrics)
+        write_json(join(run_uri, RANKS_DIR, f"epoch-{epoch:04d}.json"), metrics)
     if recorder is not None and restored:
         recorder.record_missing(restored)
     if recorder is not None and not replay:
@@ -529,13 +561,15 @@ def record_epoch(run_uri: str | None, metrics: list[dict[str, Any]],
 def build_trainer(spec: RunSpec, *, name: str, storage: str, resources: WorkerResources,
                   recorder: EpochRecorder | None = None,
                   callbacks: Sequence[UserCallback] = (), max_failures: int = 2,
-                  keep_best: int = 2, echo: bool = False) -> TorchTrainer:
+                  keep_best: int = 2, echo: bool = False,
+                  epoch_hooks: Sequence[EpochHookSpec] = ()) -> TorchTrainer:
     """A TorchTrainer for `spec` whose run lives at `storage/name` (same name, same run: a
     rerun resumes from its latest checkpoint). `callbacks` run after fgray's own recorder,
-    so they see an epoch only once it is in the tables."""
-    storage = absolute_storage(storage)
+    so they see an epoch only once it is in the tables; `epoch_hooks` run in the workers
+    after each epoch (module docstring)."""
+    epoch_hooks = check_epoch_hooks(epoch_hooks)
+    storage = absolute(storage)
     run_uri = join(storage, name)
-    env = {k: v for k, v in os.environ.items() if k.startswith("FGRAY_TEST_")}
     run_config = RunConfig(
         name=name, storage_path=storage,
         failure_config=FailureConfig(max_failures=max_failures),
@@ -543,13 +577,13 @@ def build_trainer(spec: RunSpec, *, name: str, storage: str, resources: WorkerRe
                                            checkpoint_score_attribute=SELECTION_METRIC,
                                            checkpoint_score_order="max"),
         callbacks=[RecordEpochs(run_uri, recorder, echo), *callbacks],
-        worker_runtime_env={"env_vars": env} if env else None,
         logging_config=LoggingConfig(log_level="WARNING"))
     board = None if recorder is None else {"study_dir": recorder.study_dir,
                                            "run": recorder.run_name}
     return TorchTrainer(worker_loop, train_loop_config={"spec": spec.to_dict(),
                                                         "run_uri": run_uri,
-                                                        "tensorboard": board},
+                                                        "tensorboard": board,
+                                                        "epoch_hooks": list(epoch_hooks)},
                         torch_config=resources.torch_config(),
                         scaling_config=resources.scaling_config(), run_config=run_config)
 
@@ -558,9 +592,9 @@ def run_trainer(trainer: TorchTrainer):
     """`trainer.fit()`, re-raising a deterministic failure the workers left behind (a
     non-finite loss as FloatingPointError, a user error as UserError)."""
     run_uri = join(trainer.run_config.storage_path, trainer.run_config.name)
-    _delete(join(run_uri, ERROR_FILE))  # from an earlier attempt of this run
+    delete_file(join(run_uri, ERROR_FILE))  # from an earlier attempt of this run
     result = trainer.fit()
-    failure = _read_json(join(run_uri, ERROR_FILE))
+    failure = read_json(join(run_uri, ERROR_FILE))
     if failure is not None:
         raise _NOT_RETRIED.get(failure.get("type"), RuntimeError)(failure.get("message", ""))
     return result
@@ -574,18 +608,17 @@ def best_checkpoint_dir(run_uri: str) -> str | None:
     epoch's `metrics.json` (`kept_checkpoints`), for a Train run and a `--workers 0` trial
     alike. A Train run written before checkpoints carried their metrics is read through
     Ray's own record of it."""
-    kept = kept_checkpoints(run_uri)
+    kept = _by_epoch(kept_checkpoints(run_uri))
     if kept:
-        best = max(kept, key=lambda k: (_score(k[1]), -int(k[1].get("epoch", 0))))
-        return join(run_uri, best[0])
+        best, _ = best_of(kept, row=lambda k: k[1])
+        return join(run_uri, (best or kept[0])[0])
     try:
         result = ray.train.Result.from_path(run_uri)
     except RuntimeError:
         return None
-    scored = [(m.get(SELECTION_METRIC), c) for c, m in result.best_checkpoints or []
-              if m.get(SELECTION_METRIC) is not None]
-    if scored:
-        return _checkpoint_uri(run_uri, max(scored, key=lambda t: t[0])[1])
+    best, _ = best_of(result.best_checkpoints or [], row=lambda cm: cm[1])
+    if best is not None:
+        return _checkpoint_uri(run_uri, best[0])
     return _checkpoint_uri(run_uri, result.checkpoint) if result.checkpoint else None
 
 
@@ -597,13 +630,14 @@ def _checkpoint_uri(run_uri: str, checkpoint) -> str:
 def ray_pretrain(spec: RunSpec, *, name: str, storage: str, workers: int,
                  gpus_per_worker: float | None = None, cpus_per_worker: float | None = None,
                  address: str | None = None, max_failures: int = 2, keep_best: int = 2,
-                 callbacks: Sequence[UserCallback] = (), echo: bool = True) -> str:
+                 callbacks: Sequence[UserCallback] = (), echo: bool = True,
+                 epoch_hooks: Sequence[EpochHookSpec] = ()) -> str:
     """`fgray pretrain --workers N`: one Train run at `storage/name`, recorded in the study
-    tables under `storage` like an in-process run. Returns the run folder (path or URI)."""
+    tables under `storage` like an in-process run, with `epoch_hooks` after each epoch in the
+    workers (module docstring). Returns the run folder (path or URI)."""
     from fgray.train.cluster import ray_session
-    from fgray.train.records import trial_history
 
-    storage = absolute_storage(storage)
+    storage = absolute(storage)
     with ray_session(address):
         resources = resolve_resources(workers, cpus_per_worker=cpus_per_worker,
                                       gpus_per_worker=gpus_per_worker)
@@ -611,7 +645,8 @@ def ray_pretrain(spec: RunSpec, *, name: str, storage: str, workers: int,
                                  gpus=resources.gpus)
         trainer = build_trainer(spec, name=name, storage=storage, resources=resources,
                                 recorder=recorder, callbacks=callbacks,
-                                max_failures=max_failures, keep_best=keep_best, echo=echo)
+                                max_failures=max_failures, keep_best=keep_best, echo=echo,
+                                epoch_hooks=epoch_hooks)
         try:
             run_trainer(trainer)
         except BaseException as exc:

@@ -12,17 +12,19 @@ RAY_ADDRESS / --address) it joins that cluster. User errors print one line and e
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from fgray.cli import OneLineParser, run_main
+from fgray.cliutil import OneLineParser, run_main
 from fgray.config import parse_set_flags
 from fgray.data.cache import default_cache_dir
+from fgray.engine.spec import parse_settings
 from fgray.errors import UserError
-from fgray.methods import REGISTRY
+from fgray.methods import method_class, method_names
 from fgray.tune.presets import PRESETS, Preset, get_preset
 from fgray.tune.spaces import SHARED_KNOBS
 
@@ -36,7 +38,8 @@ def build_parser(prog: str, description: str, *, mode: str) -> argparse.Argument
                         help="use the embedded fine-grained dataset (generated once, cached)")
     p.add_argument("--preset", default="laptop", choices=tuple(PRESETS),
                    help="study size: smoke (minutes on a laptop CPU), laptop, paper (GPUs)")
-    p.add_argument("--methods", help=f"comma list of {', '.join(REGISTRY)} (preset default)")
+    p.add_argument("--methods",
+                   help=f"comma list of {', '.join(method_names())} (preset default)")
     if mode == "search":
         p.add_argument("--trials", type=int, help="trials per method (preset default)")
     p.add_argument("--epochs", type=int, help="epochs per trial (preset default)")
@@ -80,8 +83,10 @@ def build_parser(prog: str, description: str, *, mode: str) -> argparse.Argument
     p.add_argument("--protocols",
                    help="final test protocols: retrieval, knn, linear, linear-paper, "
                         "localisation (preset default: retrieval,knn,linear,localisation)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="fixed setting for every method, or METHOD.KEY=VALUE for one")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="fixed setting for every method (method.KEY, optim.KEY, train.KEY, "
+                        "aug.KEY, or a bare KEY where one section has it), or "
+                        "METHOD.SECTION.KEY=VALUE for one method")
     p.add_argument("--val-fraction", type=float,
                    help="share of each class's train images held out for model selection "
                         "(preset default)")
@@ -93,24 +98,39 @@ def _methods(text: str | None, preset: Preset) -> list[str]:
     if not text:
         return list(preset.methods)
     methods = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in REGISTRY]
+    known = method_names()
+    unknown = [m for m in methods if m not in known]
     if unknown or not methods:
-        raise UserError(f"--methods {text!r}: expected a comma list of {', '.join(REGISTRY)}")
+        raise UserError(f"--methods {text!r}: expected a comma list of {', '.join(known)}")
     return list(dict.fromkeys(methods))
 
 
+def _scoped(key: str, methods) -> dict[str, str]:
+    """Which methods a `--set` key is for, and its key there: `lcr.method.capacity` is LCR's
+    `method.capacity` (nothing when LCR is not studied), any other key is every method's."""
+    target, _, rest = key.partition(".")
+    if rest and target in method_names():
+        return {target: rest} if target in methods else {}
+    return {m: key for m in methods}
+
+
 def _fixed(pairs: list[str], methods: list[str], preset: Preset) -> dict[str, dict[str, Any]]:
-    sets = parse_set_flags(pairs)
+    """Each method's fixed settings: the preset's, then the `--set` flags, keys qualified and
+    values typed (a key a method lacks, or one that is ambiguous for it, is an error now)."""
     out = {m: preset.settings_for(m) for m in methods}
-    for key, value in sets.items():
-        target, _, name = key.partition(".")
-        if name and target in REGISTRY:
-            if target in out:
-                out[target][name] = value
-        else:
-            for m in methods:
-                out[m][key] = value
+    for key, value in parse_set_flags(pairs).items():
+        for m, k in _scoped(key, methods).items():
+            out[m].update(parse_settings(m, {k: value}))
     return out
+
+
+def _upgrade_fixed(method: str, fixed: dict[str, Any]) -> dict[str, Any]:
+    """Fixed settings of a study stored before settings had sections: a bare key went to the
+    method's Config first (SDF's `warmup_epochs`, MoCo's `momentum`), then to the one other
+    section that has it."""
+    fields = {f.name for f in dataclasses.fields(method_class(method).Config)}
+    return parse_settings(method, {(f"method.{k}" if k in fields else k): v
+                                   for k, v in fixed.items()})
 
 
 def _points(path: str | None, methods: list[str]) -> dict[str, list[dict[str, Any]]]:
@@ -152,6 +172,7 @@ def study_from_args(args, *, dataset: str, mode: str, default_name: str):
         # runs: --address, --concurrency, --verbose) may be given again, and a setting given
         # again must equal the stored one -- a resume never silently ignores a flag.
         stored = load_study(join(_absolute(args.storage), args.name or default_name))
+        stored.fixed = {m: _upgrade_fixed(m, f) for m, f in stored.fixed.items()}
         check_resume_flags(args, stored)
         return stored
     if not (args.synthetic or args.data_root):
@@ -224,12 +245,11 @@ def check_resume_flags(args, stored) -> None:
         differ.append(f"--backbone {args.backbone} (stored "
                       f"{','.join(sorted({str(b) for b in stored.backbones.values()}))})")
     for key, value in parse_set_flags(args.set).items():
-        target, _, name = key.partition(".")
-        scoped = {target: name} if name and target in stored.fixed else {
-            m: key for m in stored.fixed}
-        if any(str(stored.fixed[m].get(k)) != value for m, k in scoped.items()):
-            differ.append(f"--set {key}={value} (stored "
-                          f"{sorted({str(stored.fixed[m].get(k)) for m, k in scoped.items()})})")
+        given = {m: parse_settings(m, {k: value}) for m, k in _scoped(key, stored.fixed).items()}
+        have = {str(stored.fixed[m].get(q)) for m, sets in given.items() for q in sets}
+        if any(stored.fixed[m].get(q) != v for m, sets in given.items()
+               for q, v in sets.items()):
+            differ.append(f"--set {key}={value} (stored {sorted(have)})")
     if args.data_root and str(Path(args.data_root).expanduser().resolve()) != \
             stored.data.get("root"):
         differ.append(f"--data-root {args.data_root} (stored {stored.data.get('root')})")

@@ -23,6 +23,8 @@
 
 The trials table records the weights a run started from (`backbone` with its tag, `init`), and
 the leaderboard shows them. Every field can be overridden by a flag of the study scripts.
+Every preset studies every registered method that registered for the presets (MoCo v3 did not:
+it is LoDisc's core, run on its own with `--methods mocov3`).
 """
 
 from __future__ import annotations
@@ -31,10 +33,11 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from fgray.engine.spec import parse_settings
 from fgray.errors import UserError
-from fgray.methods import method_class
+from fgray.methods import method_class, method_names
 
-ALL_METHODS = ("moco", "lcr", "sdf", "ppssl", "lodisc")
+ALL_METHODS = tuple(m for m in method_names() if method_class(m).in_presets)
 PROTOCOLS = ("retrieval", "knn", "linear", "localisation")
 
 
@@ -56,12 +59,13 @@ class Preset:
     val_fraction: float = 0.1
     gpus_per_worker: float | None = None  # None: one per worker when the cluster has GPUs
     synthetic: dict[str, int] = field(default_factory=dict)  # write_synthetic arguments
-    # Method settings that fit the preset's scale, applied where a method has the field.
+    # Method settings (Config fields) that fit the preset's scale, applied where a method has
+    # the field.
     method_settings: dict[str, Any] = field(default_factory=dict)
-    # Train settings for every method (e.g. kNN's k: the papers' 200 neighbours would be most
-    # of a laptop set's train split).
+    # Train settings (TrainConfig fields) for every method (e.g. kNN's k: the papers' 200
+    # neighbours would be most of a laptop set's train split).
     train_settings: dict[str, Any] = field(default_factory=dict)
-    # Settings of one method only, on top of the rest.
+    # Settings of one method only (`section.name` keys), on top of the rest.
     per_method: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def backbone_for(self, method: str) -> str | None:
@@ -69,9 +73,12 @@ class Preset:
         return self.vit_backbone if default.startswith("vit") else self.cnn_backbone
 
     def settings_for(self, method: str) -> dict[str, Any]:
+        """The preset's settings of a run of `method`, keys qualified (`method.queue_size`,
+        `train.knn_k`) and values typed."""
         fields = {f.name for f in dataclasses.fields(method_class(method).Config)}
-        own = {k: v for k, v in self.method_settings.items() if k in fields}
-        return {**self.train_settings, **own, **self.per_method.get(method, {})}
+        own = {f"method.{k}": v for k, v in self.method_settings.items() if k in fields}
+        train = {f"train.{k}": v for k, v in self.train_settings.items()}
+        return parse_settings(method, {**train, **own, **self.per_method.get(method, {})})
 
 
 LITE0 = "tf_efficientnet_lite0.in1k"
@@ -82,7 +89,7 @@ LITE0 = "tf_efficientnet_lite0.in1k"
 # encoder feature, below the 36.3 % of the untrained weights). The laptop presets score
 # LoDisc on its encoder's pooled feature, as every other method is scored; the paper preset
 # keeps the released predictor feature.
-LAPTOP_LODISC = {"lodisc": {"embed": "encoder"}}
+LAPTOP_LODISC = {"lodisc": {"method.embed": "encoder"}}
 
 PRESETS: dict[str, Preset] = {
     "smoke": Preset(

@@ -1,4 +1,4 @@
-"""Search spaces of every method, in one place (ranges from METHODS.md).
+"""Search spaces: each method's own (its `search_space`, in its file) plus the shared knobs.
 
 A space is define-by-run (Optuna's style): a function of a `Suggest` that asks for each knob
 in turn, so a knob can depend on an earlier choice -- LoDisc's sampling temperature exists
@@ -9,9 +9,13 @@ searched point and the published recipe can never disagree on names.
 
 Each study searches one method (one Optuna study per method, see fgray.tune.study): the
 method's own knobs are always searched; the shared ones (lr, weight_decay, temperature,
-momentum) only when asked for. Knob names are `--set` keys: a method Config field or an
-optimiser setting. Names that are neither (structural choices such as `sampling`) are listed
-in `Space.structural`; they are recorded with the trial but not passed to the run.
+momentum) only when asked for. Knob names -- Optuna's parameter names, and the trials
+table's `param.<name>` columns -- are bare: a method's own knobs are fields of its Config
+(`capacity` sets `method.capacity`), the shared ones name their section in `SHARED_KEYS`
+(`lr` sets `optim.lr`, `momentum` the method's EMA `method.momentum`). `Space.settings` turns a
+sampled point into the run's settings with those qualified keys. Knobs that are no setting
+(structural choices such as LoDisc's `sampling`) are the method's `structural`; they are
+recorded with the trial but not passed to the run.
 
 A Config default that depends on the backbone family (MoCo v3's temperature: 0.2 for ViTs,
 1.0 for ResNets) is resolved for the space's `backbone` (the method's default backbone when
@@ -22,16 +26,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-from fgray.config import coerce
+from fgray.config import apply_overrides
 from fgray.engine.optim import OptimConfig
+from fgray.engine.spec import parse_settings
 from fgray.errors import UserError
-from fgray.methods import REGISTRY, method_class
+from fgray.methods import method_class
 
-SHARED_KNOBS = ("lr", "weight_decay", "temperature", "momentum")
+# The shared knobs and the setting each one sets.
+SHARED_KEYS = {"lr": "optim.lr", "weight_decay": "optim.weight_decay",
+               "temperature": "method.temperature", "momentum": "method.momentum"}
+SHARED_KNOBS = tuple(SHARED_KEYS)
 
 
 class Suggest:
@@ -87,58 +94,6 @@ def _check_inside(name: str, value: float, low: float, high: float) -> None:
                          f"[{low:g}, {high:g}]")
 
 
-# ---------------------------------------------------------------- per-method knobs
-
-
-def _lcr(s: Suggest, fixed: dict[str, Any]) -> None:
-    s.int("capacity", 1, 256, log=True)
-    s.categorical("depth", (1, 2))
-    s.float("nu", 1e-3, 1e-1, log=True)
-    s.float("t", 0.1, 1.0)
-
-
-def _lodisc(s: Suggest, fixed: dict[str, Any]) -> None:
-    s.float("keep_ratio", 0.1, 0.9)
-    s.float("local_weight", 0.1, 10.0, log=True)
-    s.categorical("fusion", ("product", "last", "rollout"))
-    # The released code keeps the top patches deterministically (temperature 0).
-    stochastic = s.defaults.get("sample_temperature", 0.0) > 0
-    if s.categorical("sampling", ("topk", "stochastic"),
-                     default="stochastic" if stochastic else "topk") == "stochastic":
-        s.float("sample_temperature", 0.05, 2.0, log=True)
-
-
-def _sdf(s: Suggest, fixed: dict[str, Any]) -> None:
-    if s.categorical("perturb", ("gaussian", "shuffle")) == "gaussian":
-        s.float("epsilon", 0.1, 3.0, log=True)
-    s.float("q_var", 0.05, 0.6)
-    s.float("q_cam", 0.05, 0.6)
-    s.categorical("set_rule", ("union", "intersection"))
-    s.float("alpha", 0.1, 10.0, log=True)
-    s.float("nu", 0.05, 2.0, log=True)
-
-
-def _ppssl(s: Suggest, fixed: dict[str, Any]) -> None:
-    s.float("iadm_weight", 0.1, 2.0, log=True)
-    s.float("keep_fraction", 0.2, 0.8)
-    # AIS needs a CLIP teacher and a text corpus; without them it stays off (kd_weight 0).
-    if fixed.get("clip_weights") and fixed.get("corpus_path"):
-        s.float("kd_weight", 0.01, 10.0, log=True, default=1.0)
-        s.float("kd_temperature", 0.01, 0.5, log=True)
-
-
-def _none(s: Suggest, fixed: dict[str, Any]) -> None:
-    """MoCo v2 / v3 have no knobs of their own beyond the shared ones."""
-
-
-METHOD_KNOBS: dict[str, Callable[[Suggest, dict[str, Any]], None]] = {
-    "moco": _none, "mocov3": _none, "lcr": _lcr, "lodisc": _lodisc, "sdf": _sdf,
-    "ppssl": _ppssl,
-}
-# Knobs that steer the space but are not settings of the run.
-STRUCTURAL: dict[str, tuple[str, ...]] = {"lodisc": ("sampling",)}
-
-
 def _shared(s: Suggest, names: Sequence[str]) -> None:
     """Shared knobs, ranged around the method's own default (a decade either way for rates
     and decays; the EMA momentum's distance to 1 likewise; the temperature from a quarter to
@@ -164,46 +119,57 @@ class Space:
 
     method: str
     shared: tuple[str, ...] = ("lr",)
-    fixed: tuple[tuple[str, Any], ...] = ()  # the study's fixed settings, as pairs
+    # The study's fixed settings, as pairs: `section.name` or bare keys, typed or strings.
+    fixed: tuple[tuple[str, Any], ...] = ()
     backbone: str | None = None  # the study's backbone for this method; None: its default
 
     def __post_init__(self) -> None:
-        if self.method not in METHOD_KNOBS:
-            raise UserError(f"no search space for method {self.method!r}: expected one of "
-                            f"{', '.join(METHOD_KNOBS)}")
-        unknown = [k for k in self.shared if k not in SHARED_KNOBS]
+        method_class(self.method)  # an unknown method is a user error naming the known ones
+        unknown = [k for k in self.shared if k not in SHARED_KEYS]
         if unknown:
             raise UserError(f"shared knob {unknown[0]!r}: expected one of "
                             f"{', '.join(SHARED_KNOBS)}")
 
     @property
     def structural(self) -> tuple[str, ...]:
-        return STRUCTURAL.get(self.method, ())
+        return tuple(method_class(self.method).structural)
 
-    def config_defaults(self) -> dict[str, Any]:
-        """The values a run of this method uses when nothing is set: its Config defaults,
-        over the optimiser defaults of its recipe, with the study's fixed settings on top."""
-        cls = method_class(self.method)
-        optim = dataclasses.asdict(OptimConfig(**{**dataclasses.asdict(OptimConfig()),
-                                                  **cls.optim_defaults}))
-        cfg = cls.Config()
-        if cls.family_defaults(True):  # some defaults depend on the backbone family
-            cfg = cls.resolve_config(cfg, _is_vit(self.backbone or cls.default_backbone))
-        method = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls.Config)}
-        return {**optim, **method, **self.typed_fixed()}
+    def key(self, knob: str) -> str:
+        """The setting a knob sets: `optim.lr` for `lr`, `method.capacity` for `capacity`."""
+        return SHARED_KEYS.get(knob, f"method.{knob}")
 
     def typed_fixed(self) -> dict[str, Any]:
-        """The study's fixed settings parsed to their fields' types (the command line gives
-        strings: `--set lr=0.01` must centre a range on 0.01, not on "0.01")."""
+        """The study's fixed settings with qualified keys, parsed to their fields' types (the
+        command line gives strings: `--set lr=0.01` must centre a range on 0.01, not on
+        "0.01")."""
+        return parse_settings(self.method, dict(self.fixed))
+
+    def _fixed_section(self, section: str) -> dict[str, Any]:
+        prefix = f"{section}."
+        return {k[len(prefix):]: v for k, v in self.typed_fixed().items()
+                if k.startswith(prefix)}
+
+    def config_defaults(self) -> dict[str, Any]:
+        """The value of each knob when nothing is searched, by bare knob name: the method's
+        Config defaults and its recipe's optimiser settings, with the study's fixed settings
+        applied. Where both have a field (MoCo's EMA `momentum`, SGD's) the method's is
+        given, as knobs of that name set the method's."""
         cls = method_class(self.method)
-        types = {**typing.get_type_hints(OptimConfig), **typing.get_type_hints(cls.Config)}
-        return {k: (coerce(k, v, types[k]) if k in types else v) for k, v in self.fixed}
+        optim = apply_overrides(apply_overrides(OptimConfig(), cls.optim_defaults),
+                                self._fixed_section("optim"), what="optimiser setting")
+        cfg = apply_overrides(cls.Config(), self._fixed_section("method"),
+                              what=f"{self.method} setting")
+        if cls.family_defaults(True):  # some defaults depend on the backbone family
+            cfg = cls.resolve_config(cfg, _is_vit(self.backbone or cls.default_backbone))
+        method = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+        return {**dataclasses.asdict(optim), **method}
 
     def _run(self, trial: Any | None) -> dict[str, Any]:
         s = Suggest(trial, self.config_defaults())
-        METHOD_KNOBS[self.method](s, dict(self.fixed))
-        # A shared knob the study fixes (--set lr=...) is a setting, not a search dimension.
-        _shared(s, [k for k in self.shared if k not in dict(self.fixed)])
+        method_class(self.method).search_space(s, self._fixed_section("method"))
+        # A shared knob the study fixes (--set optim.lr=...) is a setting, not a dimension.
+        fixed = self.typed_fixed()
+        _shared(s, [k for k in self.shared if self.key(k) not in fixed])
         return s.params
 
     def __call__(self, trial: Any) -> None:
@@ -215,8 +181,9 @@ class Space:
         return self._run(None)
 
     def settings(self, params: dict[str, Any]) -> dict[str, Any]:
-        """The `--set` pairs of a sampled point (structural knobs dropped)."""
-        return {k: v for k, v in params.items() if k not in self.structural}
+        """The run settings of a sampled point, keys qualified (`method.capacity`,
+        `optim.lr`); structural knobs dropped."""
+        return {self.key(k): v for k, v in params.items() if k not in self.structural}
 
     def knob_names(self) -> set[str]:
         """Every knob this space can ask for (all branches), found by sampling each branch."""
@@ -231,24 +198,25 @@ class Space:
         return names | set(self.defaults())
 
     def validate(self) -> None:
-        """Fail fast on a knob that is no field of the method's Config (or, for shared knobs,
-        of the optimiser), and on a recipe default outside its range."""
+        """Fail fast on a knob that sets no field (a method knob that is no field of the
+        method's Config, a shared knob the method lacks), and on a recipe default outside its
+        range."""
         cls = method_class(self.method)
-        method_fields = {f.name for f in dataclasses.fields(cls.Config)}
-        optim_fields = {f.name for f in dataclasses.fields(OptimConfig)}
+        fields = {"method": {f.name for f in dataclasses.fields(cls.Config)},
+                  "optim": {f.name for f in dataclasses.fields(OptimConfig)}}
         try:
             names = self.knob_names()
         except ValueError as exc:
             raise UserError(f"search space of {self.method}: {exc}") from None
         for name in sorted(names - set(self.structural)):
-            allowed = method_fields | (optim_fields if name in SHARED_KNOBS else set())
-            if name not in allowed:
+            section, _, field = self.key(name).partition(".")
+            if field not in fields[section]:
                 raise UserError(f"search space of {self.method}: {name!r} is not a field of "
                                 f"{cls.Config.__name__}: expected one of "
-                                f"{', '.join(sorted(method_fields))}")
+                                f"{', '.join(sorted(fields['method']))}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _is_vit(backbone: str) -> bool:
     """Whether timm builds `backbone` as a VisionTransformer (`Backbone.is_vit`), told from a
     model on the meta device: no memory, no weights."""
@@ -269,8 +237,4 @@ def space_for(method: str, *, shared: Sequence[str] = ("lr",),
     space = Space(method, tuple(shared), tuple(sorted((fixed or {}).items())), backbone)
     space.validate()
     return space
-
-
-def all_methods() -> list[str]:
-    return [m for m in REGISTRY if m in METHOD_KNOBS]
 

@@ -1,0 +1,105 @@
+"""`fgray.storage` (locations, whole-file writes) and `fgray.engine.selection` (the best of a
+history, the best so far)."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+
+from fgray.engine.selection import BEST_METRIC, SELECTION_METRIC, Best, best_of, ranked, score
+from fgray.errors import UserError
+from fgray.storage import (
+    absolute,
+    as_location,
+    atomic_path,
+    delete_file,
+    join,
+    read_json,
+    read_text,
+    resolve,
+    write_json,
+    write_text,
+)
+
+
+def _leftovers(folder) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
+
+
+def test_locations():
+    assert join("s3://bucket/study/", "train", "t1") == "s3://bucket/study/train/t1"
+    assert join("/runs", "a") == "/runs/a"
+    assert absolute("gs://bucket/x/") == "gs://bucket/x"
+    assert absolute("runs") == os.path.abspath("runs")
+    assert as_location("s3://bucket/study", "bucket/study/plots/a.png") == \
+        "s3://bucket/study/plots/a.png"
+    assert as_location("/study", "/study/plots/a.png") == "/study/plots/a.png"
+    fs, path = resolve("~/x")
+    assert path == os.path.expanduser("~/x")
+    with pytest.raises(UserError, match="cannot open this storage location"):
+        resolve("nosuchscheme://bucket/x")
+
+
+def test_whole_file_reads_and_writes(tmp_path):
+    target = str(tmp_path / "deep" / "er" / "study.json")
+    assert read_json(target) is None and read_text(target) is None
+    write_json(target, {"a": 1, "when": tmp_path})  # not JSON: written with str
+    assert read_json(target) == {"a": 1, "when": str(tmp_path)}
+    write_text(target, "replaced")
+    assert read_text(target) == "replaced"
+    assert _leftovers(tmp_path / "deep" / "er") == []
+    delete_file(target)
+    delete_file(target)  # gone already: nothing to do
+    assert read_text(target) is None
+
+
+def test_atomic_file_replaces_whole_or_not_at_all(tmp_path):
+    final = tmp_path / "weights.pth"
+    final.write_text("old")
+    with atomic_path(final) as tmp:
+        assert not tmp.exists() and tmp.parent == tmp_path
+        assert tmp.name.startswith(".weights.pth.") and tmp.name.endswith(".tmp")
+        tmp.write_text("new")
+        assert final.read_text() == "old"  # not before the block ends
+    assert final.read_text() == "new" and _leftovers(tmp_path) == []
+    with pytest.raises(RuntimeError), atomic_path(final) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed")
+    assert final.read_text() == "new" and _leftovers(tmp_path) == []
+    with pytest.raises(FileNotFoundError, match="nothing was written"), atomic_path(final):
+        pass
+
+
+def test_atomic_folder_replaces_or_keeps_the_existing_one(tmp_path):
+    final = tmp_path / "epoch-0001"
+    for content in ("first", "second"):
+        with atomic_path(final) as tmp:
+            tmp.mkdir()
+            (tmp / "checkpoint.pt").write_text(content)
+        assert (final / "checkpoint.pt").read_text() == content
+    assert sorted(p.name for p in final.iterdir()) == ["checkpoint.pt"]
+    # Another process finished the same cache first: theirs is kept, ours discarded.
+    with atomic_path(final, keep_existing=True) as tmp:
+        tmp.mkdir()
+        (tmp / "checkpoint.pt").write_text("third")
+    assert (final / "checkpoint.pt").read_text() == "second"
+    assert _leftovers(tmp_path) == []
+
+
+def test_selection_best_of_a_history_and_so_far():
+    assert BEST_METRIC == f"best_{SELECTION_METRIC}"
+    history = [{"epoch": 1, SELECTION_METRIC: 10.0}, {"epoch": 2},
+               {"epoch": 3, SELECTION_METRIC: 30.0}, {"epoch": 4, SELECTION_METRIC: 30.0},
+               {"epoch": 5, SELECTION_METRIC: math.nan}, {"epoch": 6, SELECTION_METRIC: True}]
+    row, value = best_of(history)
+    assert (row["epoch"], value) == (3, 30.0)  # the first of a tie
+    assert best_of([{"epoch": 1}]) == (None, None)
+    assert [r["epoch"] for r in ranked(history)] == [3, 4, 1, 2, 5, 6]
+    assert score({SELECTION_METRIC: 5}) == 5.0 and score(None) is None
+    best = Best()
+    assert [best.update(r) for r in history] == [True, False, True, False, False, False]
+    assert best.value == 30.0
+    pairs = [("a", {"x": 1.0}), ("b", {"x": 2.0})]
+    assert best_of(pairs, "x", row=lambda p: p[1]) == (("b", {"x": 2.0}), 2.0)
