@@ -511,11 +511,6 @@ def _run_config(study: StudyConfig, name: str, setup: TrialSetup, totals: dict[s
                 console: Console) -> ray.tune.RunConfig:
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
-    # Tune's own TensorBoard logger would put a second set of event files in the study;
-    # fgray writes TensorBoard itself (STUDY_DIR/tensorboard).
-    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
-    # An evaluation job reports its time, not the searched metric, which Tune would refuse.
-    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     # --workers 0: Tune restarts a crashed trial (what Ray Train does for a Train run, whose
     # trial must then never be retried by Tune itself).
     retries = study.max_failures if setup.resources.in_trial else 0
@@ -532,6 +527,11 @@ def _fit(study: StudyConfig, name: str, setup: TrialSetup, fresh) -> float:
     """Run experiment `name`, restoring it when a previous run of the study left it behind
     (finished trials are not repeated; unfinished ones resume from their checkpoints).
     Returns the seconds its evaluation jobs took (each by its own clock)."""
+    # Tune's own TensorBoard logger would put a second set of event files in the study;
+    # fgray writes TensorBoard itself (STUDY_DIR/tensorboard).
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    # An evaluation job reports its time, not the searched metric, which Tune would refuse.
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     path = join(study.study_dir, TUNE_DIR, name)
     if Tuner.can_restore(path):
         tuner = Tuner.restore(path, trainable=_trainable(setup), resume_unfinished=True,
