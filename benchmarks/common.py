@@ -59,12 +59,14 @@ class Preset:
     ray: Case
     ray_epochs: int
     study: Case
-    study_trials: int
+    study_trials: int  # per method
     study_epochs: int
     memory: tuple[Case, ...]
     scaling: Case
     scaling_steps: int
     pil_workers: int  # DataLoader workers of the PIL reference
+    study_methods: tuple[str, ...] = ("moco",)  # searched in one study, with `study.sets`
+    study_seeds: int = 1  # seeds of each method's best (retrains: seeds - 1)
 
 
 def study_preset_case(name: str, method: str = "moco") -> Case:
@@ -94,7 +96,11 @@ def presets(tiny: bool = False) -> dict[str, Preset]:
             cpu_case, name="mocov3-test_vit-64px", method="mocov3", backbone="test_vit",
             sets={"mlp_hidden": 256, "dim": 64}),
             dataclasses.replace(smoke, name=f"moco-{smoke.backbone}-{smoke.image_size}px")),
-        epochs=8, ray=cpu_case, ray_epochs=8, study=cpu_case, study_trials=4, study_epochs=2,
+        epochs=8, ray=cpu_case, ray_epochs=8,
+        # The smoke preset's shape, at its network and size: two methods searched with two
+        # trials each, the best of each retrained once, every final model tested.
+        study=dataclasses.replace(smoke, name=f"smoke-{smoke.backbone}-{smoke.image_size}px"),
+        study_trials=2, study_epochs=2, study_methods=("moco", "lcr"), study_seeds=2,
         memory=(smoke, paper), scaling=cpu_case, scaling_steps=10, pil_workers=cores)
     if tiny:
         small = Case("moco-test_resnet-32px", image_size=32, batch_size=16,
@@ -102,6 +108,7 @@ def presets(tiny: bool = False) -> dict[str, Preset]:
         cpu = dataclasses.replace(
             cpu, data=SynthData(classes=4, per_class=16, size=40), datapath=(small,), epochs=1,
             ray=small, ray_epochs=2, study=small, study_trials=2, study_epochs=1,
+            study_methods=("moco",), study_seeds=1,
             memory=(dataclasses.replace(small, name="smoke"),), scaling=small, scaling_steps=2,
             pil_workers=min(cores, 2))
     gpu_r50 = Case("moco-resnet50-224px", backbone="resnet50", image_size=224, batch_size=128)

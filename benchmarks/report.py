@@ -99,7 +99,7 @@ def study(r: dict[str, Any]) -> str:
     out = (f"| | {' | '.join(label for _, label, _ in sides)} |\n"
            f"|---|{'---:|' * len(sides)}\n"
            f"| study wall time | {cells(lambda x: _f(x['wall_time_s'], 1) + ' s')} |\n"
-           f"| Σ trial wall time / concurrency | {cells(lambda x: _f(x['trial_time_s'], 1) + ' s / ' + str(x['concurrency']) + ' = ' + _f(x['ideal_s'], 1) + ' s')} |\n"  # noqa: E501
+           f"| (Σ trial + Σ test evaluation wall time) / concurrency | {cells(lambda x: '(' + _f(x['trial_time_s'], 1) + ' + ' + _f(x.get('evaluation_time_s', 0.0), 1) + ') s / ' + str(x['concurrency']) + ' = ' + _f(x['ideal_s'], 1) + ' s')} |\n"  # noqa: E501
            f"| ratio (target <= {r['target_ratio']}) | {cells(lambda x: _f(x['overhead_ratio']))} |\n"  # noqa: E501
            f"| overhead (wall - ideal) | {cells(lambda x: _f(x.get('overhead_s'), 1) + ' s')} |\n"  # noqa: E501
            f"| ratio up to the last trial's end (no final test evaluation) |"

@@ -13,18 +13,21 @@ model and its weights on both), reporting (checkpoint persisting, tables) and en
 trial's clock starts when Tune starts it (`on_trial_start`), once its actor is up: an actor's
 own start shows in the study ratio and in `first_trial_start_s`.
 
-Each study searches one method (`mode="search"`: TPE over its space, ASHA on val kNN top-1
-with a grace period of one epoch) on a fresh local Ray cluster, one CPU per trial (on a GPU,
-half a GPU per trial) and as many trials at once as there are cores (GPU: twice the GPUs).
-The ratio counts everything a study does outside its trials: Tune's start-up, Optuna, the
-gaps between one trial's end and the next one's start, the final kNN test evaluation of the
-best trial, and slots left idle while the last trials finish (a trial's own TorchTrainer
-start-up, per-epoch tables and TensorBoard fall inside its wall time).
-Σ trial time is the trials table's `wall_time_s` (the recorder's clock from a trial's start
-to its end). `training_phase_ratio` stops the study clock at the last trial's end, i.e.
-leaves the final test evaluation out. Both leave out starting the local Ray itself
-(`ray_init_s`), which a study submitted to a running cluster does not pay. Each trial's
-start and end (seconds from the study's start) show where the rest goes.
+Each side runs the same search study on a fresh local Ray cluster, shaped like the smoke
+preset's (cpu preset: two methods, two trials each, the best of each retrained over a second
+seed, every final model and the initial weights tested; TPE over each method's space, ASHA on
+val kNN top-1 with a grace period of one epoch), one CPU per trial (on a GPU, half a GPU per
+trial) and as many trials at once as there are cores (GPU: twice the GPUs). The ideal is the
+study's work spread over those slots: Σ trial wall time (the trials table's `wall_time_s`,
+the recorder's clock from a trial's start to its end) plus Σ test evaluation time (each
+evaluation job's own clock), over the concurrency. The ratio wall / ideal counts everything a
+study does besides that work: Tune's start-up, the trial processes' imports, Optuna, the gaps
+between one trial's end and the next one's start, and slots left idle while the last trials
+finish (a trial's own TorchTrainer start-up, per-epoch tables and TensorBoard fall inside its
+wall time). `training_phase_ratio` stops the study clock at the last trial's end. Both leave
+out starting the local Ray itself (`ray_init_s`), which a study submitted to a running
+cluster does not pay. Each trial's start and end (seconds from the study's start) show where
+the rest goes.
 
 The study runs in a child process with a time limit, so a Ray that stops making progress
 cannot hang the harness. One such case was seen on a host running other Ray clusters: the
@@ -104,13 +107,15 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     # Two trials share each GPU, so a single-GPU machine still runs trials side by side.
     concurrency = 2 * gpus if gpus else cores
+    methods = job.get("methods") or [case.method]
     study = StudyConfig(
         name=f"bench-study-w{job['workers']}", storage=job["storage"],
         data={"format": "cub", "root": job["data_root"], "val_fraction": 0.1,
               "cache_dir": job["cache_dir"]},
-        methods=[case.method], mode="search", trials=job["trials"], epochs=job["epochs"],
-        grace_period=1, batch_size=case.batch_size, image_size=case.image_size,
-        backbones={case.method: case.backbone}, fixed={case.method: dict(case.sets)},
+        methods=methods, mode="search", trials=job["trials"], epochs=job["epochs"],
+        seeds=job.get("seeds", 1), grace_period=1, batch_size=case.batch_size,
+        image_size=case.image_size, backbones=dict.fromkeys(methods, case.backbone),
+        fixed={m: dict(case.sets) for m in methods},
         workers=job["workers"], cpus_per_worker=1.0, gpus_per_worker=0.5 if gpus else 0.0,
         concurrency=concurrency, protocols=["knn"])
     temp = tempfile.mkdtemp(prefix="r", dir="/tmp")  # Ray's socket paths must stay short
@@ -124,7 +129,7 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
     per_trial = trial_figures(load(summary.study_dir, "trials").to_pylist(),
                               load(summary.study_dir, "epochs").to_pylist(), start)
     fixed = sorted(t["fixed_s"] for t in per_trial)
-    ideal = summary.trial_time_s / max(summary.concurrency, 1)
+    ideal = summary.ideal_s
     training_wall = max((t["end_s"] for t in per_trial if t["end_s"] is not None),
                         default=float("nan"))
     return {
@@ -133,7 +138,7 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
         "trials": summary.trials, "concurrency": summary.concurrency,
         "ray_init_s": start - begin,
         "wall_time_s": summary.wall_time_s, "trial_time_s": summary.trial_time_s,
-        "ideal_s": ideal, "overhead_ratio": summary.overhead_ratio,
+        "evaluation_time_s": summary.evaluation_time_s, "ideal_s": ideal, "overhead_ratio": summary.overhead_ratio,
         # Fixed cost of this study over its ideal: ratio = 1 + overhead_s / ideal_s, so a
         # study of longer trials amortises it.
         "overhead_s": summary.wall_time_s - ideal,
@@ -162,18 +167,21 @@ def run(preset: Preset, workdir: Path, data_root: Path, device: torch.device, *,
     for side, workers in PATHS.items():
         job = {"case": case.describe(), "trials": preset.study_trials,
                "epochs": preset.study_epochs, "workers": workers,
+               "methods": list(preset.study_methods), "seeds": preset.study_seeds,
                "storage": str(workdir / "study-bench"), "data_root": str(data_root),
                "cache_dir": str(workdir / "cache")}
-        print(f"[study] --workers {workers}: {preset.study_trials} trials of {case.name},"
-              f" {preset.study_epochs} epochs each, in a fresh process ...", flush=True)
+        print(f"[study] --workers {workers}: {', '.join(preset.study_methods)} x"
+              f" {preset.study_trials} trials of {case.name} (best retrained over"
+              f" {preset.study_seeds} seeds), {preset.study_epochs} epochs each, in a fresh"
+              " process ...", flush=True)
         out[side] = _child(job, timeout_s)
     for side, workers in PATHS.items():
         r = out[side]
         if "error" in r:
             print(f"[study] --workers {workers}: {r['error']}", flush=True)
             continue
-        print(f"[study] --workers {workers}: wall {r['wall_time_s']:.1f} s vs Σ trial time /"
-              f" concurrency {r['ideal_s']:.1f} s ({r['trials']} trials, {r['concurrency']} at"
+        print(f"[study] --workers {workers}: wall {r['wall_time_s']:.1f} s vs (Σ trial time +"
+              f" Σ test evaluation time) / concurrency {r['ideal_s']:.1f} s ({r['trials']} trials, {r['concurrency']} at"
               f" a time): ratio {r['overhead_ratio']:.2f} (target <= {TARGET_RATIO}); training"
               f" phase only {r['training_phase_ratio']:.2f}; per-trial fixed cost median"
               f" {r['fixed_s_median']:.2f} s, max {r['fixed_s_max']:.2f} s (target <="

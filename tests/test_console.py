@@ -10,32 +10,46 @@ from fgray.tune.cli import ray_log_file
 from fgray.tune.study import StudyProgress
 
 
-def _trial(tid: str, epoch: int = 0):
-    return SimpleNamespace(trial_id=tid, last_result={"epoch": epoch}, config={})
+def _trial(tid: str, epoch: int = 0, **config):
+    return SimpleNamespace(trial_id=tid, last_result={"epoch": epoch},
+                           config={"method": "moco", **config})
 
 
 def test_plain_lines_count_trials_best_and_eta(monkeypatch):
-    clock = iter([100.0, 100.0, 130.0, 160.0, 160.0])
+    clock = iter([100.0, 100.0, 100.0, 130.0, 130.0, 160.0, 160.0, 160.0, 175.0])
     monkeypatch.setattr("fgray.tune.study.time.time", lambda: next(clock))
     out = io.StringIO()  # not a terminal: plain lines, no bar
-    progress = StudyProgress("moco", total=3, epochs=3, concurrency=1, stream=out)
+    progress = StudyProgress({"moco": 3, "lcr": 1}, epochs=3, concurrency=1, stream=out)
     a, b = _trial("a", 3), _trial("b", 1)
-    progress.on_trial_start(0, [], a)
-    progress.on_trial_start(0, [], b)
+    progress.on_trial_start(0, [], a)  # clock 100 (start), 100 (ETA)
+    progress.on_trial_start(0, [], b)  # 100, 100 would be the ETA's: no durations yet
     progress.on_trial_result(0, [], a, {"val_knn_top1": 41.25, "epoch": 1})
     progress.on_trial_result(0, [], a, {"val_knn_top1": float("nan"), "epoch": 2})
-    progress.on_trial_complete(0, [], a)  # 3 of 3 epochs: completed, took 30 s
-    progress.on_trial_complete(0, [], b)  # 1 of 3: stopped by ASHA, took 60 s
+    progress.on_trial_complete(0, [], a)  # 3 of 3 epochs: completed, took 30 s (at 130)
+    progress.on_trial_complete(0, [], b)  # 1 of 3: stopped by ASHA, took 60 s (at 160)
     lines = out.getvalue().splitlines()
-    assert lines[0] == ("[moco] trial a started: 1 started, 0 completed, 0 stopped, 0 failed; "
-                        "best val kNN -; ETA -")
-    # Two trials left, one at a time, 30 s each so far: 60 s.
-    assert lines[2] == ("[moco] trial a completed: 2 started, 1 completed, 0 stopped, 0 failed;"
-                        " best val kNN 41.2; ETA 60 s")
-    assert lines[3].startswith("[moco] trial b stopped: 2 started, 1 completed, 1 stopped")
-    assert lines[3].endswith("ETA 45 s")  # one left, mean of 30 s and 60 s
-    progress.on_trial_error(0, [], _trial("c"))
-    assert out.getvalue().splitlines()[-1].endswith("1 failed; best val kNN 41.2; ETA -")
+    assert lines[0] == ("[moco] trial a started: 1 of 3 started, 0 completed, 0 stopped, 0 "
+                        "failed; best val kNN -; ETA -")
+    # Two trials not started (moco's third, lcr's), b running for 30 s of a 30 s mean: 60 s.
+    assert lines[2] == ("[moco] trial a completed: 2 of 3 started, 1 completed, 0 stopped, 0 "
+                        "failed; best val kNN 41.2; ETA 60 s")
+    assert lines[3].startswith("[moco] trial b stopped: 2 of 3 started, 1 completed, 1 stopped")
+    assert lines[3].endswith("ETA 90 s")  # two left, mean of 30 s and 60 s
+    progress.on_trial_error(0, [], _trial("c", method="lcr"))  # at 175
+    assert out.getvalue().splitlines()[-1] == (
+        "[lcr] trial c failed: 0 of 1 started, 0 completed, 0 stopped, 1 failed; best val "
+        "kNN -; ETA 45 s")
+
+
+def test_evaluation_jobs_are_one_line_and_not_counted():
+    out = io.StringIO()
+    progress = StudyProgress({"moco": 1}, epochs=3, concurrency=1, stream=out)
+    job = SimpleNamespace(trial_id="j", last_result={"evaluation_s": 4.2},
+                          config={"method": "moco", "evaluate": "a"})
+    progress.on_trial_start(0, [], job)
+    progress.on_trial_complete(0, [], job)
+    assert out.getvalue().splitlines() == ["[moco] test evaluation of the trial a done in 4 s"]
+    assert progress.counts["moco"] == {"completed": 0, "stopped": 0, "failed": 0}
 
 
 def test_ray_output_goes_to_the_study_log_file(tmp_path):

@@ -325,7 +325,7 @@ def test_in_trial_study_restarts_a_dead_trial_from_its_checkpoint(in_trial_study
     study = in_trial_study["study"]
     assert in_trial_study["marker"].is_file()  # a trial's process did exit hard once
     trials = {t["trial_id"]: t for t in _search_trials(study)}
-    tune = Path(study) / "tune" / "moco"
+    tune = Path(study) / "tune" / "search"  # the study's one search experiment
     # Tune's record of the crash: the trial's folder holds its error, and the trial went on.
     crashed = [tid for tid in trials if (tune / tid / "error.txt").is_file()
                and trials[tid]["status"] != "failed"]

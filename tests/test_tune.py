@@ -164,10 +164,25 @@ def test_searcher_starts_with_the_recipe_and_stores_a_journal(tmp_path):
     assert len(stored.trials) == 2
 
 
-def test_scheduler_reads_per_epoch_val(tmp_path):
+def test_scheduler_stops_on_per_epoch_val_at_its_rungs(tmp_path):
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+
     asha = make_scheduler(_study(tmp_path, grace_period=1, reduction_factor=3, epochs=9))
-    assert (asha._time_attr, asha._metric, asha._max_t) == ("epoch", "val_knn_top1", 9)
-    assert [milestone for milestone, _ in asha._brackets[0]._rungs] == [9, 3, 1]
+    trials = {t: SimpleNamespace(trial_id=t, config={}) for t in "abde"}
+    for trial in trials.values():
+        asha.on_trial_add(None, trial)
+
+    def report(t, epoch, value):
+        return asha.on_trial_result(None, trials[t], {"epoch": epoch, "val_knn_top1": value})
+
+    # Rungs at epochs 1, 3 (and 9, the budget): the bottom two thirds stop there.
+    assert report("a", 1, 30.0) == TrialScheduler.CONTINUE
+    assert report("b", 1, 20.0) == TrialScheduler.STOP
+    assert report("a", 2, 0.0) == TrialScheduler.CONTINUE  # no rung at epoch 2
+    assert report("d", 3, 30.0) == TrialScheduler.CONTINUE
+    assert report("e", 3, 1.0) == TrialScheduler.STOP
 
 
 def test_trial_spec_from_params(tmp_path):
@@ -350,5 +365,7 @@ def test_restored_searcher_reruns_a_point_asked_after_its_snapshot(tmp_path):
     restored = pickle.loads(as_pickled)
     restored.restore(str(snapshot))
     assert restored.suggest("b2")["capacity"] == 200  # the point is not lost
-    states = [t.state.name for t in restored._ot_study.trials]
+    journal = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(
+        str(tmp_path / "s" / "optuna" / "journal.log")))
+    states = [t.state.name for t in optuna.load_study(study_name="lcr", storage=journal).trials]
     assert states.count("FAIL") == 1 and states.count("RUNNING") == 2

@@ -10,15 +10,18 @@ A study lives in one folder, STUDY_DIR = STORAGE/NAME (a local path, or s3:// / 
     optuna/journal.log    the Optuna studies (JournalStorage; optuna-dashboard opens it)
     tables/{trials,epochs,evals}/  Parquet results;  tensorboard/  scalars and HParams
 
-Search (`mode="search"`): one Tune experiment and one Optuna study per method, run one method
-after the other. Each method has its own conditional knobs (a define-by-run space from
-fgray.tune.spaces), its own TPE model and its own ASHA rungs, so methods whose losses and
-learning curves differ never compete inside one model or bracket, and the leaderboard's "best
-config per method" is the best of that method's search. The price: the methods do not share
-the cluster at the same time (a method's last trials may leave it part-idle). TPE is seeded;
-the first trial of every method is the paper's recipe (`points_to_evaluate`). ASHA stops
-trials on per-epoch val kNN top-1 (grace period and reduction factor configurable); TPE learns
-from each trial's best val kNN top-1 so far.
+Search (`mode="search"`): one Tune experiment (`tune/search/`) for the whole study, fed by
+`StudySearcher`: one Optuna study per method (its own conditional knobs from
+fgray.tune.spaces, its own seeded TPE model, the paper's recipe as its first trial) and one
+set of ASHA rungs per method (`MethodScheduler`, on per-epoch val kNN top-1; TPE learns from
+each trial's best val kNN top-1 so far), so methods whose losses and learning curves differ
+never compete inside one model or bracket, and the leaderboard's "best config per method" is
+the best of that method's search. Search trials are asked method by method; when a method's
+search ends, its best configuration is retrained over the extra seeds while the next
+methods' trials fill the other slots, and each final model (the best trial, each retrain, the
+initial weights) is evaluated on test by a job of the same experiment as soon as it is final
+(`evaluate_job`). One experiment means one Tune start-up and one import of torch per trial
+process (`reuse_actors`), and no slot idles between methods.
 
 Compare (`mode="compare"`): every method x seed at a fixed budget with the recipe defaults,
 one experiment, no search and no early stopping.
@@ -40,12 +43,13 @@ kept, the epoch recorded before it is reported):
 `max_concurrent_trials` is what the cluster's CPUs / GPUs fit of one trial's share (fractional
 GPUs allowed, e.g. 0.5 for two small-backbone trials per GPU). A trial that fails -- a
 non-finite loss or a user error (never retried: it would fail again), a crash past the
-retries -- is recorded as failed with its error and the study goes on. After the runs, the
-best trial of each method (by val kNN top-1, as the leaderboard ranks it) is evaluated once on
-test with its best checkpoint, optionally over extra seeds (retrained with the same config),
-and the results are recorded in the tables (`evals`, and `test_*` on the trial's row). The
-initial weights are evaluated once too, with the same protocols on the same splits, as the
-`init` row (one per distinct backbone and init when methods differ: `init:<backbone>`).
+retries -- is recorded as failed with its error and the study goes on. The best trial of each
+method (by val kNN top-1, as the leaderboard ranks it) and its retrains are evaluated once on
+test with their best checkpoints, and the results are recorded in the tables (`evals`, and
+`test_*` on the trial's row). The initial weights are evaluated once too, with the same
+protocols on the same splits, as the `init` row (one per distinct backbone and init when
+methods differ: `init:<backbone>`). A compare study evaluates its runs after its experiment,
+as Ray tasks; so does a resumed study whatever its experiment left unevaluated.
 """
 
 from __future__ import annotations
@@ -65,6 +69,8 @@ import pyarrow.fs as pafs
 import ray
 import ray.tune
 from ray.tune import Callback, Tuner
+from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from fgray.engine.spec import DataSpec, RunSpec, build_spec
@@ -96,6 +102,7 @@ SEARCH_METRIC = f"best_{SELECTION_METRIC}"  # what TPE learns from
 PROTOCOLS = ("retrieval", "knn", "linear", "localisation")
 INIT = "init"  # the method name (and trial id) of the initial weights' row
 POINT = "point"  # the config key of a fixed-point experiment's grid
+EVALUATE = "evaluate"  # the config key of an evaluation job: the trial (or init row) to test
 
 
 @dataclass
@@ -226,6 +233,9 @@ def train_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     launch the Train run of this configuration, named after the trial so a restored trial
     resumes its run; results reach Tune through TuneReportCallback."""
     os.environ.update(dict(setup.env))
+    if EVALUATE in TrialSetup.point(config):
+        evaluate_job(TrialSetup.point(config), setup)
+        return
     trial_id = ray.tune.get_context().get_trial_id()
     known = latest_trial_row(setup.study.study_dir, setup.method_of(config), trial_id)
     if known is not None and known.get("status") in ("completed", "stopped"):
@@ -284,6 +294,8 @@ class StudyRecorder(Callback):
         return self._start[trial.trial_id]
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        if EVALUATE in TrialSetup.point(trial.config):
+            return  # an evaluation job records its own rows
         method = self.trial_setup.method_of(trial.config)
         known = latest_trial_row(self.trial_setup.study.study_dir, method, trial.trial_id)
         start = self._start_time(trial)
@@ -293,6 +305,8 @@ class StudyRecorder(Callback):
             setup.recorder(trial.trial_id, trial.config, spec, start).finish([], "running")
 
     def _finish(self, trial, status: str, error: str | None = None) -> None:
+        if EVALUATE in TrialSetup.point(trial.config):
+            return
         setup = self.trial_setup
         method = setup.method_of(trial.config)
         spec = setup.spec_for(trial.config)
@@ -347,8 +361,21 @@ def _test_env() -> tuple[tuple[str, str], ...]:
 
 
 def _trainable(setup: TrialSetup):
-    return ray.tune.with_resources(ray.tune.with_parameters(train_trial, setup=setup),
-                                   setup.resources.trial_resources())
+    resources = setup.resources
+
+    def reserve(config: dict[str, Any]) -> dict[str, float]:
+        # An evaluation job runs in the trial's own process, with one worker's share (the
+        # same as a `--workers 0` trial, so Tune reuses the actor for it).
+        from ray.tune.execution.placement_groups import PlacementGroupFactory
+
+        if EVALUATE in TrialSetup.point(config):
+            share = {"CPU": resources.cpus_per_worker,
+                     **({"GPU": resources.gpus_per_worker} if resources.use_gpu else {})}
+            return PlacementGroupFactory([share])
+        return PlacementGroupFactory([{k.upper() if k in ("cpu", "gpu") else k: v
+                                       for k, v in resources.trial_resources().items()}])
+
+    return ray.tune.with_resources(ray.tune.with_parameters(train_trial, setup=setup), reserve)
 
 
 def trial_dirname(trial) -> str:
@@ -364,71 +391,100 @@ def _tune_config(study: StudyConfig, setup: TrialSetup, **kwargs) -> ray.tune.Tu
 
 
 class StudyProgress(Callback):
-    """What the study prints for a person, one experiment (a method's search, the seed
-    retrains) at a time: trials started / finished / stopped / failed, the best val kNN top-1
-    so far and an ETA -- a tqdm bar where a terminal is attached, plain lines otherwise. Ray's
-    own reporting goes to the study's log file instead (`--verbose` shows it live).
+    """What the study prints for a person: one line per trial event, labelled with the
+    trial's method, with that method's trials started / completed / stopped / failed, its best
+    val kNN top-1 so far and the study's ETA -- a tqdm bar over all the study's trials where a
+    terminal is attached, plain lines otherwise. Ray's own reporting goes to the study's log
+    file instead (`--verbose` shows it live).
+
+    The ETA spreads the work left over the concurrent slots: the mean duration of the trials
+    finished so far for each trial not started, and what that mean leaves of each running
+    trial.
 
     tqdm: the progress bar every Python user knows, with rate and ETA handling and a clean
     fallback when output is not a terminal -- not worth writing by hand."""
 
-    def __init__(self, name: str, total: int, epochs: int, concurrency: int,
+    def __init__(self, totals: dict[str, int], epochs: int, concurrency: int,
                  stream=None) -> None:
         import sys
 
-        self.name, self.total, self.epochs = name, total, epochs
+        self.totals, self.epochs = dict(totals), epochs
         self.concurrency = max(concurrency, 1)
         self.stream = stream or sys.stdout
-        self.started: dict[str, float] = {}
+        self.started: dict[str, tuple[str, float]] = {}  # trial id -> (method, start time)
+        self.ended: set[str] = set()
         self.durations: list[float] = []
-        self.counts = {"completed": 0, "stopped": 0, "failed": 0}
-        self.best = float("-inf")
+        self.counts = {m: {"completed": 0, "stopped": 0, "failed": 0} for m in totals}
+        self.best = {m: float("-inf") for m in totals}
         self.bar = None
         if self.stream.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, desc=f"{name:>12}", unit="trial", file=self.stream,
-                            dynamic_ncols=True, leave=True)
+            self.bar = tqdm(total=sum(totals.values()), desc="study", unit="trial",
+                            file=self.stream, dynamic_ncols=True, leave=True)
 
-    def _eta(self) -> str:
-        done = sum(self.counts.values())
-        left = self.total - done
+    @staticmethod
+    def group(trial) -> str:
+        return TrialSetup.point(trial.config).get("method", "?")
+
+    def _eta(self, now: float) -> str:
+        left = sum(self.totals.values()) - sum(sum(c.values()) for c in self.counts.values())
         if left <= 0 or not self.durations:
             return "-"
         mean = sum(self.durations) / len(self.durations)
-        return f"{mean * math.ceil(left / self.concurrency):.0f} s"
+        running = [now - t for tid, (_, t) in self.started.items() if tid not in self.ended]
+        work = mean * max(left - len(running), 0) + sum(max(mean - e, 0.0) for e in running)
+        return f"{work / self.concurrency:.0f} s"
 
-    def _status(self) -> str:
-        c = self.counts
-        best = f"{self.best:.1f}" if self.best > float("-inf") else "-"
-        return (f"{len(self.started)} started, {c['completed']} completed, {c['stopped']} "
-                f"stopped, {c['failed']} failed; best val kNN {best}; ETA {self._eta()}")
+    def _status(self, method: str) -> str:
+        c = self.counts.setdefault(method, {"completed": 0, "stopped": 0, "failed": 0})
+        best = self.best.get(method, float("-inf"))
+        shown = f"{best:.1f}" if best > float("-inf") else "-"
+        started = sum(m == method for m, _ in self.started.values())
+        return (f"{started} of {self.totals.get(method, 0)} started, {c['completed']} "
+                f"completed, {c['stopped']} stopped, {c['failed']} failed; best val kNN "
+                f"{shown}; ETA {self._eta(time.time())}")
 
-    def _show(self, event: str) -> None:
+    def _show(self, method: str, event: str) -> None:
         if self.bar is not None:
-            self.bar.set_postfix_str(self._status(), refresh=True)
+            self.bar.set_postfix_str(f"{method}: {self._status(method)}", refresh=True)
         else:
-            print(f"[{self.name}] {event}: {self._status()}", file=self.stream, flush=True)
+            print(f"[{method}] {event}: {self._status(method)}", file=self.stream, flush=True)
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        self.started.setdefault(trial.trial_id, time.time())
-        self._show(f"trial {trial.trial_id} started")
+        if EVALUATE in TrialSetup.point(trial.config):
+            return  # a test evaluation job: one line when it ends
+        self.started.setdefault(trial.trial_id, (self.group(trial), time.time()))
+        self._show(self.group(trial), f"trial {trial.trial_id} started")
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        value = result.get(SELECTION_METRIC)
+        value, method = result.get(SELECTION_METRIC), self.group(trial)
         if value is not None and math.isfinite(float(value)):
-            self.best = max(self.best, float(value))
+            self.best[method] = max(self.best.get(method, float("-inf")), float(value))
         if self.bar is not None:
-            self.bar.set_postfix_str(self._status(), refresh=True)
+            self.bar.set_postfix_str(f"{method}: {self._status(method)}", refresh=True)
 
     def _end(self, trial, status: str) -> None:
-        begun = self.started.get(trial.trial_id)
-        if begun is not None:
-            self.durations.append(time.time() - begun)
-        self.counts[status] += 1
+        method, job = self.group(trial), TrialSetup.point(trial.config)
+        if EVALUATE in job:
+            what = "initial weights" if job[EVALUATE] == INIT else f"trial {job[EVALUATE]}"
+            took = (trial.last_result or {}).get("evaluation_s")
+            line = (f"[{method}] test evaluation of the {what} "
+                    f"{'failed' if status == 'failed' else 'done'}"
+                    f"{f' in {took:.0f} s' if took is not None else ''}")
+            if self.bar is not None:
+                self.bar.write(line)
+            else:
+                print(line, file=self.stream, flush=True)
+            return
+        if trial.trial_id in self.started and trial.trial_id not in self.ended:
+            self.durations.append(time.time() - self.started[trial.trial_id][1])
+        self.ended.add(trial.trial_id)
+        self.counts.setdefault(method, {"completed": 0, "stopped": 0, "failed": 0})
+        self.counts[method][status] += 1
         if self.bar is not None:
             self.bar.update(1)
-        self._show(f"trial {trial.trial_id} {status}")
+        self._show(method, f"trial {trial.trial_id} {status}")
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         ran = int((trial.last_result or {}).get("epoch", 0))
@@ -445,19 +501,16 @@ class StudyProgress(Callback):
 @dataclass(frozen=True)
 class Console:
     """How a study talks: `verbose` shows Ray Tune's own tables and the workers' output;
-    otherwise one `StudyProgress` per experiment and Ray's output in the log file."""
+    otherwise a `StudyProgress` and Ray's output in the log file."""
 
     verbose: bool = False
     concurrency: int = 1
 
 
-def _run_config(study: StudyConfig, name: str, setup: TrialSetup, total: int,
+def _run_config(study: StudyConfig, name: str, setup: TrialSetup, totals: dict[str, int],
                 console: Console) -> ray.tune.RunConfig:
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
-    # Tune's own TensorBoard logger would put a second set of event files in the study;
-    # fgray writes TensorBoard itself (STUDY_DIR/tensorboard).
-    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     # --workers 0: Tune restarts a crashed trial (what Ray Train does for a Train run, whose
     # trial must then never be retried by Tune itself).
     retries = study.max_failures if setup.resources.in_trial else 0
@@ -465,21 +518,29 @@ def _run_config(study: StudyConfig, name: str, setup: TrialSetup, total: int,
         name=name, storage_path=join(study.study_dir, TUNE_DIR),
         callbacks=[CSVLoggerCallback(), JsonLoggerCallback(), StudyRecorder(setup)] + (
             [] if console.verbose else
-            [StudyProgress(name, total, study.epochs, console.concurrency)]),
+            [StudyProgress(totals, study.epochs, console.concurrency)]),
         failure_config=ray.tune.FailureConfig(max_failures=retries),
         verbose=1 if console.verbose else 0)
 
 
-def _fit(study: StudyConfig, name: str, setup: TrialSetup, fresh) -> None:
+def _fit(study: StudyConfig, name: str, setup: TrialSetup, fresh) -> float:
     """Run experiment `name`, restoring it when a previous run of the study left it behind
-    (finished trials are not repeated; unfinished ones resume from their checkpoints)."""
+    (finished trials are not repeated; unfinished ones resume from their checkpoints).
+    Returns the seconds its evaluation jobs took (each by its own clock)."""
+    # Tune's own TensorBoard logger would put a second set of event files in the study;
+    # fgray writes TensorBoard itself (STUDY_DIR/tensorboard).
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    # An evaluation job reports its time, not the searched metric, which Tune would refuse.
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     path = join(study.study_dir, TUNE_DIR, name)
     if Tuner.can_restore(path):
         tuner = Tuner.restore(path, trainable=_trainable(setup), resume_unfinished=True,
                               resume_errored=False, restart_errored=False)
     else:
         tuner = fresh()
-    tuner.fit()
+    grid = tuner.fit()
+    return sum(float(r.metrics.get("evaluation_s") or 0.0) for r in grid
+               if r.metrics and EVALUATE in TrialSetup.point(r.config or {}))
 
 
 class ResumableOptunaSearch(OptunaSearch):
@@ -495,9 +556,13 @@ class ResumableOptunaSearch(OptunaSearch):
     """
 
     def restore(self, checkpoint_path: str) -> None:
+        super().restore(checkpoint_path)
+        self.mend()
+
+    def mend(self) -> None:
+        """Reconcile the restored state with the journal (see the class docstring)."""
         import optuna
 
-        super().restore(checkpoint_path)
         finished = {t.number for t in self._ot_study.get_trials(deepcopy=False)
                     if t.state.is_finished()}
         self._completed_trials.update(trial_id for trial_id, t in self._ot_trials.items()
@@ -535,7 +600,7 @@ def make_searcher(study: StudyConfig, method: str):
 
 
 def make_scheduler(study: StudyConfig):
-    """ASHA on per-epoch val kNN top-1 (one bracket)."""
+    """ASHA on per-epoch val kNN top-1 (one bracket), for one method's search trials."""
     from ray.tune.schedulers import ASHAScheduler
 
     return ASHAScheduler(time_attr="epoch", metric=SELECTION_METRIC, mode="max",
@@ -544,22 +609,190 @@ def make_scheduler(study: StudyConfig):
                          stop_last_trials=False)  # a full run ends by itself
 
 
-def search_method(study: StudyConfig, method: str, resources: WorkerResources,
-                  concurrency: int, console: Console | None = None) -> None:
-    """One method's search: TPE over its define-by-run space, ASHA on val kNN top-1."""
-    setup = TrialSetup(study, resources, method, env=_test_env())
+class StudySearcher(Searcher):
+    """Every method's search and the retrains of each method's best configuration, as one
+    stream of trials for one Tune experiment -- so the study pays Tune's start-up and its
+    trial actors' imports once, and a method's last trials never leave the cluster idle: the
+    next method's trials fill the slots they free.
+
+    Each method keeps its own Optuna study and TPE model (`make_searcher`: its own
+    define-by-run space, the paper's recipe first), so methods whose losses and learning
+    curves differ never share a model; `MethodScheduler` gives each its own ASHA rungs.
+    Search trials are asked method by method in the study's order (a method's TPE sees its
+    earlier trials, as in a search of its own). Once every search trial of a method has ended,
+    its best trial -- read from the trials table, as the leaderboard ranks it -- is retrained
+    with seeds `seed + 1 ... seed + seeds - 1`; those retrains go before any search trial not
+    yet asked. A suggested config is `{"method": m, **params}` (a retrain adds `"seed"`).
+
+    The test evaluations are jobs of the same experiment (`{"method": m, "evaluate": id}`,
+    see `evaluate_job`), each as soon as its model is final -- the best search trial when its
+    method's search ends, a retrain when it completes, the initial weights first of all --
+    so they run in the trials' warm processes while other trials still train, and go before
+    any trial. The test split is evaluated once per final model and never for a trial that
+    is not one."""
+
+    def __init__(self, study: StudyConfig) -> None:
+        super().__init__(metric=SEARCH_METRIC, mode="max")
+        self.study = study
+        self.searches = {m: make_searcher(study, m) for m in study.methods}
+        self.asked = dict.fromkeys(study.methods, 0)  # search trials asked, per method
+        self.ended = dict.fromkeys(study.methods, 0)  # ... and ended (any status)
+        self.search_trials: dict[str, str] = {}  # trial id -> method
+        self.retrains: list[dict[str, Any]] = []  # asked for, not yet given to a trial
+        self.retrained: set[str] = set()  # methods whose retrains were queued
+        self.training: dict[str, dict[str, Any]] = {}  # retrains given a trial, not ended
+        self.inits = list(init_targets(study))
+        self.jobs: list[dict[str, Any]] = [{"method": name, EVALUATE: INIT}
+                                           for name in self.inits]
+
+    @property
+    def total(self) -> int:
+        """Trials and jobs this searcher asks for at most (fewer when a method has no best
+        trial or a retrain fails)."""
+        per_method = self.study.trials + 2 * self.study.seeds - 1
+        return len(self.study.methods) * per_method + len(self.inits)
+
+    def totals(self) -> dict[str, int]:
+        return dict.fromkeys(self.study.methods, self.study.trials + self.study.seeds - 1)
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        return True  # the metric, mode and spaces are the study's, set at construction
+
+    def _queue_retrains(self) -> None:
+        for method in self.study.methods:
+            if method in self.retrained or self.ended[method] < self.study.trials:
+                continue
+            self.retrained.add(method)
+            best = best_trials(self.study.study_dir, [method])
+            if not best:
+                continue  # every trial of the method failed
+            self.jobs.append({"method": method, EVALUATE: best[0]["trial_id"],
+                              "seed": int(best[0].get("seed") or 0), "project": True})
+            params = _searched(best[0])
+            self.retrains += [{"method": method, "seed": self.study.seed + k, **params}
+                              for k in range(1, self.study.seeds)]
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        self._queue_retrains()
+        if self.jobs:
+            return self.jobs.pop(0)
+        if self.retrains:
+            self.training[trial_id] = self.retrains.pop(0)
+            return self.training[trial_id]
+        for method in self.study.methods:
+            if self.asked[method] < self.study.trials:
+                params = self.searches[method].suggest(trial_id)
+                if params is None:
+                    return None
+                self.asked[method] += 1
+                self.search_trials[trial_id] = method
+                return {"method": method, **params}
+        if len(self.retrained) == len(self.study.methods) and not self.training:
+            return Searcher.FINISHED
+        return None  # a search or a retrain still runs; what comes after it is not known yet
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id in self.search_trials:
+            self.searches[self.search_trials[trial_id]].on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None,
+                          error: bool = False) -> None:
+        retrain = self.training.pop(trial_id, None)
+        if retrain is not None and not error:
+            self.jobs.append({"method": retrain["method"], EVALUATE: trial_id,
+                              "seed": retrain["seed"]})
+        method = self.search_trials.get(trial_id)
+        if method is None:
+            return
+        self.searches[method].on_trial_complete(trial_id, result, error)
+        self.ended[method] += 1
+
+    def save(self, checkpoint_path: str) -> None:
+        import pickle
+
+        state = {k: v for k, v in self.__dict__.items() if k != "searches"}
+        state["searches"] = {m: s.__dict__.copy() for m, s in self.searches.items()}
+        with open(checkpoint_path, "wb") as out:
+            pickle.dump(state, out)
+
+    def restore(self, checkpoint_path: str) -> None:
+        import pickle
+
+        with open(checkpoint_path, "rb") as src:
+            state = pickle.load(src)
+        searches = state.pop("searches")
+        self.__dict__.update(state)
+        for method, saved in searches.items():
+            self.searches[method].__dict__.update(saved)
+            self.searches[method].mend()
+
+
+class MethodScheduler(FIFOScheduler):
+    """ASHA per method: each method's search trials get their own rungs (its learning curves
+    are compared with its own); the retrains of a best configuration run their full budget."""
+
+    def __init__(self, study: StudyConfig) -> None:
+        super().__init__()
+        self.study = study
+        self.asha: dict[str, TrialScheduler] = {}
+
+    def _of(self, trial) -> TrialScheduler | None:
+        config = TrialSetup.point(trial.config)
+        if "seed" in config or EVALUATE in config:  # a retrain is never stopped early
+            return None
+        if config["method"] not in self.asha:
+            self.asha[config["method"]] = make_scheduler(self.study)
+        return self.asha[config["method"]]
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        if (asha := self._of(trial)) is not None:
+            asha.on_trial_add(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        if (asha := self._of(trial)) is not None:
+            return asha.on_trial_result(tune_controller, trial, result)
+        return TrialScheduler.CONTINUE
+
+    def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
+        if (asha := self._of(trial)) is not None:
+            asha.on_trial_complete(tune_controller, trial, result)
+
+    def on_trial_remove(self, tune_controller, trial) -> None:
+        if (asha := self._of(trial)) is not None:
+            asha.on_trial_remove(tune_controller, trial)
+
+    def on_trial_error(self, tune_controller, trial) -> None:
+        if (asha := self._of(trial)) is not None:
+            asha.on_trial_remove(tune_controller, trial)
+
+
+SEARCH = "search"  # the search experiment's name (tune/search/)
+
+
+def search(study: StudyConfig, resources: WorkerResources, concurrency: int,
+           console: Console | None = None) -> float:
+    """The study's search: every method's TPE search over its define-by-run space with ASHA
+    on val kNN top-1, then the retrains of each method's best, as one Tune experiment."""
+    setup = TrialSetup(study, resources, env=_test_env())
 
     def fresh() -> Tuner:
+        searcher = StudySearcher(study)
         return Tuner(_trainable(setup),
-                     tune_config=_tune_config(study, setup,
-                                              search_alg=make_searcher(study, method),
-                                              scheduler=make_scheduler(study),
-                                              num_samples=study.trials,
+                     tune_config=_tune_config(study, setup, search_alg=searcher,
+                                              scheduler=MethodScheduler(study),
+                                              num_samples=searcher.total,
                                               max_concurrent_trials=concurrency),
-                     run_config=_run_config(study, method, setup, study.trials,
+                     run_config=_run_config(study, SEARCH, setup, searcher.totals(),
                                             console or Console(concurrency=concurrency)))
 
-    _fit(study, method, setup, fresh)
+    return _fit(study, SEARCH, setup, fresh)
+
+
+def _count(points: list[dict[str, Any]]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for point in points:
+        counts[point["method"]] = counts.get(point["method"], 0) + 1
+    return counts
 
 
 def run_points(study: StudyConfig, name: str, points: list[dict[str, Any]],
@@ -573,7 +806,7 @@ def run_points(study: StudyConfig, name: str, points: list[dict[str, Any]],
     def fresh() -> Tuner:
         return Tuner(_trainable(setup), param_space={POINT: ray.tune.grid_search(points)},
                      tune_config=_tune_config(study, setup, max_concurrent_trials=concurrency),
-                     run_config=_run_config(study, name, setup, len(points),
+                     run_config=_run_config(study, name, setup, _count(points),
                                             console or Console(concurrency=concurrency)))
 
     _fit(study, name, setup, fresh)
@@ -622,6 +855,40 @@ def _tested(study_dir: str, trial_ids: set[str]) -> set[str]:
 
     table = load(study_dir, "evals").to_pylist()
     return {r["trial_id"] for r in table if r.get("split") == "test"} & trial_ids
+
+
+def evaluate_job(job: dict[str, Any], setup: TrialSetup) -> None:
+    """An evaluation job of the search experiment, in a trial's process (warm imports, its
+    worker share): the test evaluation of one final model -- a method's best search trial
+    (with its test features for the embedding projector) or a retrain of it -- or of the
+    initial weights (`job[EVALUATE] == INIT`). Reports the time it took (`evaluation_s`),
+    which the study counts as work, not overhead. A job whose result is already recorded (a
+    resumed study) does nothing."""
+    from fgray.results.tensorboard import run_name
+    from fgray.train.records import record_init
+
+    study, began = setup.study, time.time()
+    target = job[EVALUATE]
+    if target == INIT:
+        name = job["method"]
+        known = latest_trial_row(study.study_dir, name, name)
+        if known is None or known.get("status") != "completed":
+            spec = init_targets(study)[name]
+            metrics = _evaluate_init(spec.to_dict(), study.protocols, study.seed)
+            record_init(study.study_dir, name, spec, metrics, study=study.name,
+                        start_time=began, cpus=setup.resources.cpus,
+                        gpus=setup.resources.gpus)
+    elif not _tested(study.study_dir, {target}):
+        checkpoint = best_checkpoint_dir(join(study.study_dir, TRAIN_DIR, target))
+        if checkpoint is not None:
+            seed = int(job.get("seed") or study.seed)
+            embeddings = ((study.study_dir, run_name(job["method"], target))
+                          if job.get("project") else None)
+            metrics = _evaluate_checkpoint(checkpoint, study.data, study.protocols, seed,
+                                           embeddings)
+            record_test(study.study_dir, job["method"], target, metrics, seed=seed,
+                        study=study.name)
+    ray.tune.report({"evaluation_s": time.time() - began})
 
 
 def evaluate_trials(study: StudyConfig, trials: list[dict[str, Any]],
@@ -797,17 +1064,23 @@ def best_trials(study_dir: str, methods: list[str] | None = None) -> list[dict[s
 class StudySummary:
     study_dir: str
     wall_time_s: float
-    trial_time_s: float
+    trial_time_s: float  # Σ the trials' wall times (each from its start to its end)
+    evaluation_time_s: float  # Σ the test evaluation jobs' wall times
     trials: int
     concurrency: int
     stopped: int
     failed: int
 
     @property
+    def ideal_s(self) -> float:
+        """The study's work -- its trials and its test evaluations -- spread over the
+        concurrent slots: its wall time with no start-up, no gaps and no idle slot."""
+        return (self.trial_time_s + self.evaluation_time_s) / max(self.concurrency, 1)
+
+    @property
     def overhead_ratio(self) -> float:
-        """Study wall time over the ideal (trial time spread over the concurrent slots)."""
-        ideal = self.trial_time_s / max(self.concurrency, 1)
-        return self.wall_time_s / ideal if ideal > 0 else float("nan")
+        """Study wall time over the ideal (`ideal_s`)."""
+        return self.wall_time_s / self.ideal_s if self.ideal_s > 0 else float("nan")
 
 
 def run_study(study: StudyConfig, *, resume: bool = False, verbose: bool = True
@@ -836,14 +1109,11 @@ def run_study(study: StudyConfig, *, resume: bool = False, verbose: bool = True
           flush=True)
     console = Console(verbose=verbose, concurrency=concurrency)
     if study.mode == "search":
-        for method in study.methods:
-            search_method(study, method, resources, concurrency, console)
+        evaluation_s = search(study, resources, concurrency, console)
         best = best_trials(study.study_dir, study.methods)
-        extra = [{"method": t["method"], "seed": study.seed + k,
-                  **_searched(t)} for t in best for k in range(1, study.seeds)]
-        run_points(study, "final-seeds", extra, resources, concurrency, console)
         chosen = best + _same_config(study.study_dir, best)
     else:
+        evaluation_s = 0.0  # evaluated below, as Ray tasks: counted as overhead
         points = [{"method": m, "seed": study.seed + k}
                   for m in study.methods for k in range(study.seeds)]
         run_points(study, "compare", points, resources, concurrency, console)
@@ -861,7 +1131,7 @@ def run_study(study: StudyConfig, *, resume: bool = False, verbose: bool = True
         study_dir=study.study_dir, wall_time_s=time.time() - start,
         trial_time_s=sum(float(r.get("wall_time_s") or 0.0) for r in ran
                          if r.get("start_time") and r["start_time"].timestamp() >= start),
-        trials=len(ran), concurrency=concurrency,
+        evaluation_time_s=evaluation_s, trials=len(ran), concurrency=concurrency,
         stopped=sum(r.get("status") == "stopped" for r in ran),
         failed=sum(r.get("status") == "failed" for r in ran))
 
