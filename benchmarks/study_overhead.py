@@ -138,7 +138,8 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
         "trials": summary.trials, "concurrency": summary.concurrency,
         "ray_init_s": start - begin,
         "wall_time_s": summary.wall_time_s, "trial_time_s": summary.trial_time_s,
-        "evaluation_time_s": summary.evaluation_time_s, "ideal_s": ideal, "overhead_ratio": summary.overhead_ratio,
+        "evaluation_time_s": summary.evaluation_time_s, "ideal_s": ideal,
+        "overhead_ratio": summary.overhead_ratio,
         # Fixed cost of this study over its ideal: ratio = 1 + overhead_s / ideal_s, so a
         # study of longer trials amortises it.
         "overhead_s": summary.wall_time_s - ideal,
@@ -181,7 +182,8 @@ def run(preset: Preset, workdir: Path, data_root: Path, device: torch.device, *,
             print(f"[study] --workers {workers}: {r['error']}", flush=True)
             continue
         print(f"[study] --workers {workers}: wall {r['wall_time_s']:.1f} s vs (Σ trial time +"
-              f" Σ test evaluation time) / concurrency {r['ideal_s']:.1f} s ({r['trials']} trials, {r['concurrency']} at"
+              f" Σ test evaluation time) / concurrency {r['ideal_s']:.1f} s ({r['trials']}"
+              f" trials, {r['concurrency']} at"
               f" a time): ratio {r['overhead_ratio']:.2f} (target <= {TARGET_RATIO}); training"
               f" phase only {r['training_phase_ratio']:.2f}; per-trial fixed cost median"
               f" {r['fixed_s_median']:.2f} s, max {r['fixed_s_max']:.2f} s (target <="

@@ -194,9 +194,6 @@ def resolve_resources(workers: int, *, cpus_per_worker: float | None = None,
                            gpus_per_worker=gpus_per_worker)
 
 
-# Until fgray/tune/cli.py imports `fgray.storage.absolute` itself.
-absolute_storage = absolute
-
 
 # ---------------------------------------------------------------- epoch hooks
 

@@ -55,6 +55,12 @@ def build_parser(prog: str, description: str, *, mode: str) -> argparse.Argument
     p.add_argument("--verbose", action="store_true",
                    help="show Ray Tune's trial tables and the workers' output live (default: "
                         "a progress line per method here, Ray's output in STUDY/logs/ray.log)")
+    p.add_argument("--epoch-hook", action="append", metavar="HOOK",
+                   help="call HOOK on every rank of every trial after each epoch, before it "
+                        "is reported: 'pkg.module:function' or a JSON object {\"hook\": "
+                        "\"pkg.module:function\", \"kwargs\": {...}}; called as "
+                        "hook(epoch, rank, run_uri, metrics, **kwargs) (custom logging, "
+                        "fault injection); repeatable, and not stored with the study")
     p.add_argument("--workers", type=int,
                    help="Ray Train workers per trial, or 0: each trial runs the engine loop in "
                         "its own process (no worker group; preset default: 0 for smoke and "
@@ -163,7 +169,7 @@ def synthetic_root(preset: Preset) -> str:
 
 
 def study_from_args(args, *, dataset: str, mode: str, default_name: str):
-    from fgray.train.trainer import join
+    from fgray.storage import join
     from fgray.tune.study import StudyConfig, load_study
 
     preset = get_preset(args.preset)
@@ -292,9 +298,26 @@ def ray_log_file(study_dir: str, *, enabled: bool):
 
 
 def _absolute(storage: str) -> str:
-    from fgray.train.trainer import absolute_storage
+    from fgray.storage import absolute
 
-    return absolute_storage(storage)
+    return absolute(storage)
+
+
+def epoch_hooks(values: list[str] | None) -> tuple[Any, ...]:
+    """The `--epoch-hook` values: 'pkg.module:function' strings, or JSON objects."""
+    from fgray.train.trainer import check_epoch_hooks
+
+    hooks: list[Any] = []
+    for value in values or []:
+        if value.lstrip().startswith("{"):
+            try:
+                hooks.append(json.loads(value))
+            except json.JSONDecodeError as exc:
+                raise UserError(f"--epoch-hook {value!r}: not valid JSON ({exc.msg}); "
+                                "expected 'pkg.module:function' or a JSON object") from None
+        else:
+            hooks.append(value)
+    return check_epoch_hooks(hooks)
 
 
 def study_main(argv: list[str] | None = None, *, prog: str, description: str, dataset: str,
@@ -309,16 +332,19 @@ def study_main(argv: list[str] | None = None, *, prog: str, description: str, da
         args = build_parser(prog, description, mode=mode).parse_args(argv)
         default_name = f"{Path(prog).stem}-{args.preset}"
         study = study_from_args(args, dataset=dataset, mode=mode, default_name=default_name)
+        hooks = epoch_hooks(args.epoch_hook)
         with ray_session(args.address, log_to_driver=args.verbose), \
                 ray_log_file(study.study_dir, enabled=not args.verbose) as log:
             if log:
                 print(f"Ray's output: {log} (--verbose shows it here)", flush=True)
-            summary = run_study(study, resume=args.resume, verbose=args.verbose)
+            summary = run_study(study, resume=args.resume, verbose=args.verbose,
+                                epoch_hooks=hooks)
         print()
         print(results_command(summary.study_dir))
         print(f"study wall time {summary.wall_time_s:.0f} s; {summary.trials} trials "
               f"({summary.stopped} stopped early by ASHA, {summary.failed} failed); "
-              f"trial time {summary.trial_time_s:.0f} s at {summary.concurrency} at a time; "
+              f"trial time {summary.trial_time_s:.0f} s + test evaluations "
+              f"{summary.evaluation_time_s:.0f} s at {summary.concurrency} at a time; "
               f"overhead ratio {summary.overhead_ratio:.2f}")
         print(f"tables: {summary.study_dir}/tables   TensorBoard: tensorboard --logdir "
               f"{summary.study_dir}/tensorboard   Optuna: optuna-dashboard "

@@ -65,7 +65,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import pyarrow.fs as pafs
 import ray
 import ray.tune
 from ray.tune import Callback, Tuner
@@ -73,22 +72,24 @@ from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from fgray.engine.selection import BEST_METRIC, SELECTION_METRIC, Best, best_of
 from fgray.engine.spec import DataSpec, RunSpec, build_spec
 from fgray.errors import UserError
-from fgray.results.tables import resolve
-from fgray.train.cluster import ClusterResources
-from fgray.train.records import (
-    SELECTION_METRIC,
+from fgray.results.records import (
     EpochRecorder,
     latest_trial_row,
+    record_init,
     record_test,
     trial_history,
+    weights_name,
 )
+from fgray.storage import join, read_text, write_text
+from fgray.train.cluster import ClusterResources
 from fgray.train.trainer import (
+    EpochHookSpec,
     WorkerResources,
     best_checkpoint_dir,
     build_trainer,
-    join,
     resolve_resources,
     run_in_trial,
     run_trainer,
@@ -98,7 +99,7 @@ from fgray.tune.spaces import Space, space_for
 
 STUDY_FILE = "study.json"
 TUNE_DIR, TRAIN_DIR = "tune", "train"
-SEARCH_METRIC = f"best_{SELECTION_METRIC}"  # what TPE learns from
+SEARCH_METRIC = BEST_METRIC  # what TPE learns from: a trial's best val kNN top-1 so far
 PROTOCOLS = ("retrieval", "knn", "linear", "localisation")
 INIT = "init"  # the method name (and trial id) of the initial weights' row
 POINT = "point"  # the config key of a fixed-point experiment's grid
@@ -121,7 +122,8 @@ class StudyConfig:
     image_size: int = 32
     backbones: dict[str, str | None] = field(default_factory=dict)  # per method; None: default
     init: str = "random"
-    fixed: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-method --set pairs
+    # Per-method settings: `section.name` keys (method., optim., train., aug.), typed values.
+    fixed: dict[str, dict[str, Any]] = field(default_factory=dict)
     shared: list[str] = field(default_factory=lambda: ["lr"])  # shared knobs searched
     grace_period: int = 1
     reduction_factor: int = 2
@@ -195,8 +197,9 @@ class TrialSetup:
     study: StudyConfig
     resources: WorkerResources
     method: str | None = None
-    # FGRAY_TEST_* variables of the driver, set in the trial (the failure-injection hooks).
-    env: tuple[tuple[str, str], ...] = ()
+    # Called by every rank after each epoch (`fgray.train.trainer`'s epoch hooks): given
+    # per invocation of the study (`--epoch-hook`), not stored with it.
+    epoch_hooks: tuple[EpochHookSpec, ...] = ()
 
     @staticmethod
     def point(config: dict[str, Any]) -> dict[str, Any]:
@@ -232,7 +235,6 @@ def train_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     """A Tune trial. `--workers 0`: run the engine loop here, reporting to Tune. Otherwise
     launch the Train run of this configuration, named after the trial so a restored trial
     resumes its run; results reach Tune through TuneReportCallback."""
-    os.environ.update(dict(setup.env))
     if EVALUATE in TrialSetup.point(config):
         evaluate_job(TrialSetup.point(config), setup)
         return
@@ -249,7 +251,7 @@ def train_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     if setup.resources.in_trial:
         run_in_trial(spec, run_uri=join(setup.study.study_dir, TRAIN_DIR, trial_id),
                      resources=setup.resources, recorder=recorder,
-                     keep_best=setup.study.keep_best)
+                     keep_best=setup.study.keep_best, epoch_hooks=setup.epoch_hooks)
         return
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -257,7 +259,7 @@ def train_trial(config: dict[str, Any], setup: TrialSetup) -> None:
                             resources=setup.resources, recorder=recorder,
                             callbacks=[TuneReportCallback()],
                             max_failures=setup.study.max_failures,
-                            keep_best=setup.study.keep_best)
+                            keep_best=setup.study.keep_best, epoch_hooks=setup.epoch_hooks)
     run_trainer(trainer)
 
 
@@ -356,10 +358,6 @@ def concurrency_for(resources: WorkerResources, cluster: ClusterResources,
     return fits
 
 
-def _test_env() -> tuple[tuple[str, str], ...]:
-    return tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("FGRAY_TEST_")))
-
-
 def _trainable(setup: TrialSetup):
     resources = setup.resources
 
@@ -415,7 +413,7 @@ class StudyProgress(Callback):
         self.ended: set[str] = set()
         self.durations: list[float] = []
         self.counts = {m: {"completed": 0, "stopped": 0, "failed": 0} for m in totals}
-        self.best = {m: float("-inf") for m in totals}
+        self.best: dict[str, Best] = {}  # per method, of val kNN top-1
         self.bar = None
         if self.stream.isatty():
             from tqdm import tqdm
@@ -438,8 +436,8 @@ class StudyProgress(Callback):
 
     def _status(self, method: str) -> str:
         c = self.counts.setdefault(method, {"completed": 0, "stopped": 0, "failed": 0})
-        best = self.best.get(method, float("-inf"))
-        shown = f"{best:.1f}" if best > float("-inf") else "-"
+        best = self.best.get(method)
+        shown = f"{best.value:.1f}" if best is not None and best.value is not None else "-"
         started = sum(m == method for m, _ in self.started.values())
         return (f"{started} of {self.totals.get(method, 0)} started, {c['completed']} "
                 f"completed, {c['stopped']} stopped, {c['failed']} failed; best val kNN "
@@ -458,9 +456,8 @@ class StudyProgress(Callback):
         self._show(self.group(trial), f"trial {trial.trial_id} started")
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        value, method = result.get(SELECTION_METRIC), self.group(trial)
-        if value is not None and math.isfinite(float(value)):
-            self.best[method] = max(self.best.get(method, float("-inf")), float(value))
+        method = self.group(trial)
+        self.best.setdefault(method, Best(SELECTION_METRIC)).update(result)
         if self.bar is not None:
             self.bar.set_postfix_str(f"{method}: {self._status(method)}", refresh=True)
 
@@ -770,10 +767,11 @@ SEARCH = "search"  # the search experiment's name (tune/search/)
 
 
 def search(study: StudyConfig, resources: WorkerResources, concurrency: int,
-           console: Console | None = None) -> float:
+           console: Console | None = None, epoch_hooks: tuple[EpochHookSpec, ...] = ()
+           ) -> float:
     """The study's search: every method's TPE search over its define-by-run space with ASHA
     on val kNN top-1, then the retrains of each method's best, as one Tune experiment."""
-    setup = TrialSetup(study, resources, env=_test_env())
+    setup = TrialSetup(study, resources, epoch_hooks=epoch_hooks)
 
     def fresh() -> Tuner:
         searcher = StudySearcher(study)
@@ -797,11 +795,12 @@ def _count(points: list[dict[str, Any]]) -> dict[str, int]:
 
 def run_points(study: StudyConfig, name: str, points: list[dict[str, Any]],
                resources: WorkerResources, concurrency: int,
-               console: Console | None = None) -> None:
+               console: Console | None = None,
+               epoch_hooks: tuple[EpochHookSpec, ...] = ()) -> None:
     """Fixed configurations (each with its `method` and `seed`), no search, no stopping."""
     if not points:
         return
-    setup = TrialSetup(study, resources, env=_test_env())
+    setup = TrialSetup(study, resources, epoch_hooks=epoch_hooks)
 
     def fresh() -> Tuner:
         return Tuner(_trainable(setup), param_space={POINT: ray.tune.grid_search(points)},
@@ -841,13 +840,9 @@ def _evaluate_checkpoint(checkpoint: str, data: dict[str, Any], protocols: list[
 
 def best_per_method(trials: list[dict[str, Any]]) -> set[str]:
     """The trial ids with the highest best val kNN top-1 of each method (the first on ties)."""
-    best: dict[str, tuple[float, str]] = {}
-    for trial in trials:
-        value = trial.get(f"best_{SELECTION_METRIC}")
-        score = float(value) if value is not None and math.isfinite(value) else float("-inf")
-        if trial["method"] not in best or score > best[trial["method"]][0]:
-            best[trial["method"]] = (score, trial["trial_id"])
-    return {trial_id for _, trial_id in best.values()}
+    methods = dict.fromkeys(t["method"] for t in trials)
+    best = (best_of([t for t in trials if t["method"] == m], BEST_METRIC)[0] for m in methods)
+    return {(trial or {}).get("trial_id") for trial in best} - {None}
 
 
 def _tested(study_dir: str, trial_ids: set[str]) -> set[str]:
@@ -865,7 +860,6 @@ def evaluate_job(job: dict[str, Any], setup: TrialSetup) -> None:
     which the study counts as work, not overhead. A job whose result is already recorded (a
     resumed study) does nothing."""
     from fgray.results.tensorboard import run_name
-    from fgray.train.records import record_init
 
     study, began = setup.study, time.time()
     target = job[EVALUATE]
@@ -940,7 +934,6 @@ def init_targets(study: StudyConfig) -> dict[str, RunSpec]:
     methods share them, else `init:<backbone with its weights tag>`. Each is evaluated with
     the spec of the first method that uses it (image size, the backbone's normalisation, the
     study's splits and eval settings)."""
-    from fgray.train.records import weights_name
 
     setup = TrialSetup(study, WorkerResources())
     specs: dict[str, RunSpec] = {}
@@ -957,7 +950,6 @@ def evaluate_init_rows(study: StudyConfig, resources: WorkerResources) -> list[d
     protocols, as Ray tasks; each becomes a completed trials row (val kNN top-1 as its best,
     so it ranks like a trial) with its evals rows. Rows already there (a resumed study) are
     skipped."""
-    from fgray.train.records import latest_trial_row, record_init
 
     task = ray.remote(num_cpus=resources.cpus_per_worker,
                       num_gpus=resources.gpus_per_worker)(_evaluate_init)
@@ -980,24 +972,9 @@ def evaluate_init_rows(study: StudyConfig, resources: WorkerResources) -> list[d
 # ---------------------------------------------------------------- the study
 
 
-def _read_text(uri: str) -> str | None:
-    fs, path = resolve(uri)
-    if fs.get_file_info(path).type != pafs.FileType.File:
-        return None
-    with fs.open_input_stream(path) as src:
-        return src.read().decode()
-
-
-def _write_text(uri: str, text: str) -> None:
-    fs, path = resolve(uri)
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(path) as out:
-        out.write(text.encode())
-
-
 def load_study(study_dir: str) -> StudyConfig:
     """The study stored at `study_dir` (what `--resume` continues)."""
-    stored = _read_text(join(study_dir, STUDY_FILE))
+    stored = read_text(join(study_dir, STUDY_FILE))
     if stored is None:
         raise UserError(f"--resume: no study at {study_dir} (no {STUDY_FILE}); expected the "
                         "--storage and --name of an interrupted study")
@@ -1006,7 +983,7 @@ def load_study(study_dir: str) -> StudyConfig:
 
 def prepare(study: StudyConfig) -> None:
     """Validate a new study before any trial runs and store it as STUDY_DIR/study.json."""
-    if _read_text(join(study.study_dir, STUDY_FILE)) is not None:
+    if read_text(join(study.study_dir, STUDY_FILE)) is not None:
         raise UserError(f"a study already exists at {study.study_dir}: pass --resume to "
                         "continue it, or a new --name")
     for method in study.methods:
@@ -1019,7 +996,7 @@ def prepare(study: StudyConfig) -> None:
                 raise UserError(f"point {point} for {method}: {unknown[0]!r} is not a knob of "
                                 f"its search space: expected some of {', '.join(sorted(knobs))}")
     check_data(study)
-    _write_text(join(study.study_dir, STUDY_FILE), study.to_json())
+    write_text(join(study.study_dir, STUDY_FILE), study.to_json())
 
 
 def check_data(study: StudyConfig) -> None:
@@ -1083,10 +1060,11 @@ class StudySummary:
         return self.wall_time_s / self.ideal_s if self.ideal_s > 0 else float("nan")
 
 
-def run_study(study: StudyConfig, *, resume: bool = False, verbose: bool = True
-              ) -> StudySummary:
+def run_study(study: StudyConfig, *, resume: bool = False, verbose: bool = True,
+              epoch_hooks: tuple[EpochHookSpec, ...] = ()) -> StudySummary:
     """Run a new study, or continue `study` (from `load_study`) with `resume=True`, on the
-    connected Ray cluster; see the module docstring."""
+    connected Ray cluster; see the module docstring. `epoch_hooks` are called by every
+    trial's ranks after each epoch (`fgray.train.trainer`)."""
     import optuna
 
     from fgray.results.tables import latest_trials, load
@@ -1109,14 +1087,14 @@ def run_study(study: StudyConfig, *, resume: bool = False, verbose: bool = True
           flush=True)
     console = Console(verbose=verbose, concurrency=concurrency)
     if study.mode == "search":
-        evaluation_s = search(study, resources, concurrency, console)
+        evaluation_s = search(study, resources, concurrency, console, epoch_hooks)
         best = best_trials(study.study_dir, study.methods)
         chosen = best + _same_config(study.study_dir, best)
     else:
         evaluation_s = 0.0  # evaluated below, as Ray tasks: counted as overhead
         points = [{"method": m, "seed": study.seed + k}
                   for m in study.methods for k in range(study.seeds)]
-        run_points(study, "compare", points, resources, concurrency, console)
+        run_points(study, "compare", points, resources, concurrency, console, epoch_hooks)
         rows = latest_trials(load(study.study_dir, "trials").to_pylist())
         chosen = [r for r in rows if r.get("status") == "completed"
                   and r["method"] in study.methods]
