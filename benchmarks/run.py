@@ -158,10 +158,10 @@ def run_one(name: str, args, preset, workdir: Path, data_root: Path, device,
 
 
 def _write(path: Path, report: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=1, default=str) + "\n")
-    tmp.replace(path)
+    from fgray.storage import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(report, indent=1, default=str) + "\n")
 
 
 if __name__ == "__main__":

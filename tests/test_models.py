@@ -30,7 +30,7 @@ def test_resnet_feature_map_and_pooled_shapes():
     bb = create_backbone("test_resnet").eval()
     x = _images(64, 64)
     fmap = bb.feature_map(x)
-    assert not bb.is_vit and bb.patch_size is None
+    assert not bb.is_vit
     assert fmap.shape == (2, bb.num_features, 2, 2)  # test_resnet downsamples by 32
     pooled = bb(x)
     assert pooled.shape == (2, bb.num_features)
@@ -43,7 +43,7 @@ def test_resnet_feature_map_and_pooled_shapes():
 
 def test_vit_feature_map_tokens_and_pooled_shapes():
     bb = create_backbone("test_vit", img_size=64).eval()
-    assert bb.is_vit and bb.patch_size == 16 and bb.num_prefix_tokens == 1
+    assert bb.is_vit and bb.num_prefix_tokens == 1
     x = _images(64, 48)  # non-square: 4x3 patch grid
     tokens = bb.tokens(x)
     assert tokens.shape == (2, 1 + 4 * 3, bb.num_features)
@@ -137,7 +137,7 @@ def test_attention_on_cnn_is_a_user_error():
         create_backbone("test_resnet").attention_maps(_images(32, 32))
 
 
-# -- gradients and memory format --------------------------------------------------------------
+# -- gradients -----------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", ["test_resnet", "test_vit"])
@@ -155,13 +155,6 @@ def test_gradient_flows_through_attention_pass():
     out = bb.forward_with_attention(_images(32, 32, batch=4))
     (out.pooled.sum() + out.attentions[-1][:, :, 0, 1:].sum()).backward()
     assert bb.model.patch_embed.proj.weight.grad.abs().sum() > 0
-
-
-def test_channels_last_for_cnns_only():
-    cnn = create_backbone("test_resnet").to_channels_last()
-    assert cnn.model.conv1[0].weight.is_contiguous(memory_format=torch.channels_last)
-    vit = create_backbone("test_vit", img_size=32)
-    assert vit.to_channels_last() is vit
 
 
 # -- initialisation ---------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import skimage.data
 import timm
 import torch
 import torch.nn.functional as F
@@ -62,13 +63,13 @@ def test_only_listed_models_are_served():
 def test_converted_weights_classify_real_photos(lite0_file):
     """skimage's cat and coffee-cup photos land in their ImageNet classes (tabby 281-285,
     espresso/cup 967/968) with the model's own normalisation (mean = std = 0.5)."""
-    data = pytest.importorskip("skimage.data")
     model = timm.create_model("tf_efficientnet_lite0")
     model.load_state_dict(torch.load(lite0_file, weights_only=True))
     model.eval()
     mean = torch.tensor(model.pretrained_cfg["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(model.pretrained_cfg["std"]).view(1, 3, 1, 1)
-    for photo, classes in ((data.chelsea(), range(281, 286)), (data.coffee(), (967, 968))):
+    for photo, classes in ((skimage.data.chelsea(), range(281, 286)),
+                           (skimage.data.coffee(), (967, 968))):
         x = torch.from_numpy(photo).permute(2, 0, 1)[None].float() / 255
         x = F.interpolate(x, size=(224, 224), mode="bilinear", antialias=True)
         with torch.no_grad():

@@ -196,7 +196,9 @@ def _finished(study: str) -> list[dict]:
         rows = latest_trials(load(study, "trials").to_pylist())
     except Exception:  # noqa: BLE001 - nothing written yet
         return []
-    return [r for r in rows if r.get("status") in ("completed", "stopped", "failed")]
+    # Trials only: the init row, evaluated first, is complete before any trial is.
+    return [r for r in rows if r.get("status") in ("completed", "stopped", "failed")
+            and r["method"] != "init"]
 
 
 def _resumed_study(head, synth_root, tmp_path_factory, exit_once, workers: int) -> dict:

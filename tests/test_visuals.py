@@ -177,26 +177,18 @@ def test_study_evaluation_writes_embeddings(lcr_run, synth_root, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("local_ray")
 def test_ray_workers_write_maps(synth_root, tmp_path):
     """Two Ray Train workers: every rank computes the maps (PP-SSL's momentum keys shuffle
     across ranks), rank 0 writes them into the trial's run next to the controller's scalars."""
-    import shutil
-    import tempfile
-
-    from fgray.train.cluster import ray_session
     from fgray.train.trainer import ray_pretrain
 
     spec = build_spec("ppssl", DataSpec(root=str(synth_root), cache_dir=str(tmp_path / "cache")),
                       backbone="test_resnet",
                       train={"epochs": 1, "batch_size": 32, "image_size": 32},
                       sets={"queue_size": 64, "mlp_hidden": 32, "knn_k": 10})
-    temp_dir = tempfile.mkdtemp(prefix="r", dir="/tmp")  # short: unix socket paths
-    try:
-        with ray_session(num_cpus=2, temp_dir=temp_dir):
-            ray_pretrain(spec, name="pp", storage=str(tmp_path / "runs"), workers=2,
-                         max_failures=0, echo=False)
-    finally:
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    ray_pretrain(spec, name="pp", storage=str(tmp_path / "runs"), workers=2, max_failures=0,
+                 echo=False)
     run = tmp_path / "runs" / "tensorboard" / "ppssl" / "pp"
     assert len(list(run.glob("events.out.tfevents.*"))) == 2  # controller's and rank 0's
     acc = _accumulator(run)

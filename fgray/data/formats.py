@@ -52,10 +52,6 @@ class FGDataset:
     def num_classes(self) -> int:
         return len(self.classes)
 
-    @property
-    def has_boxes(self) -> bool:
-        return any(s.box is not None for s in self.samples)
-
 
 class Problems:
     """Collects one-line problems; `strict` raises on the first, as loaders want."""

@@ -26,9 +26,7 @@ import json
 import math
 import multiprocessing
 import os
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,6 +36,7 @@ from PIL import Image, ImageDraw
 
 from fgray.config import check_range
 from fgray.errors import UserError
+from fgray.storage import atomic_path
 
 GENERATOR_VERSION = 2  # 2: shape-coded eye and crown, larger parts
 MARKER = "synth.json"
@@ -565,23 +564,14 @@ def write_synthetic(out: str | Path, *, classes: int = 10, per_class: int = 60, 
 
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.synth-", dir=out.parent))
-        # mkdtemp makes it private (0700); OUT should get the usual umask-based mode.
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)
     except OSError as e:
         raise UserError(f"cannot write beside {out}: {e.strerror or e}") from e
-    done = False
-    try:
+    with atomic_path(out) as tmp:  # an empty `out` (checked above) is replaced
+        try:
+            tmp.mkdir()
+        except OSError as e:
+            raise UserError(f"cannot write beside {out}: {e.strerror or e}") from e
         _write_all(tmp, params, flags, workers or _default_workers(), progress)
-        if out.exists():
-            out.rmdir()  # empty (checked above); os.replace needs it gone on every platform
-        os.replace(tmp, out)
-        done = True
-    finally:
-        if not done:
-            shutil.rmtree(tmp, ignore_errors=True)
     return {**summary, "seconds": time.monotonic() - start, "skipped": False}
 
 

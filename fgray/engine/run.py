@@ -98,7 +98,7 @@ def build_pretrainer(spec: RunSpec, *, device: torch.device, rank: int = 0, worl
     splits = load_splits(spec.data, spec.train.decoded_size, progress=progress and rank == 0)
     torch.manual_seed(spec.train.seed)  # identical initial weights on every rank
     method = build_method(spec.method, backbone=spec.backbone, init=spec.init,
-                          image_size=spec.train.image_size, overrides=spec.method_overrides)
+                          image_size=spec.train.image_size, config=spec.method_config)
     run_dir = Path(run_dir) if run_dir else None
     meta = {"spec": spec.to_dict(), "num_classes": splits.dataset.num_classes,
             "classes": splits.dataset.classes}

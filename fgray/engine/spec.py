@@ -86,15 +86,6 @@ class RunSpec:
     def backbone_name(self) -> str:
         return self.backbone or method_class(self.method).default_backbone
 
-    @property
-    def method_overrides(self) -> dict[str, Any]:
-        """The method settings that differ from its Config defaults, typed. For code written
-        before `method_config`; new code reads `method_config`."""
-        default = type(self.method_config)()
-        return {f.name: getattr(self.method_config, f.name)
-                for f in dataclasses.fields(self.method_config)
-                if getattr(self.method_config, f.name) != getattr(default, f.name)}
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -14,6 +14,7 @@ per-batch accuracies instead, which differs when the last batch is smaller.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from typing import Any, Literal
@@ -31,6 +32,7 @@ from fgray.eval._checks import (
     resolve_num_classes,
     topk_hits,
 )
+from fgray.eval_mode import eval_mode
 
 ImageArray = Tensor | np.ndarray
 
@@ -222,54 +224,49 @@ def linear_probe_paper(embed_fn: Callable[[Tensor], Tensor],
                             f"(batch, feature_dim={feature_dim})")
         return feats.float()
 
-    module = embed_fn if isinstance(embed_fn, nn.Module) else None
-    was_training = module.training if module is not None else False
-    if module is not None:
-        module.eval()
+    # An nn.Module embed_fn embeds in eval mode and is given back in the mode it had.
+    frozen = (eval_mode(embed_fn) if isinstance(embed_fn, nn.Module)
+              else contextlib.nullcontext())
     cuda_devices = [dev] if dev.type == "cuda" else []
-    try:
-        with torch.random.fork_rng(devices=cuda_devices):
-            torch.manual_seed(seed)
-            classifier = nn.Linear(feature_dim, classes).to(dev)
-            nn.init.normal_(classifier.weight, mean=0.0, std=0.01)
-            nn.init.zeros_(classifier.bias)
-            optimizer = torch.optim.SGD(classifier.parameters(), lr=base_lr, momentum=0.9,
-                                        weight_decay=weight_decay)
-            generator = torch.Generator().manual_seed(seed)
-            n = train_y.shape[0]
+    with frozen, torch.random.fork_rng(devices=cuda_devices):
+        torch.manual_seed(seed)
+        classifier = nn.Linear(feature_dim, classes).to(dev)
+        nn.init.normal_(classifier.weight, mean=0.0, std=0.01)
+        nn.init.zeros_(classifier.bias)
+        optimizer = torch.optim.SGD(classifier.parameters(), lr=base_lr, momentum=0.9,
+                                    weight_decay=weight_decay)
+        generator = torch.Generator().manual_seed(seed)
+        n = train_y.shape[0]
+        loss_sum, seen, correct = 0.0, 0, 0
+        for epoch in range(epochs):
+            if schedule == "step":
+                epoch_lr = base_lr * 0.1 ** sum(epoch >= m for m in milestones)
+            else:
+                epoch_lr = base_lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
+            for group in optimizer.param_groups:
+                group["lr"] = epoch_lr
+            classifier.train()
+            perm = torch.randperm(n, generator=generator)
             loss_sum, seen, correct = 0.0, 0, 0
-            for epoch in range(epochs):
-                if schedule == "step":
-                    epoch_lr = base_lr * 0.1 ** sum(epoch >= m for m in milestones)
-                else:
-                    epoch_lr = base_lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
-                for group in optimizer.param_groups:
-                    group["lr"] = epoch_lr
-                classifier.train()
-                perm = torch.randperm(n, generator=generator)
-                loss_sum, seen, correct = 0.0, 0, 0
-                for start in range(0, n, batch_size):
-                    # Sorted rows read a memory map front to back; order within a batch
-                    # does not matter to the gradient.
-                    idx = perm[start:start + batch_size].sort().values
-                    feats = embed(_take(train_images, idx, dev), idx, train_transform)
-                    target = train_y[idx].to(dev)
-                    logits = classifier(feats)
-                    loss = F.cross_entropy(logits, target)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    loss_sum += float(loss.detach()) * target.shape[0]
-                    seen += target.shape[0]
-                    correct += int((logits.argmax(dim=1) == target).sum())
+            for start in range(0, n, batch_size):
+                # Sorted rows read a memory map front to back; order within a batch
+                # does not matter to the gradient.
+                idx = perm[start:start + batch_size].sort().values
+                feats = embed(_take(train_images, idx, dev), idx, train_transform)
+                target = train_y[idx].to(dev)
+                logits = classifier(feats)
+                loss = F.cross_entropy(logits, target)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                loss_sum += float(loss.detach()) * target.shape[0]
+                seen += target.shape[0]
+                correct += int((logits.argmax(dim=1) == target).sum())
 
-            eval_batches = (
-                (embed(_take(eval_images, idx, dev), idx, eval_transform), eval_y[idx].to(dev))
-                for idx in torch.arange(eval_y.shape[0]).split(batch_size))
-            result = _evaluate(classifier, eval_batches, classes)
-    finally:
-        if module is not None:
-            module.train(was_training)
+        eval_batches = (
+            (embed(_take(eval_images, idx, dev), idx, eval_transform), eval_y[idx].to(dev))
+            for idx in torch.arange(eval_y.shape[0]).split(batch_size))
+        result = _evaluate(classifier, eval_batches, classes)
     result["train_loss"] = loss_sum / seen
     result["train_top1"] = 100.0 * correct / seen
     return result

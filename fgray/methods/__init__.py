@@ -37,12 +37,6 @@ def method_class(name: str) -> type[Method]:
     return REGISTRY[name]
 
 
-def method_config(name: str, overrides: dict[str, Any] | None = None):
-    """The method's config dataclass with `overrides` parsed and validated."""
-    return apply_overrides(method_class(name).Config(), overrides or {},
-                           what=f"{name} setting")
-
-
 def build_method(name: str, *, backbone: str | None = None, init: str = "random",
                  image_size: int = 224, config: Any = None,
                  overrides: dict[str, Any] | None = None) -> Method:
@@ -61,4 +55,4 @@ def build_method(name: str, *, backbone: str | None = None, init: str = "random"
 
 
 __all__ = ["REGISTRY", "Method", "StepInfo", "Suggest", "build_method", "method_class",
-           "method_config", "method_names", "register", "unregister"]
+           "method_names", "register", "unregister"]

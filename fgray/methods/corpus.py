@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fgray.errors import UserError
+from fgray.storage import atomic_path
 
 __all__ = ["ClipBundle", "attribute_sentence", "build_corpus", "corpus_info", "corpus_texts",
            "load_clip", "load_corpus", "require_open_clip", "select_subset", "template_texts",
@@ -322,10 +323,8 @@ def write_corpus(path: Path, texts: list[str], embeddings: Tensor, key: str,
     table = pa.table({"text": pa.array(texts, pa.string()), "embedding": column})
     table = table.replace_schema_metadata({META_KEY: key.encode(),
                                            META_INFO: json.dumps(info).encode()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(path)  # atomic: a reader never sees half a table
+    with atomic_path(path) as tmp:  # a reader never sees half a table
+        pq.write_table(table, tmp)
 
 
 def build_corpus(dataset_format: str, data_root: str | Path, clip_model: str,

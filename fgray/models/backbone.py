@@ -53,7 +53,7 @@ class Backbone(nn.Module):
     `forward_head(forward_features(x), pre_logits=True)`: global average pool for ResNets,
     the CLS token (or the model's own pooling) for ViTs.
 
-    The engine moves CNNs to channels-last with `to_channels_last()`; ViTs are left as they are.
+    The engine moves CNNs to channels-last (`train.channels_last`); ViTs are left as they are.
     """
 
     def __init__(self, model: nn.Module, name: str, init: str = "random") -> None:
@@ -63,13 +63,8 @@ class Backbone(nn.Module):
         self.init = init
         self.is_vit = isinstance(model, VisionTransformer)
         self.num_features: int = int(model.num_features)
-        # Pixels per token side (the whole stem's stride for hybrid ViTs); None for CNNs or
-        # non-square patches. LoDisc masks images in blocks of this size.
-        self.patch_size: int | None = None
         self.num_prefix_tokens = 0
         if self.is_vit:
-            ph, pw = model.patch_embed.feat_ratio(as_scalar=False)
-            self.patch_size = int(ph) if ph == pw else None
             self.num_prefix_tokens = int(model.num_prefix_tokens)
         cfg = getattr(model, "pretrained_cfg", None) or {}
         # The normalisation the weights were trained with; data pipelines may read it.
@@ -171,12 +166,6 @@ class Backbone(nn.Module):
         return self.forward_with_attention(x).attentions
 
     # -- misc --------------------------------------------------------------------------------
-
-    def to_channels_last(self) -> Backbone:
-        """Channels-last memory format for CNNs (faster convolutions on GPU); ViTs unchanged."""
-        if not self.is_vit:
-            self.to(memory_format=torch.channels_last)
-        return self
 
     def _require_vit(self, what: str) -> None:
         if not self.is_vit:

@@ -121,14 +121,13 @@ def weights_name(backbone: str, init: str) -> str:
 def resolved_params(spec: RunSpec) -> dict[str, Any]:
     """Every knob that defines the run, flat: the method's resolved config, the optimiser and
     the budget. This is the trial's `params_json` next to the searched parameters."""
-    from fgray.methods import method_config
-
     out: dict[str, Any] = {"backbone": spec.backbone_name, "init": spec.init,
                            "epochs": spec.train.epochs, "batch_size": spec.train.batch_size,
                            "image_size": spec.train.image_size}
-    method = to_dict(method_config(spec.method, spec.method_overrides))
+    method = to_dict(spec.method_config)
     # A method knob and an optimiser setting may share a name (MoCo's EMA `momentum` and
-    # SGD's); `--set` gives it to the method, so the optimiser's keeps an `optim.` prefix.
+    # SGD's); a bare name is the method's, as in the search spaces (`fgray.tune.spaces`), so
+    # the optimiser's keeps an `optim.` prefix.
     out.update({(f"optim.{k}" if k in method else k): v for k, v in to_dict(spec.optim).items()})
     out.update(method)
     return out

@@ -28,7 +28,7 @@ def run_name(spec: RunSpec) -> str:
 
 def diverged(exc: FloatingPointError) -> UserError:
     return UserError(f"training diverged ({exc}); expected a finite loss and weights: lower the "
-                     "learning rate (--set lr=...) or a loss weight")
+                     "learning rate (--set optim.lr=...) or a loss weight")
 
 
 def pretrain_command(args) -> int:

@@ -17,7 +17,7 @@ import pyarrow.fs as pafs
 
 from fgray.data.cache import default_cache_dir
 from fgray.results.report import OPTUNA_JOURNAL
-from fgray.results.tables import is_local, resolve
+from fgray.storage import is_local, resolve
 
 
 class Journal:

@@ -140,7 +140,7 @@ class Space:
 
     def typed_fixed(self) -> dict[str, Any]:
         """The study's fixed settings with qualified keys, parsed to their fields' types (the
-        command line gives strings: `--set lr=0.01` must centre a range on 0.01, not on
+        command line gives strings: `--set optim.lr=0.01` must centre a range on 0.01, not on
         "0.01")."""
         return parse_settings(self.method, dict(self.fixed))
 

@@ -839,10 +839,14 @@ def _evaluate_checkpoint(checkpoint: str, data: dict[str, Any], protocols: list[
 
 
 def best_per_method(trials: list[dict[str, Any]]) -> set[str]:
-    """The trial ids with the highest best val kNN top-1 of each method (the first on ties)."""
-    methods = dict.fromkeys(t["method"] for t in trials)
-    best = (best_of([t for t in trials if t["method"] == m], BEST_METRIC)[0] for m in methods)
-    return {(trial or {}).get("trial_id") for trial in best} - {None}
+    """The trial ids with the highest best val kNN top-1 of each method (the first on ties,
+    and the first trial of a method none of whose trials has a score)."""
+    out = set()
+    for method in dict.fromkeys(t["method"] for t in trials):
+        own = [t for t in trials if t["method"] == method]
+        best, _ = best_of(own, BEST_METRIC)
+        out.add((best or own[0])["trial_id"])  # no score at all: the first trial
+    return out
 
 
 def _tested(study_dir: str, trial_ids: set[str]) -> set[str]:
@@ -1086,6 +1090,10 @@ def run_study(study: StudyConfig, *, resume: bool = False, verbose: bool = True,
     print(f"study {study.name}: {study.study_dir}  ({concurrency} trials at a time, {how})",
           flush=True)
     console = Console(verbose=verbose, concurrency=concurrency)
+    if not verbose:
+        # Tune's newer console output prints each experiment's configuration box whatever its
+        # verbosity; the classic reporter honours verbose=0 (StudyProgress speaks instead).
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     if study.mode == "search":
         evaluation_s = search(study, resources, concurrency, console, epoch_hooks)
         best = best_trials(study.study_dir, study.methods)
