@@ -67,6 +67,8 @@ class Preset:
     pil_workers: int  # DataLoader workers of the PIL reference
     study_methods: tuple[str, ...] = ("moco",)  # searched in one study, with `study.sets`
     study_seeds: int = 1  # seeds of each method's best (retrains: seeds - 1)
+    study_data: SynthData | None = None  # the study's own set (None: `data`)
+    study_val_fraction: float = 0.1
 
 
 def study_preset_case(name: str, method: str = "moco") -> Case:
@@ -86,6 +88,8 @@ def _cpu_count() -> int:
 
 
 def presets(tiny: bool = False) -> dict[str, Preset]:
+    from fgray.tune.presets import get_preset
+
     cores = _cpu_count() or 1
     smoke, paper = study_preset_case("smoke"), study_preset_case("paper")
     cpu_case = Case("moco-test_resnet-64px", image_size=64, batch_size=32, sets=TINY_MOCO)
@@ -97,10 +101,13 @@ def presets(tiny: bool = False) -> dict[str, Preset]:
             sets={"mlp_hidden": 256, "dim": 64}),
             dataclasses.replace(smoke, name=f"moco-{smoke.backbone}-{smoke.image_size}px")),
         epochs=8, ray=cpu_case, ray_epochs=8,
-        # The smoke preset's shape, at its network and size: two methods searched with two
-        # trials each, the best of each retrained once, every final model tested.
+        # The smoke preset's study at three of its five methods: its network, size, set and
+        # validation split; two trials each, the best of each retrained once, every final
+        # model and the initial weights tested.
         study=dataclasses.replace(smoke, name=f"smoke-{smoke.backbone}-{smoke.image_size}px"),
-        study_trials=2, study_epochs=2, study_methods=("moco", "lcr"), study_seeds=2,
+        study_trials=2, study_epochs=2, study_methods=("moco", "lcr", "sdf"), study_seeds=2,
+        study_data=SynthData(**get_preset("smoke").synthetic),
+        study_val_fraction=get_preset("smoke").val_fraction,
         memory=(smoke, paper), scaling=cpu_case, scaling_steps=10, pil_workers=cores)
     if tiny:
         small = Case("moco-test_resnet-32px", image_size=32, batch_size=16,
@@ -108,7 +115,7 @@ def presets(tiny: bool = False) -> dict[str, Preset]:
         cpu = dataclasses.replace(
             cpu, data=SynthData(classes=4, per_class=16, size=40), datapath=(small,), epochs=1,
             ray=small, ray_epochs=2, study=small, study_trials=2, study_epochs=1,
-            study_methods=("moco",), study_seeds=1,
+            study_methods=("moco",), study_seeds=1, study_data=None, study_val_fraction=0.1,
             memory=(dataclasses.replace(small, name="smoke"),), scaling=small, scaling_steps=2,
             pil_workers=min(cores, 2))
     gpu_r50 = Case("moco-resnet50-224px", backbone="resnet50", image_size=224, batch_size=128)

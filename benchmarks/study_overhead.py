@@ -13,9 +13,10 @@ model and its weights on both), reporting (checkpoint persisting, tables) and en
 trial's clock starts when Tune starts it (`on_trial_start`), once its actor is up: an actor's
 own start shows in the study ratio and in `first_trial_start_s`.
 
-Each side runs the same search study on a fresh local Ray cluster, shaped like the smoke
-preset's (cpu preset: two methods, two trials each, the best of each retrained over a second
-seed, every final model and the initial weights tested; TPE over each method's space, ASHA on
+Each side runs the same search study on a fresh local Ray cluster, the smoke preset's study
+at three of its five methods (cpu preset: its network, size, embedded set and validation
+split; moco, lcr and sdf with two trials each, the best of each retrained over a second seed,
+every final model and the initial weights tested; TPE over each method's space, ASHA on
 val kNN top-1 with a grace period of one epoch), one CPU per trial (on a GPU, half a GPU per
 trial) and as many trials at once as there are cores (GPU: twice the GPUs). The ideal is the
 study's work spread over those slots: Σ trial wall time (the trials table's `wall_time_s`,
@@ -110,7 +111,8 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
     methods = job.get("methods") or [case.method]
     study = StudyConfig(
         name=f"bench-study-w{job['workers']}", storage=job["storage"],
-        data={"format": "cub", "root": job["data_root"], "val_fraction": 0.1,
+        data={"format": "cub", "root": job["data_root"],
+              "val_fraction": job.get("val_fraction", 0.1),
               "cache_dir": job["cache_dir"]},
         methods=methods, mode="search", trials=job["trials"], epochs=job["epochs"],
         seeds=job.get("seeds", 1), grace_period=1, batch_size=case.batch_size,
@@ -162,13 +164,18 @@ def run(preset: Preset, workdir: Path, data_root: Path, device: torch.device, *,
         print(f"[study] {note}", flush=True)
         return {"skipped": note}
     case = preset.study
-    warm_cache(case, data_root, workdir / "cache")
+    if preset.study_data is not None:
+        from benchmarks.common import make_data
+
+        data_root = make_data(workdir, preset.study_data)
+    warm_cache(case, data_root, workdir / "cache", val_fraction=preset.study_val_fraction)
     out: dict[str, Any] = {"case": case.describe(), "target_ratio": TARGET_RATIO,
                            "target_fixed_s": TARGET_FIXED_S}
     for side, workers in PATHS.items():
         job = {"case": case.describe(), "trials": preset.study_trials,
                "epochs": preset.study_epochs, "workers": workers,
                "methods": list(preset.study_methods), "seeds": preset.study_seeds,
+               "val_fraction": preset.study_val_fraction,
                "storage": str(workdir / "study-bench"), "data_root": str(data_root),
                "cache_dir": str(workdir / "cache")}
         print(f"[study] --workers {workers}: {', '.join(preset.study_methods)} x"
