@@ -61,13 +61,14 @@ import os
 import time
 import warnings
 import zlib
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import ray
 import ray.tune
-from ray.tune import Callback, Tuner
+from ray.tune import Callback, PlacementGroupFactory, Tuner
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
@@ -206,6 +207,11 @@ class TrialSetup:
         """The trial's parameters: a fixed-point experiment grids over whole points."""
         return dict(config.get(POINT, config))
 
+    @staticmethod
+    def is_evaluation(config: dict[str, Any]) -> bool:
+        """Whether a trial's config is a test evaluation job (`evaluate_job`), not a run."""
+        return EVALUATE in TrialSetup.point(config)
+
     def method_of(self, config: dict[str, Any]) -> str:
         return self.point(config).get("method") or self.method
 
@@ -235,8 +241,8 @@ def train_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     """A Tune trial. `--workers 0`: run the engine loop here, reporting to Tune. Otherwise
     launch the Train run of this configuration, named after the trial so a restored trial
     resumes its run; results reach Tune through TuneReportCallback."""
-    if EVALUATE in TrialSetup.point(config):
-        evaluate_job(TrialSetup.point(config), setup)
+    if setup.is_evaluation(config):
+        evaluate_job(setup.point(config), setup)
         return
     trial_id = ray.tune.get_context().get_trial_id()
     known = latest_trial_row(setup.study.study_dir, setup.method_of(config), trial_id)
@@ -296,7 +302,7 @@ class StudyRecorder(Callback):
         return self._start[trial.trial_id]
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        if EVALUATE in TrialSetup.point(trial.config):
+        if TrialSetup.is_evaluation(trial.config):
             return  # an evaluation job records its own rows
         method = self.trial_setup.method_of(trial.config)
         known = latest_trial_row(self.trial_setup.study.study_dir, method, trial.trial_id)
@@ -307,7 +313,7 @@ class StudyRecorder(Callback):
             setup.recorder(trial.trial_id, trial.config, spec, start).finish([], "running")
 
     def _finish(self, trial, status: str, error: str | None = None) -> None:
-        if EVALUATE in TrialSetup.point(trial.config):
+        if TrialSetup.is_evaluation(trial.config):
             return
         setup = self.trial_setup
         method = setup.method_of(trial.config)
@@ -361,17 +367,13 @@ def concurrency_for(resources: WorkerResources, cluster: ClusterResources,
 def _trainable(setup: TrialSetup):
     resources = setup.resources
 
-    def reserve(config: dict[str, Any]) -> dict[str, float]:
+    def reserve(config: dict[str, Any]) -> PlacementGroupFactory:
         # An evaluation job runs in the trial's own process, with one worker's share (the
         # same as a `--workers 0` trial, so Tune reuses the actor for it).
-        from ray.tune.execution.placement_groups import PlacementGroupFactory
-
-        if EVALUATE in TrialSetup.point(config):
-            share = {"CPU": resources.cpus_per_worker,
-                     **({"GPU": resources.gpus_per_worker} if resources.use_gpu else {})}
-            return PlacementGroupFactory([share])
+        wants = ({"cpu": resources.cpus_per_worker, "gpu": resources.gpus_per_worker}
+                 if TrialSetup.is_evaluation(config) else resources.trial_resources())
         return PlacementGroupFactory([{k.upper() if k in ("cpu", "gpu") else k: v
-                                       for k, v in resources.trial_resources().items()}])
+                                       for k, v in wants.items() if v or k == "cpu"}])
 
     return ray.tune.with_resources(ray.tune.with_parameters(train_trial, setup=setup), reserve)
 
@@ -412,7 +414,10 @@ class StudyProgress(Callback):
         self.started: dict[str, tuple[str, float]] = {}  # trial id -> (method, start time)
         self.ended: set[str] = set()
         self.durations: list[float] = []
-        self.counts = {m: {"completed": 0, "stopped": 0, "failed": 0} for m in totals}
+        # per method: trials completed / stopped / failed (a method not in `totals`, e.g. the
+        # init row's evaluation job, gets its counters when first seen)
+        self.counts: dict[str, dict[str, int]] = defaultdict(
+            lambda: dict.fromkeys(("completed", "stopped", "failed"), 0))
         self.best: dict[str, Best] = {}  # per method, of val kNN top-1
         self.bar = None
         if self.stream.isatty():
@@ -435,7 +440,7 @@ class StudyProgress(Callback):
         return f"{work / self.concurrency:.0f} s"
 
     def _status(self, method: str) -> str:
-        c = self.counts.setdefault(method, {"completed": 0, "stopped": 0, "failed": 0})
+        c = self.counts[method]
         best = self.best.get(method)
         shown = f"{best.value:.1f}" if best is not None and best.value is not None else "-"
         started = sum(m == method for m, _ in self.started.values())
@@ -450,7 +455,7 @@ class StudyProgress(Callback):
             print(f"[{method}] {event}: {self._status(method)}", file=self.stream, flush=True)
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        if EVALUATE in TrialSetup.point(trial.config):
+        if TrialSetup.is_evaluation(trial.config):
             return  # a test evaluation job: one line when it ends
         self.started.setdefault(trial.trial_id, (self.group(trial), time.time()))
         self._show(self.group(trial), f"trial {trial.trial_id} started")
@@ -477,7 +482,6 @@ class StudyProgress(Callback):
         if trial.trial_id in self.started and trial.trial_id not in self.ended:
             self.durations.append(time.time() - self.started[trial.trial_id][1])
         self.ended.add(trial.trial_id)
-        self.counts.setdefault(method, {"completed": 0, "stopped": 0, "failed": 0})
         self.counts[method][status] += 1
         if self.bar is not None:
             self.bar.update(1)
@@ -537,7 +541,7 @@ def _fit(study: StudyConfig, name: str, setup: TrialSetup, fresh) -> float:
         tuner = fresh()
     grid = tuner.fit()
     return sum(float(r.metrics.get("evaluation_s") or 0.0) for r in grid
-               if r.metrics and EVALUATE in TrialSetup.point(r.config or {}))
+               if r.metrics and TrialSetup.is_evaluation(r.config or {}))
 
 
 class ResumableOptunaSearch(OptunaSearch):
@@ -632,9 +636,8 @@ class StudySearcher(Searcher):
         super().__init__(metric=SEARCH_METRIC, mode="max")
         self.study = study
         self.searches = {m: make_searcher(study, m) for m in study.methods}
-        self.asked = dict.fromkeys(study.methods, 0)  # search trials asked, per method
-        self.ended = dict.fromkeys(study.methods, 0)  # ... and ended (any status)
-        self.search_trials: dict[str, str] = {}  # trial id -> method
+        self.search_trials: dict[str, str] = {}  # trial id -> method, of the search trials
+        self.ended = dict.fromkeys(study.methods, 0)  # search trials ended (any status)
         self.retrains: list[dict[str, Any]] = []  # asked for, not yet given to a trial
         self.retrained: set[str] = set()  # methods whose retrains were queued
         self.training: dict[str, dict[str, Any]] = {}  # retrains given a trial, not ended
@@ -676,12 +679,12 @@ class StudySearcher(Searcher):
         if self.retrains:
             self.training[trial_id] = self.retrains.pop(0)
             return self.training[trial_id]
+        asked = Counter(self.search_trials.values())
         for method in self.study.methods:
-            if self.asked[method] < self.study.trials:
+            if asked[method] < self.study.trials:
                 params = self.searches[method].suggest(trial_id)
                 if params is None:
                     return None
-                self.asked[method] += 1
                 self.search_trials[trial_id] = method
                 return {"method": method, **params}
         if len(self.retrained) == len(self.study.methods) and not self.training:
@@ -786,13 +789,6 @@ def search(study: StudyConfig, resources: WorkerResources, concurrency: int,
     return _fit(study, SEARCH, setup, fresh)
 
 
-def _count(points: list[dict[str, Any]]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for point in points:
-        counts[point["method"]] = counts.get(point["method"], 0) + 1
-    return counts
-
-
 def run_points(study: StudyConfig, name: str, points: list[dict[str, Any]],
                resources: WorkerResources, concurrency: int,
                console: Console | None = None,
@@ -805,7 +801,8 @@ def run_points(study: StudyConfig, name: str, points: list[dict[str, Any]],
     def fresh() -> Tuner:
         return Tuner(_trainable(setup), param_space={POINT: ray.tune.grid_search(points)},
                      tune_config=_tune_config(study, setup, max_concurrent_trials=concurrency),
-                     run_config=_run_config(study, name, setup, _count(points),
+                     run_config=_run_config(study, name, setup,
+                                            dict(Counter(p["method"] for p in points)),
                                             console or Console(concurrency=concurrency)))
 
     _fit(study, name, setup, fresh)
@@ -856,80 +853,77 @@ def _tested(study_dir: str, trial_ids: set[str]) -> set[str]:
     return {r["trial_id"] for r in table if r.get("split") == "test"} & trial_ids
 
 
-def evaluate_job(job: dict[str, Any], setup: TrialSetup) -> None:
-    """An evaluation job of the search experiment, in a trial's process (warm imports, its
-    worker share): the test evaluation of one final model -- a method's best search trial
-    (with its test features for the embedding projector) or a retrain of it -- or of the
-    initial weights (`job[EVALUATE] == INIT`). Reports the time it took (`evaluation_s`),
-    which the study counts as work, not overhead. A job whose result is already recorded (a
-    resumed study) does nothing."""
+def test_final_model(study: StudyConfig, method: str, trial_id: str, seed: int,
+                     project: bool = False) -> None:
+    """Evaluate one final model (a method's best trial or a retrain of it) on test with its
+    best checkpoint and record it (`evals` rows, `test_*` on its trial row), in whichever
+    process runs it: an evaluation job of the search experiment or a Ray task. `project`:
+    its test features also go to its TensorBoard run's embedding projector. Does nothing for
+    a trial already tested (a resumed study) or without a checkpoint."""
     from fgray.results.tensorboard import run_name
 
-    study, began = setup.study, time.time()
-    target = job[EVALUATE]
-    if target == INIT:
-        name = job["method"]
-        known = latest_trial_row(study.study_dir, name, name)
-        if known is None or known.get("status") != "completed":
-            spec = init_targets(study)[name]
-            metrics = _evaluate_init(spec.to_dict(), study.protocols, study.seed)
-            record_init(study.study_dir, name, spec, metrics, study=study.name,
-                        start_time=began, cpus=setup.resources.cpus,
-                        gpus=setup.resources.gpus)
-    elif not _tested(study.study_dir, {target}):
-        checkpoint = best_checkpoint_dir(join(study.study_dir, TRAIN_DIR, target))
-        if checkpoint is not None:
-            seed = int(job.get("seed") or study.seed)
-            embeddings = ((study.study_dir, run_name(job["method"], target))
-                          if job.get("project") else None)
-            metrics = _evaluate_checkpoint(checkpoint, study.data, study.protocols, seed,
-                                           embeddings)
-            record_test(study.study_dir, job["method"], target, metrics, seed=seed,
-                        study=study.name)
-    ray.tune.report({"evaluation_s": time.time() - began})
+    if _tested(study.study_dir, {trial_id}):
+        return
+    checkpoint = best_checkpoint_dir(join(study.study_dir, TRAIN_DIR, trial_id))
+    if checkpoint is None:
+        return
+    embeddings = (study.study_dir, run_name(method, trial_id)) if project else None
+    metrics = _evaluate_checkpoint(checkpoint, study.data, study.protocols, seed, embeddings)
+    record_test(study.study_dir, method, trial_id, metrics, seed=seed, study=study.name)
 
 
-def evaluate_trials(study: StudyConfig, trials: list[dict[str, Any]],
-                    resources: WorkerResources) -> list[dict[str, Any]]:
-    """Test metrics of each trial's best checkpoint, as Ray tasks; recorded in the tables.
-    The best trial of each method also gets its test features in TensorBoard's embedding
-    projector. Trials already evaluated (a resumed study) are skipped."""
-    from fgray.results.tensorboard import run_name
-
-    done = _tested(study.study_dir, {t["trial_id"] for t in trials})
-    projected = best_per_method(trials)
-    task = ray.remote(num_cpus=resources.cpus_per_worker,
-                      num_gpus=resources.gpus_per_worker)(_evaluate_checkpoint)
-    pending = []
-    for trial in trials:
-        if trial["trial_id"] in done:
-            continue
-        checkpoint = best_checkpoint_dir(join(study.study_dir, TRAIN_DIR, trial["trial_id"]))
-        if checkpoint is None:
-            continue
-        seed = int(trial.get("seed") or 0)
-        embeddings = ((study.study_dir, run_name(trial["method"], trial["trial_id"]))
-                      if trial["trial_id"] in projected else None)
-        pending.append((trial, seed, task.remote(checkpoint, study.data, study.protocols, seed,
-                                                 embeddings)))
-    rows = []
-    for trial, seed, ref in pending:
-        metrics = ray.get(ref)
-        row = record_test(study.study_dir, trial["method"], trial["trial_id"], metrics,
-                          seed=seed, study=study.name)
-        rows.append({"trial_id": trial["trial_id"], "method": trial["method"], **metrics,
-                     "recorded": row is not None})
-    return rows
-
-
-def _evaluate_init(spec: dict[str, Any], protocols: list[str], seed: int) -> dict[str, float]:
-    """Runs as a Ray task like `_evaluate_checkpoint`: the initial weights of `spec`."""
+def test_init_weights(study: StudyConfig, name: str, resources: WorkerResources) -> None:
+    """Evaluate the initial weights of init row `name` (`init_targets`) with the study's
+    protocols on the same splits and record them as a completed trials row (val kNN top-1 as
+    its best, so it ranks like a trial) with its evals rows; wherever it runs, like
+    `test_final_model`. Does nothing when the row is already there."""
     from fgray.engine.evaluate import evaluate_init
     from fgray.engine.run import resolve_device
 
-    run = RunSpec.from_dict(spec)
-    return evaluate_init(run, run.data, protocols, device=resolve_device(None), seed=seed,
-                         progress=False)
+    known = latest_trial_row(study.study_dir, name, name)
+    if known is not None and known.get("status") == "completed":
+        return
+    began, spec = time.time(), init_targets(study)[name]
+    metrics = evaluate_init(spec, spec.data, study.protocols, device=resolve_device(None),
+                            seed=study.seed, progress=False)
+    record_init(study.study_dir, name, spec, metrics, study=study.name, start_time=began,
+                cpus=resources.cpus, gpus=resources.gpus)
+
+
+def evaluate_job(job: dict[str, Any], setup: TrialSetup) -> None:
+    """An evaluation job of the search experiment, in a trial's process (warm imports, its
+    worker share): `test_final_model` of a method's best search trial (projected) or of a
+    retrain, or `test_init_weights` (`job[EVALUATE] == INIT`). Reports the time it took
+    (`evaluation_s`), which the study counts as work, not overhead."""
+    began = time.time()
+    if job[EVALUATE] == INIT:
+        test_init_weights(setup.study, job["method"], setup.resources)
+    else:
+        test_final_model(setup.study, job["method"], job[EVALUATE], int(job.get("seed") or 0),
+                         project=bool(job.get("project")))
+    ray.tune.report({"evaluation_s": time.time() - began})
+
+
+def _task(resources: WorkerResources, fn):
+    return ray.remote(num_cpus=resources.cpus_per_worker,
+                      num_gpus=resources.gpus_per_worker)(fn)
+
+
+def evaluate_trials(study: StudyConfig, trials: list[dict[str, Any]],
+                    resources: WorkerResources) -> None:
+    """`test_final_model` of each of `trials` (rows), as Ray tasks with a worker's share; the
+    best trial of each method is projected. What a compare study, or a resumed one whose
+    experiment left something untested, runs after its experiment."""
+    projected = best_per_method(trials)
+    task = _task(resources, test_final_model)
+    ray.get([task.remote(study, t["method"], t["trial_id"], int(t.get("seed") or 0),
+                         t["trial_id"] in projected) for t in trials])
+
+
+def evaluate_init_rows(study: StudyConfig, resources: WorkerResources) -> None:
+    """`test_init_weights` of each init row, as Ray tasks (see `evaluate_trials`)."""
+    task = _task(resources, test_init_weights)
+    ray.get([task.remote(study, name, resources) for name in init_targets(study)])
 
 
 def init_targets(study: StudyConfig) -> dict[str, RunSpec]:
@@ -947,30 +941,6 @@ def init_targets(study: StudyConfig) -> dict[str, RunSpec]:
     if len(specs) == 1:
         return {INIT: next(iter(specs.values()))}
     return {f"{INIT}:{weights}": spec for weights, spec in specs.items()}
-
-
-def evaluate_init_rows(study: StudyConfig, resources: WorkerResources) -> list[dict[str, Any]]:
-    """Evaluate the initial weights once per init row (`init_targets`) with the study's
-    protocols, as Ray tasks; each becomes a completed trials row (val kNN top-1 as its best,
-    so it ranks like a trial) with its evals rows. Rows already there (a resumed study) are
-    skipped."""
-
-    task = ray.remote(num_cpus=resources.cpus_per_worker,
-                      num_gpus=resources.gpus_per_worker)(_evaluate_init)
-    pending = []
-    for name, spec in init_targets(study).items():
-        known = latest_trial_row(study.study_dir, name, name)
-        if known is not None and known.get("status") == "completed":
-            continue
-        pending.append((name, spec, time.time(),
-                        task.remote(spec.to_dict(), study.protocols, study.seed)))
-    rows = []
-    for name, spec, started, ref in pending:
-        metrics = ray.get(ref)
-        rows.append(record_init(study.study_dir, name, spec, metrics, study=study.name,
-                                start_time=started, cpus=resources.cpus,
-                                gpus=resources.gpus))
-    return rows
 
 
 # ---------------------------------------------------------------- the study
