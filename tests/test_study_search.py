@@ -1,7 +1,8 @@
 """The study's one search experiment without a cluster: what `StudySearcher` asks for and in
-which order (search trials method by method, retrains and test evaluations as soon as a
-method's search ends, nothing after the last), its snapshot and restore, and the per-method
-ASHA rungs of `MethodScheduler` -- all through the Searcher / TrialScheduler calls Tune makes."""
+which order (search trials method by method, then the retrains of each method whose search
+ended, then the test evaluations; nothing after the last), its snapshot and restore, and
+the per-method ASHA rungs of `MethodScheduler` -- all through the Searcher / TrialScheduler
+calls Tune makes."""
 
 from __future__ import annotations
 
@@ -53,15 +54,15 @@ def _method(config) -> str:
     return config["method"]
 
 
-def test_search_trials_then_retrains_and_evaluations_then_finished(tmp_path, best_rows):
+def test_search_trials_then_retrains_then_evaluations_then_finished(tmp_path, best_rows):
     searcher = StudySearcher(_study(tmp_path))
     assert searcher.totals() == {"moco": 4, "lcr": 4}  # 2 searched + 2 retrains each
     assert searcher.total == 2 * (2 + 3 + 2) + 1  # + a test evaluation per final model, init
 
-    asked = {tid: searcher.suggest(tid) for tid in ("i", "a", "b", "c", "d")}
-    assert asked["i"] == {"method": INIT, EVALUATE: INIT}  # the initial weights first
+    asked = {tid: searcher.suggest(tid) for tid in ("a", "b", "c", "d", "i")}
     assert [_method(asked[t]) for t in "abcd"] == ["moco", "moco", "lcr", "lcr"]
     assert "seed" not in asked["a"] and "lr" in asked["a"]  # a searched point
+    assert asked["i"] == {"method": INIT, EVALUATE: INIT}  # short work after the searches
     assert searcher.suggest("e") is None  # searches still running: nothing to give yet
 
     searcher.on_trial_complete("i", {"evaluation_s": 1.0})
@@ -69,35 +70,35 @@ def test_search_trials_then_retrains_and_evaluations_then_finished(tmp_path, bes
     searcher.on_trial_complete("b", {SEARCH_METRIC: 40.0, "epoch": 4})
     best_rows["moco"] = {"trial_id": "b", "method": "moco", "seed": 0,
                          "param.lr": asked["b"]["lr"], "param.seed": None}
-    # moco's search has ended: its best is evaluated on test, then retrained with seeds 1, 2.
-    assert searcher.suggest("e") == {"method": "moco", EVALUATE: "b", "seed": 0,
+    # moco's search has ended: its best is retrained with seeds 1, 2, then tested.
+    assert searcher.suggest("e") == {"method": "moco", "seed": 1, "lr": asked["b"]["lr"]}
+    assert searcher.suggest("f") == {"method": "moco", "seed": 2, "lr": asked["b"]["lr"]}
+    assert searcher.suggest("g") == {"method": "moco", EVALUATE: "b", "seed": 0,
                                      "project": True}
-    assert searcher.suggest("f") == {"method": "moco", "seed": 1, "lr": asked["b"]["lr"]}
-    assert searcher.suggest("g") == {"method": "moco", "seed": 2, "lr": asked["b"]["lr"]}
     assert searcher.suggest("h") is None
-    searcher.on_trial_complete("f", {SEARCH_METRIC: 41.0})
-    searcher.on_trial_complete("g", error=True)  # a failed retrain is not evaluated
-    assert searcher.suggest("h") == {"method": "moco", EVALUATE: "f", "seed": 1}
+    searcher.on_trial_complete("e", {SEARCH_METRIC: 41.0})
+    searcher.on_trial_complete("f", error=True)  # a failed retrain is not evaluated
+    assert searcher.suggest("h") == {"method": "moco", EVALUATE: "e", "seed": 1}
 
     searcher.on_trial_complete("c", {SEARCH_METRIC: 10.0})
     searcher.on_trial_complete("d", error=True)
     best_rows["lcr"] = {"trial_id": "c", "method": "lcr", "seed": 0, "param.nu": 0.02,
                         "param.capacity": 8}
     rest = [searcher.suggest(t) for t in ("j", "k", "l")]
-    assert rest[0] == {"method": "lcr", EVALUATE: "c", "seed": 0, "project": True}
-    assert [r["seed"] for r in rest[1:]] == [1, 2]
-    assert rest[1]["nu"] == 0.02 and rest[1]["capacity"] == 8
+    assert [r["seed"] for r in rest[:2]] == [1, 2] and EVALUATE not in rest[0]
+    assert rest[0]["nu"] == 0.02 and rest[0]["capacity"] == 8
+    assert rest[2] == {"method": "lcr", EVALUATE: "c", "seed": 0, "project": True}
     assert searcher.suggest("m") is None  # two retrains still train
-    searcher.on_trial_complete("k", {SEARCH_METRIC: 9.0})
-    searcher.on_trial_complete("l", {SEARCH_METRIC: 8.0})
-    assert [searcher.suggest(t)[EVALUATE] for t in ("m", "n")] == ["k", "l"]
+    searcher.on_trial_complete("j", {SEARCH_METRIC: 9.0})
+    searcher.on_trial_complete("k", {SEARCH_METRIC: 8.0})
+    assert [searcher.suggest(t)[EVALUATE] for t in ("m", "n")] == ["j", "k"]
     assert searcher.suggest("o") == Searcher.FINISHED
 
 
 def test_a_method_without_a_best_trial_gets_no_retrains(tmp_path, best_rows):
     searcher = StudySearcher(_study(tmp_path, methods=["moco"], seeds=2))
-    assert searcher.suggest("i")[EVALUATE] == INIT
     searcher.suggest("a"), searcher.suggest("b")
+    assert searcher.suggest("i")[EVALUATE] == INIT
     searcher.on_trial_complete("a", error=True)
     searcher.on_trial_complete("b", error=True)
     assert searcher.suggest("c") == Searcher.FINISHED
@@ -107,14 +108,14 @@ def test_a_restored_searcher_goes_on_from_its_snapshot(tmp_path, best_rows):
     study = _study(tmp_path, methods=["moco"], trials=3, seeds=2)
     searcher = StudySearcher(study)
     as_pickled = pickle.dumps(searcher)  # what tuner.pkl holds
-    first = [searcher.suggest(t) for t in ("i", "a", "b")]
+    first = [searcher.suggest(t) for t in ("a", "b")]
     searcher.on_trial_complete("a", {SEARCH_METRIC: 20.0})
     snapshot = tmp_path / "searcher.pkl"
     searcher.save(str(snapshot))
     later = searcher.suggest("c")  # asked after the snapshot, then the driver dies
     restored = pickle.loads(as_pickled)
     restored.restore(str(snapshot))
-    assert first[1]["lr"] == pytest.approx(0.03)  # the recipe came first
+    assert first[0]["lr"] == pytest.approx(0.03)  # the recipe came first
     again = restored.suggest("c2")
     assert set(again) == set(later) and again["method"] == "moco"
     # The journal holds the lost trial as failed: Optuna never waits for it.
@@ -126,8 +127,8 @@ def test_a_restored_searcher_goes_on_from_its_snapshot(tmp_path, best_rows):
     restored.on_trial_complete("b", {SEARCH_METRIC: 25.0})
     restored.on_trial_complete("c2", {SEARCH_METRIC: 5.0})
     best_rows["moco"] = {"trial_id": "b", "method": "moco", "seed": 0, "param.lr": 0.1}
-    assert restored.suggest("d")[EVALUATE] == "b"
-    assert restored.suggest("e") == {"method": "moco", "seed": 1, "lr": 0.1}
+    assert restored.suggest("d") == {"method": "moco", "seed": 1, "lr": 0.1}
+    assert [restored.suggest(t)[EVALUATE] for t in ("e", "f")] == [INIT, "b"]
 
 
 def _trial(tid: str, **config):

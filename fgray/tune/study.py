@@ -19,9 +19,10 @@ never compete inside one model or bracket, and the leaderboard's "best config pe
 the best of that method's search. Search trials are asked method by method; when a method's
 search ends, its best configuration is retrained over the extra seeds while the next
 methods' trials fill the other slots, and each final model (the best trial, each retrain, the
-initial weights) is evaluated on test by a job of the same experiment as soon as it is final
-(`evaluate_job`). One experiment means one Tune start-up and one import of torch per trial
-process (`reuse_actors`), and no slot idles between methods.
+initial weights) is evaluated on test by a job of the same experiment (`evaluate_job`).
+Work goes out longest first -- search trials, retrains, then the short evaluations, which
+fill the slots the last retrains leave free. One experiment means one Tune start-up and one
+import of torch per trial process (`reuse_actors`), and no slot idles between methods.
 
 Compare (`mode="compare"`): every method x seed at a fixed budget with the recipe defaults,
 one experiment, no search and no early stopping.
@@ -622,15 +623,16 @@ class StudySearcher(Searcher):
     Search trials are asked method by method in the study's order (a method's TPE sees its
     earlier trials, as in a search of its own). Once every search trial of a method has ended,
     its best trial -- read from the trials table, as the leaderboard ranks it -- is retrained
-    with seeds `seed + 1 ... seed + seeds - 1`; those retrains go before any search trial not
-    yet asked. A suggested config is `{"method": m, **params}` (a retrain adds `"seed"`).
+    with seeds `seed + 1 ... seed + seeds - 1`. A suggested config is `{"method": m,
+    **params}` (a retrain adds `"seed"`).
 
     The test evaluations are jobs of the same experiment (`{"method": m, "evaluate": id}`,
-    see `evaluate_job`), each as soon as its model is final -- the best search trial when its
-    method's search ends, a retrain when it completes, the initial weights first of all --
-    so they run in the trials' warm processes while other trials still train, and go before
-    any trial. The test split is evaluated once per final model and never for a trial that
-    is not one."""
+    see `evaluate_job`), queued as each model becomes final -- the initial weights at once,
+    the best search trial when its method's search ends, a retrain when it completes -- and
+    run in the trials' warm processes. Work is handed out longest first (search trials, then
+    retrains, then evaluations), so the short evaluations fill the slots that the last
+    retrains leave free. The test split is evaluated once per final model and never for a
+    trial that is not one."""
 
     def __init__(self, study: StudyConfig) -> None:
         super().__init__(metric=SEARCH_METRIC, mode="max")
@@ -673,20 +675,24 @@ class StudySearcher(Searcher):
                               for k in range(1, self.study.seeds)]
 
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        # Longest work first: every search trial, then the retrains (which wait on their
+        # method's whole search), then the short test evaluations -- which fill the slots
+        # the last retrains leave free, so no slot idles and no warm trial process is
+        # dropped for want of work while something else still trains.
         self._queue_retrains()
-        if self.jobs:
-            return self.jobs.pop(0)
-        if self.retrains:
-            self.training[trial_id] = self.retrains.pop(0)
-            return self.training[trial_id]
         asked = Counter(self.search_trials.values())
         for method in self.study.methods:
             if asked[method] < self.study.trials:
                 params = self.searches[method].suggest(trial_id)
                 if params is None:
-                    return None
+                    break  # Optuna cannot suggest now: give other work instead
                 self.search_trials[trial_id] = method
                 return {"method": method, **params}
+        if self.retrains:
+            self.training[trial_id] = self.retrains.pop(0)
+            return self.training[trial_id]
+        if self.jobs:
+            return self.jobs.pop(0)
         if len(self.retrained) == len(self.study.methods) and not self.training:
             return Searcher.FINISHED
         return None  # a search or a retrain still runs; what comes after it is not known yet
