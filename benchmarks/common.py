@@ -66,6 +66,9 @@ class Preset:
     scaling_steps: int
     pil_workers: int  # DataLoader workers of the PIL reference
     study_methods: tuple[str, ...] = ("moco",)  # searched in one study, with `study.sets`
+    # A study preset whose per-method settings the study uses (`Preset.settings_for`); None:
+    # every method with `study.sets`.
+    study_preset: str | None = None
     study_seeds: int = 1  # seeds of each method's best (retrains: seeds - 1)
     study_data: SynthData | None = None  # the study's own set (None: `data`)
     study_val_fraction: float = 0.1
@@ -92,6 +95,7 @@ def presets(tiny: bool = False) -> dict[str, Preset]:
 
     cores = _cpu_count() or 1
     smoke, paper = study_preset_case("smoke"), study_preset_case("paper")
+    smoke_preset = get_preset("smoke")
     cpu_case = Case("moco-test_resnet-64px", image_size=64, batch_size=32, sets=TINY_MOCO)
     cpu = Preset(
         name="cpu", data=SynthData(classes=8, per_class=48, size=96),
@@ -101,13 +105,14 @@ def presets(tiny: bool = False) -> dict[str, Preset]:
             sets={"mlp_hidden": 256, "dim": 64}),
             dataclasses.replace(smoke, name=f"moco-{smoke.backbone}-{smoke.image_size}px")),
         epochs=8, ray=cpu_case, ray_epochs=8,
-        # The smoke preset's study at three of its five methods: its network, size, set and
-        # validation split; two trials each, the best of each retrained once, every final
-        # model and the initial weights tested.
+        # The smoke preset's study (the README's main job): its methods, network, size, set,
+        # validation split and per-method settings; two trials each, the best of each
+        # retrained over two more seeds, every final model and the initial weights tested.
         study=dataclasses.replace(smoke, name=f"smoke-{smoke.backbone}-{smoke.image_size}px"),
-        study_trials=2, study_epochs=2, study_methods=("moco", "lcr", "sdf"), study_seeds=2,
-        study_data=SynthData(**get_preset("smoke").synthetic),
-        study_val_fraction=get_preset("smoke").val_fraction,
+        study_trials=smoke_preset.trials, study_epochs=smoke_preset.epochs,
+        study_methods=tuple(smoke_preset.methods), study_seeds=smoke_preset.seeds,
+        study_preset="smoke", study_data=SynthData(**smoke_preset.synthetic),
+        study_val_fraction=smoke_preset.val_fraction,
         memory=(smoke, paper), scaling=cpu_case, scaling_steps=10, pil_workers=cores)
     if tiny:
         small = Case("moco-test_resnet-32px", image_size=32, batch_size=16,
@@ -115,7 +120,8 @@ def presets(tiny: bool = False) -> dict[str, Preset]:
         cpu = dataclasses.replace(
             cpu, data=SynthData(classes=4, per_class=16, size=40), datapath=(small,), epochs=1,
             ray=small, ray_epochs=2, study=small, study_trials=2, study_epochs=1,
-            study_methods=("moco",), study_seeds=1, study_data=None, study_val_fraction=0.1,
+            study_methods=("moco",), study_seeds=1, study_preset=None, study_data=None,
+            study_val_fraction=0.1,
             memory=(dataclasses.replace(small, name="smoke"),), scaling=small, scaling_steps=2,
             pil_workers=min(cores, 2))
     gpu_r50 = Case("moco-resnet50-224px", backbone="resnet50", image_size=224, batch_size=128)

@@ -13,12 +13,13 @@ model and its weights on both), reporting (checkpoint persisting, tables) and en
 trial's clock starts when Tune starts it (`on_trial_start`), once its actor is up: an actor's
 own start shows in the study ratio and in `first_trial_start_s`.
 
-Each side runs the same search study on a fresh local Ray cluster, the smoke preset's study
-at three of its five methods (cpu preset: its network, size, embedded set and validation
-split; moco, lcr and sdf with two trials each, the best of each retrained over a second seed,
-every final model and the initial weights tested; TPE over each method's space, ASHA on
-val kNN top-1 with a grace period of one epoch), one CPU per trial (on a GPU, half a GPU per
-trial) and as many trials at once as there are cores (GPU: twice the GPUs). The ideal is the
+Each side runs the same search study on a fresh local Ray cluster -- on the cpu preset the
+smoke preset's study, the README's main job (its five methods, network, size, embedded set,
+validation split, per-method settings and test protocols; two trials per method, the best of
+each retrained over two more seeds, every final model and the initial weights tested; TPE
+over each method's space, ASHA on val kNN top-1 with a grace period of one epoch) -- with one
+CPU per trial (on a GPU, half a GPU per trial) and as many trials at once as there are cores
+(GPU: twice the GPUs). The ideal is the
 study's work spread over those slots: Σ trial wall time (the trials table's `wall_time_s`,
 the recorder's clock from a trial's start to its end) plus Σ test evaluation time (each
 evaluation job's own clock), over the concurrency. The ratio wall / ideal counts everything a
@@ -117,9 +118,10 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
         methods=methods, mode="search", trials=job["trials"], epochs=job["epochs"],
         seeds=job.get("seeds", 1), grace_period=1, batch_size=case.batch_size,
         image_size=case.image_size, backbones=dict.fromkeys(methods, case.backbone),
-        fixed={m: dict(case.sets) for m in methods},
+        fixed=job.get("fixed") or {m: dict(case.sets) for m in methods},
         workers=job["workers"], cpus_per_worker=1.0, gpus_per_worker=0.5 if gpus else 0.0,
-        concurrency=concurrency, protocols=["knn"])
+        concurrency=concurrency, protocols=job.get("protocols") or ["knn"],
+        init=job.get("init") or "random")
     temp = tempfile.mkdtemp(prefix="r", dir="/tmp")  # Ray's socket paths must stay short
     begin = time.time()
     try:
@@ -171,10 +173,18 @@ def run(preset: Preset, workdir: Path, data_root: Path, device: torch.device, *,
     warm_cache(case, data_root, workdir / "cache", val_fraction=preset.study_val_fraction)
     out: dict[str, Any] = {"case": case.describe(), "target_ratio": TARGET_RATIO,
                            "target_fixed_s": TARGET_FIXED_S}
+    fixed = protocols = init = None
+    if preset.study_preset is not None:
+        from fgray.tune.presets import get_preset
+
+        study_preset = get_preset(preset.study_preset)
+        fixed = {m: study_preset.settings_for(m) for m in preset.study_methods}
+        protocols, init = list(study_preset.protocols), study_preset.init
     for side, workers in PATHS.items():
         job = {"case": case.describe(), "trials": preset.study_trials,
                "epochs": preset.study_epochs, "workers": workers,
                "methods": list(preset.study_methods), "seeds": preset.study_seeds,
+               "fixed": fixed, "protocols": protocols, "init": init,
                "val_fraction": preset.study_val_fraction,
                "storage": str(workdir / "study-bench"), "data_root": str(data_root),
                "cache_dir": str(workdir / "cache")}

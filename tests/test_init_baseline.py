@@ -9,9 +9,12 @@ import torch.nn.functional as F
 
 from fgray.data.augment import eval_view_boxes, eval_view_points
 from fgray.engine.evaluate import InitialWeights, evaluate_init, evaluate_method
+from fgray.engine.features import embed_split
+from fgray.engine.loop import to_channels_last
 from fgray.engine.run import load_splits
-from fgray.engine.spec import DataSpec, build_spec
+from fgray.engine.spec import DataSpec, TrainConfig, build_spec
 from fgray.eval.retrieval import retrieval_metrics
+from fgray.methods import build_method
 from fgray.models.backbone import create_backbone
 
 
@@ -89,3 +92,27 @@ def test_localisation_scores_a_map_that_points_at_the_box(spec_and_data):
     outside = evaluate_method(model, spec, data, ["localisation"], device=torch.device("cpu"),
                               progress=False)
     assert outside["loc_box_mass"] < 0.05
+
+
+def test_channels_last_small_batch_embedding_equals_the_plain_one(spec_and_data):
+    """Evaluation embeds with a CNN in channels-last and, on a CPU, 32 images a batch (both
+    faster there); the features are the plain layout's, whatever the batch."""
+    spec, data = spec_and_data
+    assert spec.train.eval_batch_for(torch.device("cpu")) == 32
+    assert spec.train.eval_batch_for(torch.device("cuda")) == 256
+    assert TrainConfig(eval_batch_size=5).eval_batch_for(torch.device("cpu")) == 5
+    splits = load_splits(data, spec.train.decoded_size, with_test=True, progress=False)
+    torch.manual_seed(0)
+    method = build_method("moco", backbone="test_resnet", image_size=48,
+                          config=spec.method_config)
+    norm = {"mean": spec.augment.mean, "std": spec.augment.std}
+    plain, labels = embed_split(method, method.embed, splits.test, 48, 256,
+                                torch.device("cpu"), **norm)
+    assert to_channels_last(method, spec.train)
+    conv = next(m for m in method.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    fast, fast_labels = embed_split(method, method.embed, splits.test, 48, 5,
+                                    torch.device("cpu"), channels_last=True, **norm)
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-4)
+    assert torch.equal(fast_labels, labels)
+    assert not to_channels_last(method, TrainConfig(channels_last=False))

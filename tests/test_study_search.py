@@ -154,3 +154,38 @@ def test_each_method_has_its_own_rungs_and_retrains_run_their_budget(tmp_path):
     assert report(c, 10.0) == TrialScheduler.CONTINUE
     assert report(retrain, 0.0) == TrialScheduler.CONTINUE  # never stopped early
     assert report(job, 0.0) == TrialScheduler.CONTINUE
+
+
+def test_after_the_experiment_only_untested_models_start_a_task(tmp_path, monkeypatch):
+    """What the search experiment tested is not tested again after it -- not even by a Ray
+    task that would find it done: a task costs a fresh worker's imports."""
+    from fgray.results.records import record_init, record_test
+    from fgray.tune import study as study_module
+
+    study = _study(tmp_path)
+    launched = []
+
+    class Task:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def remote(self, *args):
+            launched.append((self.fn.__name__, args[1:3]))
+
+    monkeypatch.setattr(study_module, "_task", lambda resources, fn: Task(fn))
+    monkeypatch.setattr(study_module.ray, "get", lambda refs: refs)
+    trials = [{"method": "moco", "trial_id": "a", "seed": 0, "best_val_knn_top1": 40.0},
+              {"method": "moco", "trial_id": "b", "seed": 1, "best_val_knn_top1": 30.0}]
+    record_test(study.study_dir, "moco", "a", {"knn_top1": 41.0}, seed=0)
+    study_module.evaluate_trials(study, trials, study_module.WorkerResources())
+    study_module.evaluate_init_rows(study, study_module.WorkerResources())
+    assert launched == [("test_final_model", ("moco", "b")),
+                        ("test_init_weights", (INIT, study_module.WorkerResources()))]
+
+    launched.clear()
+    spec = study_module.init_targets(study)[INIT]
+    record_init(study.study_dir, INIT, spec, {"knn_top1": 12.0})
+    record_test(study.study_dir, "moco", "b", {"knn_top1": 31.0}, seed=1)
+    study_module.evaluate_trials(study, trials, study_module.WorkerResources())
+    study_module.evaluate_init_rows(study, study_module.WorkerResources())
+    assert launched == []

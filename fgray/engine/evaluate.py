@@ -16,7 +16,7 @@ from torch import nn
 from fgray.data.augment import augment_preset, eval_transform, eval_view_boxes, eval_view_points
 from fgray.data.cache import CachedSplit
 from fgray.engine.features import embed_split
-from fgray.engine.loop import autocast_for, read_checkpoint
+from fgray.engine.loop import autocast_for, read_checkpoint, to_channels_last
 from fgray.engine.run import load_splits
 from fgray.engine.spec import DataSpec, RunSpec
 from fgray.errors import UserError
@@ -61,14 +61,15 @@ def evaluate_method(method: Method, spec: RunSpec, data: DataSpec, protocols: li
     target = splits.test if split == "test" else splits.val
     if target is None:
         raise UserError(f"{data.root}: the {split} split is empty")
-    bs = spec.train.eval_batch_size
+    bs = spec.train.eval_batch_for(device)
     norm = {"mean": spec.augment.mean, "std": spec.augment.std}
+    layout = {"channels_last": to_channels_last(method, spec.train), **norm}
     with autocast_for(device, spec.train.precision):
-        feats, labels = embed_split(method, method.embed, target, size, bs, device, **norm)
+        feats, labels = embed_split(method, method.embed, target, size, bs, device, **layout)
         need_train = any(p not in ("retrieval", "localisation") for p in protocols)
         if need_train:
             bank, bank_labels = embed_split(method, method.embed, splits.train, size, bs, device,
-                                            **norm)
+                                            **layout)
     out: dict[str, float] = {}
     n_cls = splits.dataset.num_classes
     if "retrieval" in protocols:

@@ -76,6 +76,18 @@ def read_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dic
     return state
 
 
+def to_channels_last(method: Method, cfg: TrainConfig) -> bool:
+    """Move a CNN method to channels-last when `cfg.channels_last`; returns whether it did
+    (its inputs should then be channels-last too). Faster on GPUs, and on CPUs too (oneDNN):
+    measured 1.5x for tf_efficientnet_lite0's forward + backward at 96 px on one core
+    (benchmarks/datapath.py), 1.5-2x for its forward alone. ViTs have no convolutions to
+    speed up."""
+    use = cfg.channels_last and not method.backbone.is_vit
+    if use:
+        method.to(memory_format=torch.channels_last)
+    return use
+
+
 def autocast_for(device: torch.device, precision: str):
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     if not use_bf16:
@@ -115,12 +127,7 @@ class Pretrainer:
                             f" ({len(train_data)} images): expected at most {len(train_data)}")
 
         self.method = method.to(self.device)
-        # Channels-last convolutions: faster on GPUs, and on CPUs too (oneDNN): measured
-        # 1.5x for tf_efficientnet_lite0's forward + backward at 96 px on one core
-        # (benchmarks/datapath.py). ViTs have no convolutions to speed up.
-        self.channels_last = cfg.channels_last and not method.backbone.is_vit
-        if self.channels_last:
-            self.method.to(memory_format=torch.channels_last)
+        self.channels_last = to_channels_last(self.method, cfg)
         self.model: nn.Module = self.method
         if world_size > 1:
             if method.sync_bn:
@@ -303,12 +310,13 @@ class Pretrainer:
         """kNN top-1/top-5 on the validation split, the train split as the memory bank."""
         if self.val_data is None or self.rank != 0:
             return {}
-        size, bs, m = self.cfg.image_size, self.cfg.eval_batch_size, self.method
+        size, bs, m = self.cfg.image_size, self.cfg.eval_batch_for(self.device), self.method
+        layout = {"channels_last": self.channels_last, **self.norm}
         with autocast_for(self.device, self.cfg.precision):
             bank, bank_labels = embed_split(m, m.embed, self.train_data, size, bs, self.device,
-                                            **self.norm)
+                                            **layout)
             feats, labels = embed_split(m, m.embed, self.val_data, size, bs, self.device,
-                                        **self.norm)
+                                        **layout)
         if not (torch.isfinite(bank).all() and torch.isfinite(feats).all()):  # not the data's
             raise FloatingPointError(f"non-finite embeddings at epoch {self.epoch} (val kNN): "
                                      "the model overflows")

@@ -17,6 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import torch
+
 from fgray.config import apply_overrides, check_range, config_hash, split_settings
 from fgray.data.augment import PRESETS, AugmentConfig
 from fgray.engine.optim import OptimConfig
@@ -38,7 +40,10 @@ class TrainConfig:
     knn_temperature: float = 0.1
     eval_every: int = 1
     visual_every: int = 1  # epochs between TensorBoard spatial maps / image pairs; 0: none
-    eval_batch_size: int = 256
+    # Images per embedding batch in evaluation (val kNN, test). None: 256 on a GPU, 32 on a
+    # CPU, where a small batch stays in cache: 1.7x the images/s of 256 for
+    # tf_efficientnet_lite0 at 96 px on one core (channels-last).
+    eval_batch_size: int | None = None
     keep_checkpoints: int = 2
 
     def validate(self) -> None:
@@ -51,6 +56,14 @@ class TrainConfig:
         check_range("eval_every", self.eval_every, 1)
         check_range("visual_every", self.visual_every, 0)
         check_range("keep_checkpoints", self.keep_checkpoints, 1)
+        if self.eval_batch_size is not None:
+            check_range("eval_batch_size", self.eval_batch_size, 1)
+
+    def eval_batch_for(self, device: torch.device) -> int:
+        """`eval_batch_size`, or its default for `device`."""
+        if self.eval_batch_size is not None:
+            return self.eval_batch_size
+        return 256 if device.type == "cuda" else 32
 
     @property
     def decoded_size(self) -> int:

@@ -886,14 +886,18 @@ def test_init_weights(study: StudyConfig, name: str, resources: WorkerResources)
     from fgray.engine.evaluate import evaluate_init
     from fgray.engine.run import resolve_device
 
-    known = latest_trial_row(study.study_dir, name, name)
-    if known is not None and known.get("status") == "completed":
+    if _init_recorded(study, name):
         return
     began, spec = time.time(), init_targets(study)[name]
     metrics = evaluate_init(spec, spec.data, study.protocols, device=resolve_device(None),
                             seed=study.seed, progress=False)
     record_init(study.study_dir, name, spec, metrics, study=study.name, start_time=began,
                 cpus=resources.cpus, gpus=resources.gpus)
+
+
+def _init_recorded(study: StudyConfig, name: str) -> bool:
+    known = latest_trial_row(study.study_dir, name, name)
+    return known is not None and known.get("status") == "completed"
 
 
 def evaluate_job(job: dict[str, Any], setup: TrialSetup) -> None:
@@ -921,15 +925,21 @@ def evaluate_trials(study: StudyConfig, trials: list[dict[str, Any]],
     best trial of each method is projected. What a compare study, or a resumed one whose
     experiment left something untested, runs after its experiment."""
     projected = best_per_method(trials)
+    # Checked here too, not only in the task: a task costs a fresh worker's imports (~10 s
+    # on a laptop), and after a search experiment nothing is normally left to test.
+    tested = _tested(study.study_dir, {t["trial_id"] for t in trials})
     task = _task(resources, test_final_model)
     ray.get([task.remote(study, t["method"], t["trial_id"], int(t.get("seed") or 0),
-                         t["trial_id"] in projected) for t in trials])
+                         t["trial_id"] in projected)
+             for t in trials if t["trial_id"] not in tested])
 
 
 def evaluate_init_rows(study: StudyConfig, resources: WorkerResources) -> None:
-    """`test_init_weights` of each init row, as Ray tasks (see `evaluate_trials`)."""
+    """`test_init_weights` of each init row not yet recorded, as Ray tasks (see
+    `evaluate_trials`)."""
     task = _task(resources, test_init_weights)
-    ray.get([task.remote(study, name, resources) for name in init_targets(study)])
+    ray.get([task.remote(study, name, resources) for name in init_targets(study)
+             if not _init_recorded(study, name)])
 
 
 def init_targets(study: StudyConfig) -> dict[str, RunSpec]:
