@@ -102,8 +102,6 @@ def study(r: dict[str, Any]) -> str:
            f"| (Σ trial + Σ test evaluation wall time) / concurrency | {cells(lambda x: '(' + _f(x['trial_time_s'], 1) + ' + ' + _f(x.get('evaluation_time_s', 0.0), 1) + ') s / ' + str(x['concurrency']) + ' = ' + _f(x['ideal_s'], 1) + ' s')} |\n"  # noqa: E501
            f"| ratio (target <= {r['target_ratio']}) | {cells(lambda x: _f(x['overhead_ratio']))} |\n"  # noqa: E501
            f"| overhead (wall - ideal) | {cells(lambda x: _f(x.get('overhead_s'), 1) + ' s')} |\n"  # noqa: E501
-           f"| ratio up to the last trial's end (no final test evaluation) |"
-           f" {cells(lambda x: _f(x['training_phase_ratio']))} |\n"
            f"| per-trial fixed cost, median / max (target <= {target} s) |"
            f" {cells(lambda x: _f(x.get('fixed_s_median')) + ' / ' + _f(x.get('fixed_s_max')) + ' s')} |\n"  # noqa: E501
            f"| first trial started after | {cells(lambda x: _f(x['first_trial_start_s'], 1) + ' s')} |\n"  # noqa: E501

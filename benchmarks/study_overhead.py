@@ -19,17 +19,16 @@ validation split, per-method settings and test protocols; two trials per method,
 each retrained over two more seeds, every final model and the initial weights tested; TPE
 over each method's space, ASHA on val kNN top-1 with a grace period of one epoch) -- with one
 CPU per trial (on a GPU, half a GPU per trial) and as many trials at once as there are cores
-(GPU: twice the GPUs). The ideal is the
-study's work spread over those slots: Σ trial wall time (the trials table's `wall_time_s`,
-the recorder's clock from a trial's start to its end) plus Σ test evaluation time (each
-evaluation job's own clock), over the concurrency. The ratio wall / ideal counts everything a
-study does besides that work: Tune's start-up, the trial processes' imports, Optuna, the gaps
-between one trial's end and the next one's start, and slots left idle while the last trials
-finish (a trial's own TorchTrainer start-up, per-epoch tables and TensorBoard fall inside its
-wall time). `training_phase_ratio` stops the study clock at the last trial's end. Both leave
-out starting the local Ray itself (`ray_init_s`), which a study submitted to a running
-cluster does not pay. Each trial's start and end (seconds from the study's start) show where
-the rest goes.
+(GPU: twice the GPUs). The ideal is the study's work spread over those slots: Σ trial wall
+time (the trials table's `wall_time_s`, the recorder's clock from a trial's start to its end)
+plus Σ test evaluation time (each evaluation job's own clock), over the concurrency. The
+ratio wall / ideal counts everything a study does besides that work: Tune's start-up, the
+trial processes' imports, Optuna, the gaps between one trial's end and the next one's start,
+and slots left idle while the last trials finish (a trial's own TorchTrainer start-up,
+per-epoch tables and TensorBoard fall inside its wall time). It leaves out starting the
+local Ray itself (`ray_init_s`), which a study submitted to a running cluster does not pay.
+Each trial's start and end in seconds from the study's start (`per_trial` in the JSON; a
+tested model's end is its test evaluation's) show where the rest goes.
 
 The study runs in a child process with a time limit, so a Ray that stops making progress
 cannot hang the harness. One such case was seen on a host running other Ray clusters: the
@@ -134,8 +133,6 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
                               load(summary.study_dir, "epochs").to_pylist(), start)
     fixed = sorted(t["fixed_s"] for t in per_trial)
     ideal = summary.ideal_s
-    training_wall = max((t["end_s"] for t in per_trial if t["end_s"] is not None),
-                        default=float("nan"))
     return {
         "case": case.describe(), "mode": "search", "epochs": job["epochs"],
         "workers": job["workers"],
@@ -147,8 +144,6 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
         # Fixed cost of this study over its ideal: ratio = 1 + overhead_s / ideal_s, so a
         # study of longer trials amortises it.
         "overhead_s": summary.wall_time_s - ideal,
-        "training_phase_wall_s": training_wall,
-        "training_phase_ratio": training_wall / ideal if ideal > 0 else float("nan"),
         "stopped": summary.stopped, "failed": summary.failed,
         "first_trial_start_s": min((t["start_s"] for t in per_trial
                                     if t["start_s"] is not None), default=float("nan")),
@@ -201,8 +196,8 @@ def run(preset: Preset, workdir: Path, data_root: Path, device: torch.device, *,
         print(f"[study] --workers {workers}: wall {r['wall_time_s']:.1f} s vs (Σ trial time +"
               f" Σ test evaluation time) / concurrency {r['ideal_s']:.1f} s ({r['trials']}"
               f" trials, {r['concurrency']} at"
-              f" a time): ratio {r['overhead_ratio']:.2f} (target <= {TARGET_RATIO}); training"
-              f" phase only {r['training_phase_ratio']:.2f}; per-trial fixed cost median"
+              f" a time): ratio {r['overhead_ratio']:.2f} (target <= {TARGET_RATIO});"
+              f" per-trial fixed cost median"
               f" {r['fixed_s_median']:.2f} s, max {r['fixed_s_max']:.2f} s (target <="
               f" {TARGET_FIXED_S:g} s); first trial started after"
               f" {r['first_trial_start_s']:.1f} s", flush=True)

@@ -155,7 +155,7 @@ def test_study_benchmark_splits_trial_time_into_epochs_and_fixed_cost():
 def test_study_section_shows_both_paths_side_by_side():
     side = {"wall_time_s": 50.0, "trial_time_s": 80.0, "evaluation_time_s": 10.0,
             "concurrency": 2, "ideal_s": 45.0,
-            "overhead_ratio": 50 / 45, "overhead_s": 5.0, "training_phase_ratio": 1.05,
+            "overhead_ratio": 50 / 45, "overhead_s": 5.0,
             "fixed_s_median": 0.8, "fixed_s_max": 1.2, "first_trial_start_s": 3.0,
             "ray_init_s": 4.0, "trials": 4, "mode": "search", "epochs": 2, "stopped": 1,
             "failed": 0}

@@ -135,3 +135,26 @@ def test_rerun_of_the_same_name_resumes(failed_once_run):
     assert failed_once_run["again"] == failed_once_run["run"]
     epochs = load(failed_once_run["storage"], "epochs").to_pylist()
     assert sorted(e["epoch"] for e in epochs) == list(range(1, EPOCHS + 1))  # nothing retrained
+
+
+def test_a_killed_workers_scratch_is_removed_by_the_next_worker(tmp_path):
+    """A SIGKILLed trial never removes its scratch; the next worker on the host does, and
+    only the scratch of processes that no longer run."""
+    import subprocess
+    import sys
+
+    from fgray.train.trainer import worker_scratch
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f"fgray-worker-{dead.pid}-k1ll3d"
+    stale.mkdir()
+    (stale / "checkpoint.pt").write_bytes(b"weights")
+    alive = tmp_path / f"fgray-worker-{os.getppid()}-r4nn1n"  # pytest's parent runs
+    alive.mkdir()
+    unnamed = tmp_path / "fgray-worker-0lup00wh"  # no pid in the name: left alone
+    unnamed.mkdir()
+    new = worker_scratch(str(tmp_path))
+    assert not stale.exists() and alive.is_dir() and unnamed.is_dir()
+    assert new.is_dir() and new.parent == tmp_path
+    assert new.name.startswith(f"fgray-worker-{os.getpid()}-")

@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -382,6 +383,32 @@ def kept_checkpoints(run_uri: str) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
+SCRATCH_PREFIX = "fgray-worker-"
+
+
+def worker_scratch(root: str | None = None) -> Path:
+    """A new scratch folder for this worker process, named after its pid
+    (`fgray-worker-<pid>-<random>` in the temp folder, or `root`). The scratch of a process
+    that no longer runs is removed first: a trial killed by SIGKILL (a lost node, the OOM
+    killer, a test's crash) never reaches the `finally` that removes its own."""
+    base = Path(root or tempfile.gettempdir())
+    for old in base.glob(f"{SCRATCH_PREFIX}*-*"):
+        pid = old.name[len(SCRATCH_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not _process_exists(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-", dir=base))
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
 def worker_loop(config: dict[str, Any], session: TrainSession | TuneSession | None = None
                 ) -> None:
     """The engine loop of one rank: the function every Ray Train worker runs
@@ -393,7 +420,7 @@ def worker_loop(config: dict[str, Any], session: TrainSession | TuneSession | No
     spec = RunSpec.from_dict(config["spec"])
     rank, world, device = session.rank, session.world, session.device
     # Worker-local scratch for the Pretrainer's files; what must last is reported to storage.
-    scratch = Path(tempfile.mkdtemp(prefix="fgray-worker-"))
+    scratch = worker_scratch()
     best = Best()  # the best val kNN top-1 so far, restored history included
     clock = {"last": time.perf_counter()}
     started = time.time()  # this process's running segment (`fgray.results.records.running_time`)
