@@ -65,10 +65,11 @@ class Preset:
     scaling: Case
     scaling_steps: int
     pil_workers: int  # DataLoader workers of the PIL reference
-    study_methods: tuple[str, ...] = ("moco",)  # searched in one study, with `study.sets`
-    # A study preset whose per-method settings the study uses (`Preset.settings_for`); None:
-    # every method with `study.sets`.
-    study_preset: str | None = None
+    study_methods: tuple[str, ...] = ("moco",)  # searched in one study
+    # Each method's settings (qualified keys); None: `study.sets` for every method.
+    study_fixed: dict[str, dict[str, Any]] | None = None
+    study_protocols: tuple[str, ...] = ("knn",)  # the test evaluations' protocols
+    study_init: str = "random"
     study_seeds: int = 1  # seeds of each method's best (retrains: seeds - 1)
     study_data: SynthData | None = None  # the study's own set (None: `data`)
     study_val_fraction: float = 0.1
@@ -111,7 +112,9 @@ def presets(tiny: bool = False) -> dict[str, Preset]:
         study=dataclasses.replace(smoke, name=f"smoke-{smoke.backbone}-{smoke.image_size}px"),
         study_trials=smoke_preset.trials, study_epochs=smoke_preset.epochs,
         study_methods=tuple(smoke_preset.methods), study_seeds=smoke_preset.seeds,
-        study_preset="smoke", study_data=SynthData(**smoke_preset.synthetic),
+        study_fixed={m: smoke_preset.settings_for(m) for m in smoke_preset.methods},
+        study_protocols=tuple(smoke_preset.protocols), study_init=smoke_preset.init,
+        study_data=SynthData(**smoke_preset.synthetic),
         study_val_fraction=smoke_preset.val_fraction,
         memory=(smoke, paper), scaling=cpu_case, scaling_steps=10, pil_workers=cores)
     if tiny:
@@ -120,8 +123,8 @@ def presets(tiny: bool = False) -> dict[str, Preset]:
         cpu = dataclasses.replace(
             cpu, data=SynthData(classes=4, per_class=16, size=40), datapath=(small,), epochs=1,
             ray=small, ray_epochs=2, study=small, study_trials=2, study_epochs=1,
-            study_methods=("moco",), study_seeds=1, study_preset=None, study_data=None,
-            study_val_fraction=0.1,
+            study_methods=("moco",), study_seeds=1, study_fixed=None, study_protocols=("knn",),
+            study_init="random", study_data=None, study_val_fraction=0.1,
             memory=(dataclasses.replace(small, name="smoke"),), scaling=small, scaling_steps=2,
             pil_workers=min(cores, 2))
     gpu_r50 = Case("moco-resnet50-224px", backbone="resnet50", image_size=224, batch_size=128)

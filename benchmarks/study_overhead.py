@@ -117,10 +117,9 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
         methods=methods, mode="search", trials=job["trials"], epochs=job["epochs"],
         seeds=job.get("seeds", 1), grace_period=1, batch_size=case.batch_size,
         image_size=case.image_size, backbones=dict.fromkeys(methods, case.backbone),
-        fixed=job.get("fixed") or {m: dict(case.sets) for m in methods},
+        fixed=job["fixed"] or {m: dict(case.sets) for m in methods},
         workers=job["workers"], cpus_per_worker=1.0, gpus_per_worker=0.5 if gpus else 0.0,
-        concurrency=concurrency, protocols=job.get("protocols") or ["knn"],
-        init=job.get("init") or "random")
+        concurrency=concurrency, protocols=job["protocols"], init=job["init"])
     temp = tempfile.mkdtemp(prefix="r", dir="/tmp")  # Ray's socket paths must stay short
     begin = time.time()
     try:
@@ -168,18 +167,12 @@ def run(preset: Preset, workdir: Path, data_root: Path, device: torch.device, *,
     warm_cache(case, data_root, workdir / "cache", val_fraction=preset.study_val_fraction)
     out: dict[str, Any] = {"case": case.describe(), "target_ratio": TARGET_RATIO,
                            "target_fixed_s": TARGET_FIXED_S}
-    fixed = protocols = init = None
-    if preset.study_preset is not None:
-        from fgray.tune.presets import get_preset
-
-        study_preset = get_preset(preset.study_preset)
-        fixed = {m: study_preset.settings_for(m) for m in preset.study_methods}
-        protocols, init = list(study_preset.protocols), study_preset.init
     for side, workers in PATHS.items():
         job = {"case": case.describe(), "trials": preset.study_trials,
                "epochs": preset.study_epochs, "workers": workers,
                "methods": list(preset.study_methods), "seeds": preset.study_seeds,
-               "fixed": fixed, "protocols": protocols, "init": init,
+               "fixed": preset.study_fixed, "protocols": list(preset.study_protocols),
+               "init": preset.study_init,
                "val_fraction": preset.study_val_fraction,
                "storage": str(workdir / "study-bench"), "data_root": str(data_root),
                "cache_dir": str(workdir / "cache")}

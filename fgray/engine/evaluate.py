@@ -51,7 +51,8 @@ def evaluate_method(method: Method, spec: RunSpec, data: DataSpec, protocols: li
                     progress: bool = True, return_features: bool = False,
                     ) -> dict[str, float] | tuple[dict[str, float], Features]:
     """The metrics of `protocols` on `split`; with `return_features`, also that split's
-    features, labels and the dataset's class names (for the embedding projector)."""
+    features, labels and the dataset's class names (for the embedding projector). A CNN
+    `method` is left in channels-last when `spec.train.channels_last` (`to_channels_last`)."""
     unknown = [p for p in protocols if p not in PROTOCOLS]
     if unknown:
         raise UserError(f"unknown protocol {unknown[0]!r}: expected {', '.join(PROTOCOLS)}")
