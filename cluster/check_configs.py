@@ -8,7 +8,12 @@
   client (10001) ports: an unauthenticated jobs API is remote code execution for anyone who
   reaches it, and a token only helps if it cannot be brute-forced from the whole internet;
 - Ray token authentication (RAY_AUTH_MODE=token) is on in every cluster, the token comes from
-  a file outside the repository or a Kubernetes Secret, and no token literal is written here.
+  a file outside the repository or a Kubernetes Secret, and no token literal is written here;
+- every pod of every KubeRay RayCluster/RayJob is selected by a NetworkPolicy that lets only
+  the cluster's own pods (and a RayJob's submitter and the KubeRay operator, on 8265) reach
+  Ray's ports, and still lets the cluster work;
+- every plain Kubernetes manifest (NetworkPolicy, ServiceAccount ...) validates against
+  Kubernetes' own schema (kubernetes-validate, offline, unknown fields refused).
 
 The walkers read parsed structures (YAML documents, or the gcloud commands of a shell
 script turned into firewall-rule dicts), so they work on the repository's files and on any
@@ -24,7 +29,7 @@ import re
 import shlex
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -365,6 +370,341 @@ def _ray_up_token_problems(cfg: dict, where: str, repo_root: Path | None) -> lis
     return problems
 
 
+# ----------------------------------------------------------------------------- Kubernetes
+
+# The Kubernetes minor version whose schema plain manifests are validated against; an older
+# kubernetes-validate that does not ship it falls back to the newest it has.
+KUBERNETES_VERSION = "1.35"
+# A RayJob's cluster is named <rayjob>-<5 random characters>: no label value can equal this.
+_RANDOM = "?????"
+# The labels the KubeRay Helm chart puts on the operator pod (the README installs it so).
+_OPERATOR_LABELS = {"app.kubernetes.io/name": "kuberay-operator",
+                    "app.kubernetes.io/instance": "kuberay-operator",
+                    "app.kubernetes.io/component": "kuberay-operator"}
+
+
+def is_kubernetes_manifest(doc: Any) -> bool:
+    """A plain Kubernetes object (NetworkPolicy, ServiceAccount ...): not a Ray custom resource."""
+    return (isinstance(doc, dict) and isinstance(doc.get("apiVersion"), str)
+            and isinstance(doc.get("kind"), str) and not is_kuberay(doc))
+
+
+def is_network_policy(doc: Any) -> bool:
+    return is_kubernetes_manifest(doc) and doc["kind"] == "NetworkPolicy"
+
+
+def kubernetes_version() -> str:
+    """KUBERNETES_VERSION, or the newest the installed kubernetes-validate ships if older."""
+    import kubernetes_validate
+    from packaging.version import Version
+
+    newest = ".".join(kubernetes_validate.latest_version().split(".")[:2])
+    return min(KUBERNETES_VERSION, newest, key=Version)
+
+
+def kubernetes_schema_errors(doc: dict, version: str | None = None) -> list[str]:
+    """Why `doc` is not a valid object of Kubernetes `version` (strict: no unknown field)."""
+    import kubernetes_validate
+
+    version = version or kubernetes_version()
+    try:
+        kubernetes_validate.validate(doc, version, strict=True)
+    except kubernetes_validate.ValidationError as e:
+        return [f"{'.'.join(map(str, e.absolute_path)) or '<top>'}: {e.message}"]
+    except kubernetes_validate.SchemaNotFoundError:
+        return [f"Kubernetes {version} has no kind {doc['kind']} in {doc['apiVersion']} (a typo, "
+                "or a custom resource this checker does not know)"]
+    return []
+
+
+@dataclass
+class Pod:
+    """A pod as KubeRay (or the Job controller) will label it: what a NetworkPolicy selects."""
+
+    role: str
+    labels: dict
+    namespace: str | None = None
+    ports: dict = field(default_factory=dict)  # named container ports
+
+
+def _ray_cluster_spec(doc: dict) -> dict:
+    spec = doc.get("spec") or {}
+    return (spec.get("rayClusterSpec") or {}) if doc.get("kind") == "RayJob" else spec
+
+
+def _ray_groups(doc: dict) -> list[tuple[str, str, str, dict]]:
+    """(role, node type, group label, pod template) of the head and of each worker group."""
+    spec = _ray_cluster_spec(doc)
+    head = spec.get("headGroupSpec") or {}
+    groups = [("head", "head", "headgroup", head.get("template") or {})]
+    for group in spec.get("workerGroupSpecs") or []:
+        name = group.get("groupName", "")
+        groups.append((f"worker group {name}", "worker", name, group.get("template") or {}))
+    return groups
+
+
+def _ray_node_labels(cluster: str, node_type: str, group: str, template: dict) -> dict:
+    labels = {"ray.io/is-ray-node": "yes", "ray.io/identifier": f"{cluster}-{node_type}",
+              "app.kubernetes.io/name": "kuberay", "app.kubernetes.io/created-by":
+              "kuberay-operator"}
+    labels.update((template.get("metadata") or {}).get("labels") or {})
+    # KubeRay does not let the template override these three.
+    labels.update({"ray.io/cluster": cluster, "ray.io/node-type": node_type, "ray.io/group": group})
+    return labels
+
+
+def kuberay_pods(doc: dict, cluster: str | None = None) -> list[Pod]:
+    """The head and one pod per worker group of a RayCluster/RayJob, labelled as KubeRay does.
+
+    A RayJob's cluster is named after it plus 5 random characters, so the ray.io/cluster label
+    of its pods matches no value a selector could name in advance."""
+    meta = doc.get("metadata") or {}
+    if cluster is None:
+        name = meta.get("name", "")
+        cluster = name if doc.get("kind") == "RayCluster" else f"{name}-{_RANDOM}"
+    pods = []
+    for role, node_type, group, template in _ray_groups(doc):
+        ports = {p["name"]: p.get("containerPort")
+                 for c in (template.get("spec") or {}).get("containers") or []
+                 for p in c.get("ports") or [] if "name" in p}
+        pods.append(Pod(role, _ray_node_labels(cluster, node_type, group, template),
+                        meta.get("namespace"), ports))
+    return pods
+
+
+def submitter_pod(doc: dict, name: str | None = None) -> Pod | None:
+    """The pod that runs `ray job submit` for a RayJob in K8sJobMode (the default), or None.
+
+    KubeRay runs it as a Kubernetes Job named after the RayJob, and the Job controller labels
+    the Job's pods with that name (KubeRay 1.7 adds ray.io/originated-from-*; 1.6 does not)."""
+    spec = doc.get("spec") or {}
+    if doc.get("kind") != "RayJob" or spec.get("submissionMode", "K8sJobMode") != "K8sJobMode":
+        return None
+    meta = doc.get("metadata") or {}
+    name = name or meta.get("name", "")
+    labels = dict(((spec.get("submitterPodTemplate") or {}).get("metadata") or {}).get("labels")
+                  or {})
+    labels.update({"batch.kubernetes.io/job-name": name, "job-name": name,
+                   "batch.kubernetes.io/controller-uid": _RANDOM, "controller-uid": _RANDOM})
+    return Pod(f"submitter pod (Job {name})", labels, meta.get("namespace"))
+
+
+def label_selector_matches(selector: dict | None, labels: dict) -> bool:
+    """Kubernetes LabelSelector semantics; an empty selector matches every pod."""
+    selector = selector or {}
+    if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    for expr in selector.get("matchExpressions") or []:
+        key, values = expr.get("key"), expr.get("values") or []
+        has = key in labels
+        if not {"In": has and labels.get(key) in values,
+                "NotIn": not has or labels.get(key) not in values,
+                "Exists": has, "DoesNotExist": not has}.get(expr.get("operator"), False):
+            return False
+    return True
+
+
+def _selector_text(selector: dict | None) -> str:
+    selector = selector or {}
+    parts = [f"{k}={v}" for k, v in (selector.get("matchLabels") or {}).items()]
+    for e in selector.get("matchExpressions") or []:
+        values = f" ({', '.join(map(str, e.get('values') or []))})" if e.get("values") else ""
+        parts.append(f"{e.get('key')} {e.get('operator')}{values}")
+    return "{" + ", ".join(parts) + "}"
+
+
+def _peer_text(peer: dict) -> str:
+    if "namespaceSelector" not in peer:
+        return f"pods matching {_selector_text(peer.get('podSelector'))}"
+    namespaces = f"namespaces matching {_selector_text(peer['namespaceSelector'])}"
+    if "podSelector" not in peer:
+        return f"every pod in {namespaces}"
+    return f"pods matching {_selector_text(peer['podSelector'])} in {namespaces}"
+
+
+def _peer_matches(peer: dict, pod: Pod, namespace: str | None) -> bool:
+    """Whether a `from` peer admits `pod`; an ipBlock admits no pod by its labels."""
+    if "ipBlock" in peer:
+        return False
+    if "namespaceSelector" in peer:
+        # Namespace labels are not in these files: the selector may match any namespace.
+        return "podSelector" not in peer or label_selector_matches(peer["podSelector"], pod.labels)
+    return pod.namespace == namespace and label_selector_matches(peer.get("podSelector"),
+                                                                 pod.labels)
+
+
+def _rule_ray_ports(rule: dict, pod: Pod) -> tuple[set[int], bool]:
+    """Ray ports an ingress rule opens on `pod` (named ports resolved), and whether it opens
+    every port."""
+    opened: set[int] = set()
+    for p in rule.get("ports") or [{}]:
+        if str(p.get("protocol") or "TCP").upper() != "TCP":
+            continue
+        port = p.get("port")
+        if port is None:
+            return set(RAY_PORTS), True
+        if isinstance(port, str):
+            port = pod.ports.get(port) or (int(port) if port.isdigit() else None)
+            if not isinstance(port, int):
+                continue
+        end = p.get("endPort") or port
+        opened |= {q for q in RAY_PORTS if port <= q <= end}
+    return opened, False
+
+
+def _ingress_policies(policies: list[tuple[str, dict]], pod: Pod) -> list[tuple[str, dict]]:
+    """The NetworkPolicies that restrict ingress to `pod`."""
+    return [(where, p) for where, p in policies
+            if (p.get("metadata") or {}).get("namespace") == pod.namespace
+            and "Ingress" in ((p.get("spec") or {}).get("policyTypes") or ["Ingress"])
+            and label_selector_matches((p.get("spec") or {}).get("podSelector"), pod.labels)]
+
+
+def _admits(policies: list[tuple[str, dict]], pod: Pod, sender: Pod, port: int | None) -> bool:
+    """Whether `sender` may connect to `pod` on `port` (None: on every port)."""
+    for _, policy in _ingress_policies(policies, pod):
+        for rule in (policy.get("spec") or {}).get("ingress") or []:
+            opened, every = _rule_ray_ports(rule, pod)
+            if not (every if port is None else port in opened):
+                continue
+            if not rule.get("from") or any(_peer_matches(peer, sender, pod.namespace)
+                                           for peer in rule["from"]):
+                return True
+    return False
+
+
+def _foreign_pods(doc: dict, others: list[dict]) -> list[Pod]:
+    """Pods that must not reach the cluster: strangers, lookalikes, the folder's other clusters."""
+    meta = doc.get("metadata") or {}
+    namespace = meta.get("namespace")
+    template_labels = {k: v for _, _, _, t in _ray_groups(doc)
+                       for k, v in ((t.get("metadata") or {}).get("labels") or {}).items()}
+    foreign = [Pod("any pod without labels", {}, namespace),
+               Pod("any pod with the pod-template labels that is no Ray node", template_labels,
+                   namespace),
+               Pod("another Ray cluster's head pod",
+                   _ray_node_labels("another-ray-cluster", "head", "headgroup", {}), namespace),
+               Pod("another Ray cluster's worker pod",
+                   _ray_node_labels("another-ray-cluster", "worker", "workers", {}), namespace),
+               Pod("another RayJob's submitter pod", submitter_pod(
+                   {"kind": "RayJob", "metadata": meta}, "another-rayjob").labels, namespace)]
+    foreign += [Pod(f"the {p.role} pod of the same cluster name in another namespace", p.labels,
+                    "another-namespace", p.ports) for p in kuberay_pods(doc)]
+    if doc.get("kind") == "RayCluster":
+        foreign += [Pod(f"the {p.role} pod of another RayCluster from the same manifest",
+                        p.labels, p.namespace, p.ports)
+                    for p in kuberay_pods(doc, f"{meta.get('name', '')}-copy")]
+    for other in others:
+        name = f"{other.get('kind')} {(other.get('metadata') or {}).get('name')}"
+        foreign += [Pod(f"the {p.role} pod of {name}", p.labels, p.namespace, p.ports)
+                    for p in kuberay_pods(other) + [submitter_pod(other)] if p is not None]
+    return foreign
+
+
+def _ports_text(ports: set[int], every: bool) -> str:
+    ray = ", ".join(f"{p} ({RAY_PORTS[p]})" for p in sorted(ports))
+    return f"every port, including {ray}" if every else ray
+
+
+def _cluster_network_problems(where: str, doc: dict, policies: list[tuple[str, dict]],
+                              others: list[dict]) -> list[str]:
+    meta = doc.get("metadata") or {}
+    name = f"{doc.get('kind')} {meta.get('name')}"
+    own = kuberay_pods(doc)
+    extra: list[Pod] = []  # admitted on 8265 only
+    if doc.get("kind") == "RayJob":
+        submitter = submitter_pod(doc)
+        extra = ([submitter] if submitter else []) + [
+            Pod("KubeRay operator", _OPERATOR_LABELS, meta.get("namespace"))]
+    foreign = _foreign_pods(doc, others)
+    problems: list[str] = []
+    wrong: dict[tuple, list[str]] = {}  # (policy, rule, who, ports) -> roles of pods it opens
+    for pod in own:
+        selecting = _ingress_policies(policies, pod)
+        if not selecting:
+            problems.append(
+                f"{where}: no NetworkPolicy selects the {pod.role} pod of {name} (ray.io/cluster="
+                f"{pod.labels['ray.io/cluster']}, ray.io/node-type={pod.labels['ray.io/node-type']}"
+                "): every pod in the Kubernetes cluster can reach its Ray ports")
+            continue
+        for policy_where, policy in selecting:
+            for i, rule in enumerate((policy.get("spec") or {}).get("ingress") or []):
+                ports, every = _rule_ray_ports(rule, pod)
+                if not ports:
+                    continue
+                whos = [] if rule.get("from") else ["everyone (the rule has no `from`)"]
+                for peer in rule.get("from") or []:
+                    whos += [w for w in [_peer_problem(peer, pod, own, extra, foreign, ports)] if w]
+                for who in whos:
+                    wrong.setdefault((policy_where, i, who, _ports_text(ports, every)),
+                                     []).append(pod.role)
+    problems += [f"{policy_where}: ingress rule {i} lets {who} reach {ports} of {name} "
+                 f"({', '.join(roles)}); only the cluster's own pods may"
+                 + (", and its submitter and the KubeRay operator on 8265" if extra else "")
+                 for (policy_where, i, who, ports), roles in wrong.items()]
+    for pod in own:
+        if not _ingress_policies(policies, pod):
+            continue
+        shut_out = [s.role for s in own if not _admits(policies, pod, s, None)]
+        if shut_out:
+            problems.append(f"{where}: the NetworkPolicies keep the {', '.join(shut_out)} pod(s) "
+                            f"of {name} from its {pod.role} pod; a Ray cluster's pods must reach "
+                            "one another on every port (the GCS on 6379, and ports Ray picks)")
+    head = own[0]
+    why = {"KubeRay operator": "KubeRay could not follow the job's status (select the operator "
+                               "pod by app.kubernetes.io/component=kuberay-operator)"}
+    if _ingress_policies(policies, head):
+        problems += [f"{where}: the NetworkPolicies keep the {e.role} from 8265 on the head pod of "
+                     f"{name}: " + why.get(e.role, "the study would never be submitted (select "
+                                           "the submitter by batch.kubernetes.io/job-name)")
+                     for e in extra if not _admits(policies, head, e, 8265)]
+    return problems
+
+
+def _peer_problem(peer: dict, pod: Pod, own: list[Pod], extra: list[Pod], foreign: list[Pod],
+                  ports: set[int]) -> str | None:
+    """Who a `from` peer wrongly admits to Ray `ports` of `pod`, or None if nobody."""
+    if "ipBlock" in peer:
+        cidr = (peer.get("ipBlock") or {}).get("cidr")
+        return f"ipBlock {cidr}" + (" (every address)" if is_world(cidr) else " (not a pod "
+                                    "identity: any pod or machine holding such an address)")
+    strangers = [p.role for p in foreign if _peer_matches(peer, p, pod.namespace)]
+    if strangers:
+        return f"{_peer_text(peer)}, which also match {strangers[0]}"
+    if not any(_peer_matches(peer, p, pod.namespace) for p in own + extra):
+        return (f"{_peer_text(peer)}, which match none of its pods"
+                + (", its submitter or the KubeRay operator" if extra else ""))
+    helpers = [p.role for p in extra if _peer_matches(peer, p, pod.namespace)]
+    if helpers and ports - {8265}:
+        return f"{_peer_text(peer)} (the {helpers[0]}, which needs 8265 only)"
+    return None
+
+
+def network_policy_problems(docs: list[tuple[str, Any]]) -> list[str]:
+    """Why a RayCluster/RayJob among `docs` ((where, document) pairs, e.g. all of a folder's)
+    is not walled off by NetworkPolicies; [] if each is.
+
+    Every pod of the cluster must be selected by a NetworkPolicy that restricts ingress; every
+    rule of those policies that opens one of Ray's ports (6379, 8265, 10001) may admit only
+    pods of the cluster itself (and for a RayJob its submitter and the KubeRay operator, on
+    8265 only): no rule without `from`, no ipBlock, no selector that also matches a stranger,
+    a lookalike in another namespace or another cluster of the folder. The cluster must still
+    work: its pods admit one another on every port, a RayJob's head admits its submitter and
+    the operator on 8265."""
+    policies = [(where, d) for where, d in docs if is_network_policy(d)]
+    clusters = [(where, d) for where, d in docs
+                if is_kuberay(d) and d.get("kind") in ("RayCluster", "RayJob")]
+    problems = []
+    for where, doc in clusters:
+        others = [d for _, d in clusters if d is not doc]
+        try:
+            problems += _cluster_network_problems(where, doc, policies, others)
+        except (AttributeError, TypeError, KeyError, ValueError) as e:
+            problems.append(f"{where}: cannot read its NetworkPolicies or pod templates ({e!r}); "
+                            "fix the schema problems first")
+    return problems
+
+
 # ----------------------------------------------------------------------------- studies
 
 _STUDY = re.compile(r"python3?\s+(studies/[\w-]+\.py)([^`\n|;&]*)")
@@ -393,6 +733,8 @@ class FolderReport:
     ray_up_configs: list[Path]
     kuberay_manifests: list[Path]
     problems: list[str]
+    kubernetes_manifests: list[Path] = field(default_factory=list)
+    kubernetes_version: str | None = None
 
 
 def check_folder(folder: str | Path) -> FolderReport:
@@ -401,6 +743,12 @@ def check_folder(folder: str | Path) -> FolderReport:
     repo_root = folder.resolve().parent
     schema = ray_schema()
     report = FolderReport([], [], [])
+    try:
+        report.kubernetes_version = kubernetes_version()
+    except ImportError:
+        report.problems.append("cannot check Kubernetes manifests against Kubernetes' schema: "
+                               "python -m pip install kubernetes-validate")
+    all_docs: list[tuple[str, Any]] = []
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder.parent)
         if path.suffix in (".yaml", ".yml"):
@@ -420,9 +768,18 @@ def check_folder(folder: str | Path) -> FolderReport:
                     report.problems += token_auth_problems(doc, where, repo_root)
                 if is_kuberay(doc) and path not in report.kuberay_manifests:
                     report.kuberay_manifests.append(path)
+                if is_kubernetes_manifest(doc):
+                    if path not in report.kubernetes_manifests:
+                        report.kubernetes_manifests.append(path)
+                    if report.kubernetes_version:
+                        report.problems += [
+                            f"{where}: Kubernetes {report.kubernetes_version} schema: {e}"
+                            for e in kubernetes_schema_errors(doc, report.kubernetes_version)]
+                all_docs.append((where, doc))
         elif path.suffix == ".sh":
             rules = gcloud_firewall_rules(path.read_text(encoding="utf-8"))
             report.problems += [str(e) for e in find_exposures(rules, f"{rel}")]
+    report.problems += network_policy_problems(all_docs)
     return report
 
 
@@ -435,8 +792,10 @@ def main(argv: list[str] | None = None) -> int:
     if report.problems:
         return 1
     print(f"ok: {len(report.ray_up_configs)} ray up configs, "
-          f"{len(report.kuberay_manifests)} KubeRay manifests: schema valid, nothing open to "
-          "the internet, token auth on")
+          f"{len(report.kuberay_manifests)} KubeRay manifests, "
+          f"{len(report.kubernetes_manifests)} Kubernetes manifests: schema valid (Ray's, "
+          f"Kubernetes {report.kubernetes_version}), nothing open to the internet, token auth "
+          "on, every Ray cluster behind a NetworkPolicy")
     return 0
 
 

@@ -44,7 +44,8 @@ def _yaml_files() -> list[Path]:
 
 
 def _ray_up_files() -> list[Path]:
-    return [p for p in _yaml_files() if check.is_ray_up_config(yaml.safe_load(p.read_text()))]
+    return [p for p in _yaml_files()
+            if any(check.is_ray_up_config(d) for d in check.load_documents(p))]
 
 
 def _kuberay_files() -> list[Path]:
@@ -205,6 +206,245 @@ def test_image_versions_agree():
             assert _cluster_spec(doc)["rayVersion"] == version
     ignore = (CLUSTER / "Dockerfile.dockerignore").read_text().splitlines()
     assert [ln for ln in ignore if ln and not ln.startswith("#")][0] == "*"  # allow-list
+
+
+# --------------------------------------------------------------------------- NetworkPolicy
+
+KUBERAY = CLUSTER / "kuberay"
+
+
+def _kuberay_folder_docs() -> list[tuple[str, dict]]:
+    return [(f"{p.name}[{i}]", d) for p in sorted(KUBERAY.glob("*.yaml"))
+            for i, d in enumerate(check.load_documents(p))]
+
+
+def _kubernetes_manifests() -> list[tuple[str, dict]]:
+    return [(w, d) for w, d in _kuberay_folder_docs() if check.is_kubernetes_manifest(d)]
+
+
+def _policies() -> tuple[dict, dict]:
+    raycluster, rayjobs = check.load_documents(KUBERAY / "networkpolicy.yaml")
+    return raycluster, rayjobs
+
+
+def _with_policies(*policies: dict) -> list[tuple[str, dict]]:
+    """The folder's RayCluster and RayJob, with `policies` instead of the folder's."""
+    clusters = [(w, d) for w, d in _kuberay_folder_docs() if check.is_kuberay(d)]
+    return clusters + [(f"np[{i}]", p) for i, p in enumerate(policies)]
+
+
+def test_kuberay_folder_has_network_policies_for_ingress_only():
+    kinds = sorted(d["kind"] for _, d in _kubernetes_manifests())
+    assert kinds == ["NetworkPolicy", "NetworkPolicy", "ServiceAccount"]
+    for policy in _policies():
+        assert policy["spec"]["policyTypes"] == ["Ingress"]  # egress stays open: the bucket
+        assert "egress" not in policy["spec"]
+    text = (KUBERAY / "networkpolicy.yaml").read_text()
+    assert "remote code execution" in text and "Calico" in text and "Cilium" in text
+
+
+@pytest.mark.parametrize("where,doc", _kubernetes_manifests(), ids=lambda v: v
+                         if isinstance(v, str) else "")
+def test_kubernetes_manifest_validates_against_the_kubernetes_schema(where, doc):
+    import kubernetes_validate
+
+    version = check.kubernetes_version()
+    assert kubernetes_validate.validate(doc, version, strict=True) == version
+    assert check.kubernetes_schema_errors(doc, version) == []
+
+
+BROKEN_POLICY = {
+    "unknown field": (lambda spec: spec["ingress"][0].update(sources=[]),
+                      "Additional properties are not allowed ('sources' was unexpected)"),
+    "endPort not a number": (lambda spec: spec["ingress"][0].update(
+        ports=[{"port": 8265, "endPort": "x"}]), "'x' is not of type 'integer'"),
+    "unquoted yes in a selector": (lambda spec: spec["podSelector"]["matchLabels"].update(
+        {"ray.io/is-ray-node": True}), "True is not of type 'string'"),
+    "policyTypes not a list": (lambda spec: spec.update(policyTypes="Ingress"),
+                               "'Ingress' is not of type 'array'"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BROKEN_POLICY))
+def test_kubernetes_schema_check_refuses_a_broken_network_policy(name):
+    import kubernetes_validate
+
+    policy = copy.deepcopy(_policies()[0])
+    breaks, message = BROKEN_POLICY[name]
+    breaks(policy["spec"])
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(policy, check.kubernetes_version(), strict=True)
+    (error,) = check.kubernetes_schema_errors(policy)
+    assert error.startswith("spec.") and message in error
+
+
+def test_kubernetes_schema_check_knows_kinds_and_named_ports():
+    policy = copy.deepcopy(_policies()[0])
+    policy["apiVersion"] = "extensions/v1beta1"  # removed in Kubernetes 1.16
+    (error,) = check.kubernetes_schema_errors(policy, "1.30")
+    assert error.startswith("Kubernetes 1.30 has no kind NetworkPolicy in extensions/v1beta1")
+    # A port given as a string is a named container port, which the schema allows: the
+    # network check resolves it against the pod's ports instead.
+    policy = copy.deepcopy(_policies()[0])
+    policy["spec"]["ingress"][0]["ports"] = [{"port": "dashboard"}]
+    assert check.kubernetes_schema_errors(policy) == []
+
+
+def test_network_policy_check_passes_on_the_repository():
+    assert check.network_policy_problems(_kuberay_folder_docs()) == []
+    report = check.check_folder(KUBERAY)
+    assert report.problems == []
+    assert {p.name for p in report.kubernetes_manifests} == {"networkpolicy.yaml",
+                                                             "serviceaccount.yaml"}
+
+
+def test_pods_are_labelled_as_kuberay_labels_them():
+    (cluster,) = check.load_documents(KUBERAY / "raycluster.yaml")
+    head, *workers = check.kuberay_pods(cluster)
+    assert head.labels["ray.io/cluster"] == "fgray" and head.labels["ray.io/node-type"] == "head"
+    assert head.labels["app.kubernetes.io/part-of"] == "fgray"  # from the pod template
+    assert head.ports == {"gcs-server": 6379, "dashboard": 8265, "client": 10001}
+    assert [w.labels["ray.io/group"] for w in workers] == ["gpu-x1", "gpu-x4"]
+    (job,) = check.load_documents(KUBERAY / "rayjob-cub.yaml")
+    # KubeRay names a RayJob's cluster <rayjob>-<5 random characters>: no selector names it.
+    job_head = check.kuberay_pods(job)[0]
+    assert not check.label_selector_matches(
+        {"matchLabels": {"ray.io/cluster": "fgray-cub-sweep"}}, job_head.labels)
+    assert check.submitter_pod(job).labels["batch.kubernetes.io/job-name"] == "fgray-cub-sweep"
+    assert check.submitter_pod(cluster) is None
+
+
+def test_label_selector_semantics():
+    labels = {"a": "1", "b": "2"}
+    match = check.label_selector_matches
+    assert match({}, labels) and match(None, {})
+    assert match({"matchLabels": {"a": "1"}}, labels)
+    assert not match({"matchLabels": {"a": "1", "c": "3"}}, labels)
+    expr = [{"key": "a", "operator": "In", "values": ["1", "9"]},
+            {"key": "b", "operator": "NotIn", "values": ["9"]},
+            {"key": "c", "operator": "NotIn", "values": ["9"]},
+            {"key": "b", "operator": "Exists"}, {"key": "c", "operator": "DoesNotExist"}]
+    assert match({"matchExpressions": expr}, labels)
+    assert not match({"matchExpressions": [{"key": "a", "operator": "NotIn", "values": ["1"]}]},
+                     labels)
+
+
+def test_network_policy_check_catches_a_cluster_without_a_policy():
+    problems = check.network_policy_problems(_with_policies(_policies()[1]))
+    assert problems == [
+        f"raycluster.yaml[0]: no NetworkPolicy selects the {role} pod of RayCluster fgray "
+        f"(ray.io/cluster=fgray, ray.io/node-type={kind}): every pod in the Kubernetes cluster "
+        "can reach its Ray ports"
+        for role, kind in [("head", "head"), ("worker group gpu-x1", "worker"),
+                           ("worker group gpu-x4", "worker")]]
+    (cluster,) = check.load_documents(KUBERAY / "raycluster.yaml")
+    assert len(check.network_policy_problems([("c", cluster)])) == 3
+
+
+OPEN_DASHBOARD = {
+    "rule without from": ({"ports": [{"port": 8265}]}, "everyone (the rule has no `from`)"),
+    "empty from": ({"from": [], "ports": [{"protocol": "TCP", "port": 8265}]},
+                   "everyone (the rule has no `from`)"),
+    "named port": ({"from": [], "ports": [{"port": "dashboard"}]},
+                   "everyone (the rule has no `from`)"),
+    "ipBlock world": ({"from": [{"ipBlock": {"cidr": "0.0.0.0/0"}}], "ports": [{"port": 8265}]},
+                      "ipBlock 0.0.0.0/0 (every address)"),
+    "ipBlock private range": ({"from": [{"ipBlock": {"cidr": "10.0.0.0/8"}}],
+                               "ports": [{"port": 8000, "endPort": 9000}]}, "ipBlock 10.0.0.0/8"),
+    "every pod of the namespace": ({"from": [{"podSelector": {}}], "ports": [{"port": 8265}]},
+                                   "pods matching {}, which also match any pod without labels"),
+    "every namespace": ({"from": [{"namespaceSelector": {}}], "ports": [{"port": 8265}]},
+                        "every pod in namespaces matching {}"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OPEN_DASHBOARD))
+def test_network_policy_check_catches_a_dashboard_open_to_others(name):
+    rule, who = OPEN_DASHBOARD[name]
+    raycluster, rayjobs = _policies()
+    raycluster["spec"]["ingress"].append(rule)
+    (problem,) = check.network_policy_problems(_with_policies(raycluster, rayjobs))
+    assert problem.startswith(f"np[0]: ingress rule 1 lets {who}")
+    assert "reach 8265 (dashboard/jobs API) of RayCluster fgray (head" in problem
+    assert problem.endswith("only the cluster's own pods may")
+
+
+def test_network_policy_check_catches_a_selector_that_misses_the_pods():
+    raycluster, rayjobs = _policies()
+    raycluster["spec"]["podSelector"] = {"matchLabels": {"ray.io/cluster": "fgray-typo"}}
+    problems = check.network_policy_problems(_with_policies(raycluster, rayjobs))
+    assert len(problems) == 3
+    assert problems[0].startswith("raycluster.yaml[0]: no NetworkPolicy selects the head pod of "
+                                  "RayCluster fgray")
+    # The natural mistake for a RayJob: its cluster is not named after it.
+    raycluster, rayjobs = _policies()
+    rayjobs["spec"]["podSelector"] = {"matchLabels": {"ray.io/cluster": "fgray-cub-sweep"}}
+    problems = check.network_policy_problems(_with_policies(raycluster, rayjobs))
+    assert problems[0] == (
+        "rayjob-cub.yaml[0]: no NetworkPolicy selects the head pod of RayJob fgray-cub-sweep "
+        "(ray.io/cluster=fgray-cub-sweep-?????, ray.io/node-type=head): every pod in the "
+        "Kubernetes cluster can reach its Ray ports")
+
+
+def test_network_policy_check_catches_peers_wider_than_the_cluster():
+    raycluster, rayjobs = _policies()
+    # The pod-template label alone also matches the RayJob's pods and any non-Ray fgray pod.
+    raycluster["spec"]["ingress"][0]["from"] = [
+        {"podSelector": {"matchLabels": {"app.kubernetes.io/part-of": "fgray"}}}]
+    (problem,) = check.network_policy_problems(_with_policies(raycluster, rayjobs))
+    assert problem.startswith("np[0]: ingress rule 0 lets pods matching "
+                              "{app.kubernetes.io/part-of=fgray}, which also match ")
+    assert "reach every port, including 6379 (GCS), 8265 (dashboard/jobs API), 10001" in problem
+    # The submitter may use the jobs API, and nothing else.
+    raycluster, rayjobs = _policies()
+    del rayjobs["spec"]["ingress"][1]["ports"]
+    problems = check.network_policy_problems(_with_policies(raycluster, rayjobs))
+    assert len(problems) == 2
+    assert "(the submitter pod (Job fgray-cub-sweep), which needs 8265 only)" in problems[0]
+    assert "(the KubeRay operator, which needs 8265 only)" in problems[1]
+
+
+def test_network_policy_check_catches_a_policy_that_breaks_the_cluster():
+    raycluster, rayjobs = _policies()
+    raycluster["spec"]["ingress"][0]["ports"] = [{"port": 6379}]  # workers' other ports shut
+    problems = check.network_policy_problems(_with_policies(raycluster, rayjobs))
+    assert len(problems) == 3
+    assert "keep the head, worker group gpu-x1, worker group gpu-x4 pod(s) of RayCluster fgray " \
+           "from its head pod" in problems[0]
+    raycluster, rayjobs = _policies()
+    del rayjobs["spec"]["ingress"][1]
+    problems = check.network_policy_problems(_with_policies(raycluster, rayjobs))
+    assert [p.split(": ")[1] for p in problems] == [
+        "the NetworkPolicies keep the submitter pod (Job fgray-cub-sweep) from 8265 on the "
+        "head pod of RayJob fgray-cub-sweep",
+        "the NetworkPolicies keep the KubeRay operator from 8265 on the head pod of RayJob "
+        "fgray-cub-sweep"]
+
+
+def test_check_configs_command_checks_network_policies_and_their_schema(tmp_path, capsys):
+    folder = tmp_path / "kuberay"
+    folder.mkdir()
+    for name in ("raycluster.yaml", "rayjob-cub.yaml", "serviceaccount.yaml"):
+        (folder / name).write_text((KUBERAY / name).read_text())
+    assert check.main([str(folder)]) == 1
+    out = capsys.readouterr().out
+    assert "problem: kuberay/raycluster.yaml: no NetworkPolicy selects the head pod of " \
+           "RayCluster fgray" in out
+    assert "problem: kuberay/rayjob-cub.yaml: no NetworkPolicy selects the head pod of " \
+           "RayJob fgray-cub-sweep" in out
+    raycluster, rayjobs = _policies()
+    raycluster["spec"]["ingress"][0]["sources"] = []
+    (folder / "networkpolicy.yaml").write_text(yaml.safe_dump_all([raycluster, rayjobs]))
+    assert check.main([str(folder)]) == 1
+    out = capsys.readouterr().out
+    assert out.splitlines() == [
+        f"problem: kuberay/networkpolicy.yaml[0]: Kubernetes {check.kubernetes_version()} "
+        "schema: spec.ingress.0: Additional properties are not allowed ('sources' was "
+        "unexpected)"]
+    del raycluster["spec"]["ingress"][0]["sources"]
+    (folder / "networkpolicy.yaml").write_text(yaml.safe_dump_all([raycluster, rayjobs]))
+    assert check.main([str(folder)]) == 0
+    assert "2 KubeRay manifests, 2 Kubernetes manifests" in capsys.readouterr().out
 
 
 # --------------------------------------------------------------------------- exposure

@@ -3,6 +3,10 @@ for the duration of a command.
 
 Under `ray job submit` the job's environment carries RAY_ADDRESS, so the same script joins
 the cluster it was submitted to; run directly, it starts local Ray and shuts it down at exit.
+A local Ray is private: every process of it listens on 127.0.0.1 only (its dashboard too,
+which also asks for Ray's token), so nothing on the network reaches it. The dashboard stays on
+by default because Ray Train needs the state API it serves (see `ray_session`);
+FGRAY_RAY_DASHBOARD=0 turns it off.
 """
 
 from __future__ import annotations
@@ -20,15 +24,25 @@ from fgray.errors import UserError
 TEMP_DIR_ENV = "FGRAY_RAY_TEMP_DIR"
 # Logical CPUs of a local Ray; by default Ray counts the machine's cores.
 NUM_CPUS_ENV = "FGRAY_RAY_NUM_CPUS"
+# "0": a local Ray starts no dashboard (by default it has one, on 127.0.0.1).
+DASHBOARD_ENV = "FGRAY_RAY_DASHBOARD"
+LOOPBACK = "127.0.0.1"
+# Ray takes a node's IP from this switch: "0" (meant for Windows and macOS) makes it the
+# loopback address instead of the address of the interface with the default route.
+_LOOPBACK_NODE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 @contextmanager
 def ray_session(address: str | None = None, *, num_cpus: int | None = None,
-                temp_dir: str | None = None, log_to_driver: bool = True) -> Iterator[None]:
+                temp_dir: str | None = None, log_to_driver: bool = True,
+                dashboard: bool | None = None) -> Iterator[None]:
     """Connect to `address` (or RAY_ADDRESS), else start a local Ray; disconnect on exit.
 
     Reuses a connection already open in this process and then leaves it open.
     `log_to_driver=False` keeps the workers' output in Ray's session logs only.
+    A local Ray listens on 127.0.0.1 only; `dashboard` (default: on unless
+    FGRAY_RAY_DASHBOARD=0) starts its dashboard there too. Joining a cluster changes nothing
+    of it.
     """
     import ray
 
@@ -51,20 +65,43 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None,
         return
     cpus = num_cpus if num_cpus is not None else _env_int(NUM_CPUS_ENV)
     temp = temp_dir or os.environ.get(TEMP_DIR_ENV) or None
-    saved = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")}
+    if dashboard is None:
+        dashboard = os.environ.get(DASHBOARD_ENV, "").strip() != "0"
+    saved = {k: os.environ.get(k)
+             for k in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT", _LOOPBACK_NODE_ENV)}
     # Ray's own helpers inside workers (Train's placement-group cleaner uses the state API)
     # find "the" cluster from RAY_ADDRESS, or by scanning for local instances, which fails
     # when another Ray runs on the same machine. So the local head gets a known GCS port and
     # every process it starts inherits RAY_ADDRESS pointing at it.
     port = free_port()
     os.environ["RAY_GCS_SERVER_PORT"] = str(port)
-    os.environ["RAY_ADDRESS"] = f"{_node_ip()}:{port}"
+    os.environ["RAY_ADDRESS"] = f"{LOOPBACK}:{port}"
+    # Every server of a node (GCS, raylet, workers, agents, metrics) binds the node's IP.
+    # Ray makes that the loopback address only while this switch is off; it reads it once, at
+    # import, so it is turned off here and in the environment the Ray processes inherit.
+    # (`_node_ip_address="127.0.0.1"` does not do it: Ray swaps a loopback address for the
+    # routable one.)
+    os.environ[_LOOPBACK_NODE_ENV] = "0"
+    from ray._private import ray_constants as constants
+
+    enable_cluster = constants.ENABLE_RAY_CLUSTER
+    constants.ENABLE_RAY_CLUSTER = False
+    # Without a dashboard there is no state API (its HTTP server is the dashboard's): Ray
+    # Train's placement-group cleaner then warns every second or two that it cannot ask
+    # whether the run's controller lives, which is why the dashboard is on by default (on
+    # 127.0.0.1, behind Ray's token like every other API). On or off, Ray publishes
+    # `127.0.0.1:<dashboard port>` as the state API's address: a free port, never the shared
+    # default 8265, keeps it from asking another Ray's dashboard on this machine, which knows
+    # none of our actors and would call a live run's controller dead.
+    dashboard_port = free_port()
     try:
-        ray.init(address="local", num_cpus=cpus, _temp_dir=temp, **kwargs)
+        ray.init(address="local", num_cpus=cpus, _temp_dir=temp, include_dashboard=dashboard,
+                 dashboard_host=LOOPBACK, dashboard_port=dashboard_port, **kwargs)
         os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
         yield
     finally:
         ray.shutdown()
+        constants.ENABLE_RAY_CLUSTER = enable_cluster
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
@@ -77,12 +114,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("", 0))
         return sock.getsockname()[1]
-
-
-def _node_ip() -> str:
-    from ray._private.services import get_node_ip_address
-
-    return get_node_ip_address()
 
 
 def _env_int(name: str) -> int | None:

@@ -1,0 +1,141 @@
+"""A local Ray is private: every process that `ray_session()` starts (GCS, raylet, workers,
+agents, the driver's own core worker, the dashboard) listens on the loopback address only;
+with FGRAY_RAY_DASHBOARD=0 there is no dashboard at all.
+
+The session runs in a child process, so that its Ray processes are exactly the child's
+descendants (other Rays may run on this machine) and `ray` is imported before the session
+starts, as fgray's own modules do."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+SESSION = r"""
+import json, os, sys
+
+import psutil
+import ray  # imported before the session: Ray reads some settings once, at import
+
+from fgray.train.cluster import ray_session
+
+KEYS = ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+before = {k: os.environ.get(k) for k in KEYS}
+with ray_session(num_cpus=1, temp_dir=sys.argv[1], log_to_driver=False):
+    address = os.environ["RAY_ADDRESS"]
+
+    @ray.remote
+    def worker_pid():
+        return os.getpid()
+
+    worker = ray.get(worker_pid.remote())
+    # Where Ray tells clients (the state and job APIs) its dashboard's HTTP server is.
+    from ray._private import ray_constants
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    api_server = _internal_kv_get(ray_constants.DASHBOARD_ADDRESS,
+                                  namespace=ray_constants.KV_NAMESPACE_DASHBOARD)
+    me = psutil.Process()
+    processes, listening = {}, []
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            cmdline = " ".join(proc.cmdline())
+            sockets = proc.net_connections(kind="inet")
+        except psutil.Error:
+            continue
+        processes[proc.pid] = cmdline
+        listening += [[proc.pid, s.laddr.ip, s.laddr.port]
+                      for s in sockets if s.status == psutil.CONN_LISTEN]
+after = {k: os.environ.get(k) for k in KEYS}
+print(json.dumps({"address": address, "worker": worker, "api_server": api_server.decode(),
+                  "processes": processes,
+                  "listening": listening, "before": before, "after": after}))
+"""
+
+
+def _loopback(ip: str) -> bool:
+    addr = ipaddress.ip_address(ip)
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return addr.is_loopback
+
+
+def _run_session(dashboard: bool) -> dict:
+    temp_dir = tempfile.mkdtemp(prefix="r", dir="/tmp")  # Ray's socket paths stay short
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "FGRAY_RAY_DASHBOARD", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    if not dashboard:
+        env["FGRAY_RAY_DASHBOARD"] = "0"
+    child = subprocess.Popen([sys.executable, "-c", SESSION, temp_dir], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
+    try:
+        out, err = child.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)  # the child's group: our Ray, nobody else's
+        out, err = child.communicate()
+    finally:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    assert child.returncode == 0, err[-4000:]
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _kinds(session: dict) -> dict[str, list[list]]:
+    """The listening sockets by the kind of process that holds them."""
+    kinds: dict[str, list[list]] = {}
+    for pid, ip, port in session["listening"]:
+        cmdline = session["processes"][str(pid)]
+        kind = next((k for k in ("gcs_server", "raylet", "dashboard.py", "DashboardAgent",
+                                 "RuntimeEnvAgent", "monitor.py") if k in cmdline), cmdline[:40])
+        if pid == session["worker"]:
+            kind = "worker"
+        kinds.setdefault(kind, []).append([pid, ip, port])
+    return kinds
+
+
+def _check_private(session: dict) -> dict[str, list[list]]:
+    kinds = _kinds(session)
+    # The servers were found at all: the GCS, the raylet, the agents and the task's worker.
+    for kind in ("gcs_server", "raylet", "DashboardAgent", "RuntimeEnvAgent", "worker"):
+        assert kind in kinds, kinds
+    public = {kind: socks for kind, socks in kinds.items()
+              if any(not _loopback(ip) for _, ip, _ in socks)}
+    assert not public, f"listening beyond the loopback address: {public}"
+    assert session["address"].startswith("127.0.0.1:"), session["address"]
+    assert session["after"] == session["before"], "the session's environment stays behind"
+    return kinds
+
+
+def _dashboard_port(session: dict) -> int:
+    host, port = session["api_server"].rsplit(":", 1)
+    assert _loopback(host), session["api_server"]
+    return int(port)
+
+
+@pytest.mark.slow
+def test_a_local_ray_without_dashboard_listens_on_loopback_only():
+    session = _run_session(dashboard=False)
+    _check_private(session)
+    # Ray still starts its API server process (with its metrics port) and publishes a
+    # dashboard address, but nothing serves HTTP there: not ours, and not another Ray's.
+    port = _dashboard_port(session)
+    assert port not in {p for _, _, p in session["listening"]}, session
+    with socket.socket() as sock:
+        assert sock.connect_ex(("127.0.0.1", port)) != 0, f"something answers on {port}"
+
+
+@pytest.mark.slow
+def test_a_local_ray_and_its_dashboard_listen_on_loopback_only():
+    session = _run_session(dashboard=True)
+    kinds = _check_private(session)
+    port = _dashboard_port(session)
+    assert port in {p for _, _, p in kinds.get("dashboard.py", [])}, kinds
