@@ -150,7 +150,7 @@ def _data_check(args) -> int:
 
 
 def _pretrain(args) -> int:
-    from fgray.engine.run import check_writable
+    from fgray.storage import check_writable
     from fgray.train.launch import pretrain_command
 
     # Before anything is trained or written: a read-only --storage would otherwise end in an
@@ -161,28 +161,30 @@ def _pretrain(args) -> int:
 
 def _eval(args) -> int:
     import json
-    from pathlib import Path
 
     from fgray.engine.evaluate import evaluate_method, load_checkpoint
     from fgray.engine.run import resolve_device
     from fgray.engine.spec import DataSpec
+    from fgray.storage import absolute, display, join, local_copy, write_text
 
     device = resolve_device(args.device)
-    method, spec, _ = load_checkpoint(args.checkpoint, device)
+    # A checkpoint in object storage (a study's, on a cluster) is read through a local copy.
+    with local_copy(args.checkpoint) as local:
+        method, spec, _ = load_checkpoint(local, device)
+        folder = local.is_dir()
     data = DataSpec(format=args.dataset, root=args.data_root, val_fraction=args.val_fraction,
                     split_seed=args.split_seed, aircraft_level=args.aircraft_level,
                     cache_dir=args.cache_dir)
     protocols = [p.strip() for p in args.protocols.split(",") if p.strip()]
     metrics = evaluate_method(method, spec, data, protocols, split=args.split, device=device)
-    ckpt = Path(args.checkpoint)
-    out = Path(args.out) if args.out else (ckpt if ckpt.is_dir() else ckpt.parent) / (
-        f"eval-{args.split}.json")
-    record = {"checkpoint": str(ckpt), "split": args.split, "method": spec.method,
+    ckpt = absolute(args.checkpoint)
+    out = args.out or join(ckpt if folder else ckpt.rsplit("/", 1)[0], f"eval-{args.split}.json")
+    record = {"checkpoint": display(ckpt), "split": args.split, "method": spec.method,
               "metrics": metrics}
-    out.write_text(json.dumps(record, indent=1))
+    write_text(out, json.dumps(record, indent=1))
     for name, value in metrics.items():
         print(f"{args.split} {name}: {value:.2f}")
-    print(f"wrote {out}")
+    print(f"wrote {display(out)}")
     return 0
 
 

@@ -18,9 +18,12 @@ it. pyarrow is imported on first use.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
+import tempfile
+import urllib.parse
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,34 +40,80 @@ def is_uri(location: str | os.PathLike) -> bool:
     return "://" in str(location)
 
 
+def _split(location: str | os.PathLike) -> tuple[str, str, str]:
+    """(scheme, the rest without its query, query) of a URI; ("", path, "") of a path.
+
+    pyarrow's URIs carry their filesystem's options as a query
+    (`s3://bucket/x?endpoint_override=host:port&scheme=http`): a path is joined before it."""
+    text = str(location)
+    if not is_uri(text):
+        return "", text, ""
+    parts = urllib.parse.urlsplit(text)
+    rest = text.split("://", 1)[1].split("?", 1)[0].split("#", 1)[0]
+    return parts.scheme, rest, parts.query
+
+
+def _unsplit(scheme: str, rest: str, query: str) -> str:
+    if not scheme:
+        return rest
+    return f"{scheme}://{rest}" + (f"?{query}" if query else "")
+
+
 def absolute(location: str | os.PathLike) -> str:
     """A local path made absolute (`~` expanded; Ray needs absolute paths); a URI without
-    its trailing `/`."""
-    text = str(location)
-    return text.rstrip("/") if is_uri(text) else os.path.abspath(os.path.expanduser(text))
+    its trailing `/` (its query kept)."""
+    scheme, rest, query = _split(location)
+    if not scheme:
+        return os.path.abspath(os.path.expanduser(rest))
+    return _unsplit(scheme, rest.rstrip("/"), query)
 
 
 def join(base: str | os.PathLike, *parts: str) -> str:
-    """`base/part/...` for a local path or a URI alike."""
-    return "/".join([str(base).rstrip("/"), *parts])
+    """`base/part/...` for a local path or a URI alike (a URI's query stays at its end)."""
+    scheme, rest, query = _split(base)
+    return _unsplit(scheme, "/".join([rest.rstrip("/"), *parts]), query)
+
+
+def display(location: str | os.PathLike) -> str:
+    """A location as a person reads it: a URI without its query (which may hold options a
+    user passed, never needed to recognise the place)."""
+    scheme, rest, _ = _split(location)
+    return _unsplit(scheme, rest, "")
+
+
+@functools.lru_cache(maxsize=64)
+def _filesystem(scheme: str, authority: str, query: str) -> tuple[pafs.FileSystem, str]:
+    """The filesystem of one store (scheme, bucket or host, options), built once per process,
+    and the path of the store's root inside it. Endpoint and credentials come from where
+    pyarrow's clients look (`AWS_ENDPOINT_URL`, `AWS_*`, `~/.aws`, instance profiles and
+    workload identity; `GOOGLE_APPLICATION_CREDENTIALS` ...) or from the query."""
+    import pyarrow.fs as pafs
+
+    uri = _unsplit(scheme, authority, query)
+    fs, path = pafs.FileSystem.from_uri(uri)
+    return fs, path.rstrip("/")
 
 
 def resolve(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     """The pyarrow filesystem and the path inside it of a local path or a storage URI; a URI
-    pyarrow cannot open is a UserError naming it."""
+    pyarrow cannot open is a UserError naming it. One filesystem per store and process."""
     import pyarrow as pa
     import pyarrow.fs as pafs
 
-    text = str(location)
-    if is_uri(text):
-        try:
-            fs, path = pafs.FileSystem.from_uri(text)
-        except (pa.ArrowException, ValueError, OSError) as exc:
-            raise UserError(
-                f"{text}: cannot open this storage location ({exc}); expected a local "
-                "path or an s3:// or gs:// URI") from None
-        return fs, path.rstrip("/")
-    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(text))
+    scheme, rest, query = _split(location)
+    if not scheme:
+        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(rest))
+    if scheme == "file":
+        return pafs.LocalFileSystem(), rest.rstrip("/") or "/"
+    authority, _, inside = rest.partition("/")
+    try:
+        fs, root = _filesystem(scheme, authority, query)
+    except (pa.ArrowException, ValueError, OSError) as exc:
+        raise UserError(
+            f"{display(location)}: cannot open this storage location ({_one_line(exc)}); "
+            "expected a local path or an s3:// or gs:// URI") from None
+    inside = inside.strip("/")
+    return fs, (f"{root}/{inside}" if inside else root) if root else f"/{inside}"
 
 
 def is_local(fs: pafs.FileSystem) -> bool:
@@ -76,9 +125,65 @@ def is_local(fs: pafs.FileSystem) -> bool:
 
 def as_location(like: str | os.PathLike, path: str) -> str:
     """`path`, a path inside the filesystem of location `like` (`resolve`), as a location:
-    with `like`'s scheme when `like` is a URI, as it is when `like` is local."""
-    text = str(like)
-    return f"{text.split('://', 1)[0]}://{path}" if is_uri(text) else path
+    with `like`'s scheme (and query) when `like` is a URI, as it is when `like` is local."""
+    scheme, _, query = _split(like)
+    return _unsplit(scheme, path.lstrip("/") if scheme else path, query) if scheme else path
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text[:300] + ("..." if len(text) > 300 else "")
+
+
+def check_writable(location: str | os.PathLike, what: str = "storage") -> None:
+    """Raise a UserError unless files can be written at `location`, before anything else is
+    done there. A local folder (created or not): the folder itself or, when it does not exist
+    yet, its nearest existing ancestor is tried with a temporary file. A URI: one small object
+    is written under it and deleted again, which finds a missing bucket, missing or rejected
+    credentials and a read-only policy alike. Leaves nothing behind."""
+    scheme, _, _ = _split(location)
+    if scheme and scheme != "file":
+        _check_remote_writable(location, what)
+        return
+    text = str(location)
+    target = Path(resolve(location)[1])
+    probe = target
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"{what} {text}: {probe} is not a folder; expected a writable folder")
+    try:
+        fd, name = tempfile.mkstemp(prefix=".fgray-write-test-", dir=probe)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        where = "" if probe == target else f" (nearest existing folder {probe})"
+        raise UserError(f"{what} {text}: not writable{where}: {reason}; expected a "
+                        "writable folder") from None
+    os.close(fd)
+    os.unlink(name)
+
+
+def _check_remote_writable(location: str | os.PathLike, what: str) -> None:
+    import pyarrow as pa
+
+    fs, path = resolve(location)
+    probe = f"{path}/.fgray-write-test-{uuid.uuid4().hex[:12]}"
+    try:
+        with fs.open_output_stream(probe) as out:
+            out.write(b"fgray")
+    except (pa.ArrowException, OSError) as exc:
+        raise UserError(
+            f"{what} {display(location)}: cannot write there ({_one_line(exc)}); expected an "
+            "existing bucket and credentials allowed to write to it (AWS_* or GOOGLE_* "
+            "variables, a profile, an instance role; AWS_ENDPOINT_URL for an S3-compatible "
+            "store)") from None
+    try:
+        fs.delete_file(probe)
+    except (pa.ArrowException, OSError) as exc:
+        raise UserError(
+            f"{what} {display(location)}: can write but not delete there ({_one_line(exc)}); "
+            "expected credentials allowed to delete too (checkpoints are replaced and pruned)"
+            ) from None
 
 
 # ---------------------------------------------------------------- atomic local writes
@@ -162,13 +267,18 @@ def atomic_path(final: str | os.PathLike, *, keep_existing: bool = False) -> Ite
 # ---------------------------------------------------------------- whole files
 
 
+# Object stores need no folder before a file: creating one writes an empty marker object.
+_FLAT_STORES = ("s3", "gcs")
+
+
 def put(fs: pafs.FileSystem, path: str, data: bytes) -> None:
     """Write `data` as the file `path` of `fs` whole (module docstring), creating its folder."""
     if is_local(fs):
         with atomic_path(path) as tmp:
             tmp.write_bytes(data)
         return
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    if fs.type_name not in _FLAT_STORES:
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     with fs.open_output_stream(path) as out:
         out.write(data)
 
@@ -216,3 +326,155 @@ def delete_file(location: str | os.PathLike) -> None:
     fs, path = resolve(location)
     if fs.get_file_info(path).type == pafs.FileType.File:
         fs.delete_file(path)
+
+
+# ---------------------------------------------------------------- folders
+
+
+def upload_tree(local: str | os.PathLike, location: str | os.PathLike, *,
+                last: str | None = None) -> None:
+    """Copy the local folder `local` to `location`, file by file (each whole, `put`), the file
+    named `last` (a marker that the folder is complete) after all the others."""
+    fs, root = resolve(location)
+    local = Path(local)
+    files = sorted((p for p in local.rglob("*") if p.is_file()),
+                   key=lambda p: (p.name == last, str(p)))
+    for file in files:
+        put(fs, f"{root}/{file.relative_to(local).as_posix()}", file.read_bytes())
+
+
+def download_tree(location: str | os.PathLike, local: str | os.PathLike) -> int:
+    """Copy every file under `location` into the local folder `local`; returns how many."""
+    import pyarrow.fs as pafs
+
+    fs, root = resolve(location)
+    local = Path(local)
+    count = 0
+    for info in fs.get_file_info(pafs.FileSelector(root, recursive=True,
+                                                   allow_not_found=True)):
+        if info.type != pafs.FileType.File:
+            continue
+        target = local / info.path[len(root):].lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with fs.open_input_stream(info.path) as src, open(target, "wb") as out:
+            shutil.copyfileobj(src, out)
+        count += 1
+    return count
+
+
+def delete_tree(location: str | os.PathLike) -> None:
+    """Remove the folder at `location` and everything under it, if there is one."""
+    import pyarrow.fs as pafs
+
+    fs, root = resolve(location)
+    if fs.get_file_info(root).type == pafs.FileType.Directory:
+        fs.delete_dir(root)
+
+
+def list_folders(location: str | os.PathLike) -> list[str]:
+    """The names of the sub-folders of `location` (none when it does not exist)."""
+    import pyarrow.fs as pafs
+
+    fs, root = resolve(location)
+    return sorted(info.base_name for info in fs.get_file_info(
+        pafs.FileSelector(root, allow_not_found=True)) if info.type == pafs.FileType.Directory)
+
+
+@contextlib.contextmanager
+def local_copy(location: str | os.PathLike) -> Iterator[Path]:
+    """A local path holding the file or folder at `location`: the path itself when local,
+    else a temporary copy, removed on exit."""
+    import pyarrow.fs as pafs
+
+    fs, path = resolve(location)
+    if is_local(fs):
+        yield Path(path)
+        return
+    scratch = scratch_folder("copy")
+    try:
+        kind = fs.get_file_info(path).type
+        if kind == pafs.FileType.File:
+            target = scratch / path.rsplit("/", 1)[-1]
+            with fs.open_input_stream(path) as src, open(target, "wb") as out:
+                shutil.copyfileobj(src, out)
+            yield target
+        else:
+            download_tree(location, scratch)
+            yield scratch
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+class Mirror:
+    """Keeps a location a copy of a local folder that a process writes as it goes (a run's
+    scratch folder): `sync()` uploads the files that are new or changed since the last sync
+    (`last`, when given, after the others) and deletes from the location the files the
+    folder no longer has (pruned checkpoints). Only what this process wrote is tracked: a
+    location it resumes from is downloaded first (`pull`)."""
+
+    def __init__(self, local: str | os.PathLike, location: str | os.PathLike) -> None:
+        self.local = Path(local)
+        self.location = str(location)
+        self.fs, self.root = resolve(location)
+        self._sent: dict[str, tuple[int, int]] = {}
+
+    def pull(self) -> int:
+        """Download what the location already holds into the local folder (a resume)."""
+        count = download_tree(self.location, self.local)
+        self._sent = self._state()
+        return count
+
+    def _state(self) -> dict[str, tuple[int, int]]:
+        return {p.relative_to(self.local).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns)
+                for p in self.local.rglob("*") if p.is_file() and not p.name.endswith(".tmp")}
+
+    def sync(self, last: str | None = None) -> None:
+        state = self._state()
+        changed = sorted((k for k, v in state.items() if self._sent.get(k) != v),
+                         key=lambda k: (k == last, k))
+        for rel in changed:
+            put(self.fs, f"{self.root}/{rel}", (self.local / rel).read_bytes())
+        gone: set[str] = set()
+        for rel in sorted(set(self._sent) - set(state)):
+            # The highest folder the local side lost goes whole: deleting an object store's
+            # last file in a folder would leave an empty marker for the folder behind.
+            parts = rel.split("/")
+            lost = next((i for i in range(1, len(parts))
+                         if not (self.local / "/".join(parts[:i])).exists()), len(parts))
+            gone.add("/".join(parts[:lost]))
+        for rel in sorted(gone):
+            if rel in self._sent:
+                with contextlib.suppress(FileNotFoundError):
+                    self.fs.delete_file(f"{self.root}/{rel}")
+            else:
+                self.fs.delete_dir(f"{self.root}/{rel}")
+        self._sent = state
+
+
+# ---------------------------------------------------------------- scratch
+
+SCRATCH_PREFIX = "fgray-"
+
+
+def scratch_folder(kind: str, root: str | None = None) -> Path:
+    """A new local scratch folder for this process, `fgray-<kind>-<pid>-<random>` in the
+    temp folder (or `root`), for files a run writes before they go to their location. The
+    scratch of a process that no longer runs is removed first: a run killed by SIGKILL (a
+    lost node, the OOM killer, a test's crash) never reaches the `finally` that removes its
+    own."""
+    base = Path(root or tempfile.gettempdir())
+    for old in base.glob(f"{SCRATCH_PREFIX}*-*-*"):
+        pid = old.name[len(SCRATCH_PREFIX):].split("-")[1:2]
+        if pid and pid[0].isdigit() and not _process_exists(int(pid[0])):
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{kind}-{os.getpid()}-", dir=base))
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True

@@ -163,3 +163,36 @@ def exit_once(tmp_path_factory):
         return hook, marker
 
     return make
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 API (moto's server) on 127.0.0.1 for the whole session (tests/s3server.py)."""
+    from s3server import S3Server
+
+    server = S3Server(tmp_path_factory.mktemp("moto"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch):
+    """A fresh bucket on the session's S3 server, with the standard AWS_* variables that reach
+    it set for this test (and every process it starts): yields (server, bucket name)."""
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    return s3_server, s3_server.bucket()
+
+
+@pytest.fixture
+def two_nodes():
+    """Two Ray nodes of 1 CPU each on 127.0.0.1 (the head and one worker node), this process
+    their driver, all stopped after the test: a `twonode.LocalCluster` (tests/twonode.py).
+    The nodes inherit the environment as it is when they start, so list a fixture that sets
+    variables for them (`s3`) before this one among the test's arguments."""
+    from twonode import ray_cluster
+
+    with ray_cluster(nodes=2, cpus=1) as cluster:
+        yield cluster

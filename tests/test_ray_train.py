@@ -143,7 +143,7 @@ def test_a_killed_workers_scratch_is_removed_by_the_next_worker(tmp_path):
     import subprocess
     import sys
 
-    from fgray.train.trainer import worker_scratch
+    from fgray.storage import scratch_folder
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -154,7 +154,7 @@ def test_a_killed_workers_scratch_is_removed_by_the_next_worker(tmp_path):
     alive.mkdir()
     unnamed = tmp_path / "fgray-worker-0lup00wh"  # no pid in the name: left alone
     unnamed.mkdir()
-    new = worker_scratch(str(tmp_path))
+    new = scratch_folder("worker", str(tmp_path))
     assert not stale.exists() and alive.is_dir() and unnamed.is_dir()
     assert new.is_dir() and new.parent == tmp_path
     assert new.name.startswith(f"fgray-worker-{os.getpid()}-")

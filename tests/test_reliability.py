@@ -198,17 +198,16 @@ def test_read_only_storage_is_one_line_and_leaves_nothing(synth_root, tmp_path, 
 
 
 def test_check_writable_names_the_folder_and_creates_nothing(tmp_path, monkeypatch):
-    from fgray.engine import run
+    from fgray import storage
 
     def read_only(*_args, **_kwargs):
         raise OSError(30, "Read-only file system")
 
-    monkeypatch.setattr(run.tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(storage.tempfile, "mkstemp", read_only)
     with pytest.raises(UserError, match=r"--storage .*deep: not writable \(nearest existing "
                                         r"folder .*\): Read-only file system"):
-        run.check_writable(tmp_path / "new" / "deep", "--storage")
+        storage.check_writable(tmp_path / "new" / "deep", "--storage")
     assert not (tmp_path / "new").exists()
-    run.check_writable("s3://bucket/runs")  # URIs are not probed
 
 
 def test_a_user_error_before_training_leaves_no_run_folder(synth_root, tmp_path, capsys):

@@ -9,9 +9,7 @@ epoch) and checkpoints/ (the last k epochs plus best/, selected by val kNN top-1
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +25,18 @@ from fgray.engine.selection import Best
 from fgray.engine.spec import DataSpec, RunSpec
 from fgray.errors import UserError
 from fgray.methods import build_method
-from fgray.storage import atomic_path, is_uri
+from fgray.storage import (
+    Mirror,
+    absolute,
+    atomic_path,
+    check_writable,
+    display,
+    is_local,
+    resolve,
+    scratch_folder,
+)
+
+METRICS_FILE = "metrics.jsonl"  # one line per epoch, in the run folder
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -40,30 +49,6 @@ def resolve_device(name: str | None) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device {name!r}: CUDA is not available on this machine")
     return device
-
-
-def check_writable(path: str | Path, what: str = "storage") -> None:
-    """Raise a UserError unless files can be written at `path` (a local folder, created or
-    not): the folder itself or, when it does not exist yet, its nearest existing ancestor is
-    tried with a temporary file. Creates nothing that stays. URIs (s3://, gs://) pass."""
-    text = str(path)
-    if is_uri(text):
-        return
-    target = Path(text).expanduser().absolute()
-    probe = target
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if not probe.is_dir():
-        raise UserError(f"{what} {text}: {probe} is not a folder; expected a writable folder")
-    try:
-        fd, name = tempfile.mkstemp(prefix=".fgray-write-test-", dir=probe)
-    except OSError as exc:
-        reason = exc.strerror or type(exc).__name__
-        where = "" if probe == target else f" (nearest existing folder {probe})"
-        raise UserError(f"{what} {text}: not writable{where}: {reason}; expected a "
-                        "writable folder") from None
-    os.close(fd)
-    os.unlink(name)
 
 
 @dataclass
@@ -130,11 +115,11 @@ class BestKeeper:
         self.best = Best(rows=self._lines())
 
     def _lines(self) -> list[dict]:
-        path = self.run_dir / "metrics.jsonl"
+        path = self.run_dir / METRICS_FILE
         return [json.loads(x) for x in path.read_text().splitlines()] if path.is_file() else []
 
     def __call__(self, metrics: dict[str, Any], checkpoint: Path | None) -> None:
-        with open(self.run_dir / "metrics.jsonl", "a") as fh:
+        with open(self.run_dir / METRICS_FILE, "a") as fh:
             fh.write(json.dumps(metrics) + "\n")
         if self.best.update(metrics) and checkpoint is not None:
             with atomic_path(self.run_dir / "checkpoints" / "best") as tmp:
@@ -144,14 +129,38 @@ class BestKeeper:
 def run_pretraining(spec: RunSpec, run_dir: str | Path, *, device: torch.device | None = None,
                     resume: bool = True, on_epoch=None, on_visuals: VisualsHook | None = None,
                     progress: bool = True) -> Pretrainer:
-    """Train `spec` in this process under `run_dir`, continuing from its last checkpoint.
-    `on_visuals(epoch, images, maps, pairs)` gets the TensorBoard visuals (see Pretrainer)."""
-    run_dir = Path(run_dir)
-    check_writable(run_dir)
+    """Train `spec` in this process under `run_dir` (a local folder or a storage URI),
+    continuing from its last checkpoint. `on_visuals(epoch, images, maps, pairs)` gets the
+    TensorBoard visuals (see Pretrainer).
+
+    A run folder in object storage is written through a local scratch folder that mirrors it
+    (`fgray.storage.Mirror`): what the location holds is downloaded first (a resume), and
+    after every epoch the new files (the checkpoint, best/, metrics.jsonl last) are uploaded
+    whole and pruned checkpoints deleted, so the location always holds a run that resumes."""
+    location = absolute(run_dir)
+    check_writable(location, "run folder")
+    fs, path = resolve(location)
+    scratch = None if is_local(fs) else scratch_folder("run")
+    try:
+        mirror = None if scratch is None else Mirror(scratch, location)
+        if mirror is not None and resume:
+            mirror.pull()
+        return _train(spec, Path(path) if scratch is None else scratch, mirror, device=device,
+                      resume=resume, on_epoch=on_epoch, on_visuals=on_visuals,
+                      progress=progress)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _train(spec: RunSpec, run_dir: Path, mirror: Mirror | None, *, device, resume: bool,
+           on_epoch, on_visuals, progress: bool) -> Pretrainer:
     keepers: list[BestKeeper] = []
 
     def hook(metrics, checkpoint):
         keepers[0](metrics, checkpoint)
+        if mirror is not None:
+            mirror.sync(last=METRICS_FILE)
         if on_epoch is not None:
             on_epoch(metrics, checkpoint)
 
@@ -160,10 +169,17 @@ def run_pretraining(spec: RunSpec, run_dir: str | Path, *, device: torch.device 
                                on_epoch=hook, on_visuals=on_visuals, progress=progress)
     if not resume:  # a fresh start: stale checkpoints and metrics would mix with the new run
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        (run_dir / METRICS_FILE).unlink(missing_ok=True)
+    if mirror is not None:
+        mirror.sync(last=METRICS_FILE)  # config.json and splits.json before the first epoch
     keepers.append(BestKeeper(run_dir))
     last = latest_checkpoint(run_dir) if resume else None
     if last is not None:
         trainer.resume(last)
     trainer.run()
     return trainer
+
+
+def describe(run_dir: str | Path) -> str:
+    """A run folder as a person reads it (`fgray.storage.display`)."""
+    return display(absolute(run_dir))

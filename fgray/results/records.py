@@ -47,6 +47,10 @@ _NOT_RECORDED = frozenset({"checkpoint_path", "checkpoint_dir_name", "done",
                            "time_since_restore", "iterations_since_restore", "config",
                            "experiment_tag", RESTORED_KEY})
 
+# Text an epoch's report carries that its row keeps (every other recorded value is a number).
+NODE_ID = "node_id"
+_TEXT = frozenset({NODE_ID})
+
 # evaluate_method's metric names -> (protocol, metric) of an `evals` row.
 _EVAL_ROWS = {
     "rank1": ("retrieval", "rank1"), "rank5": ("retrieval", "rank5"), "map": ("retrieval", "map"),
@@ -212,7 +216,8 @@ class EpochRecorder:
         for key, value in metrics.items():
             if key in _NOT_RECORDED or key in row:
                 continue
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if isinstance(value, (int, float)) and not isinstance(value, bool) or (
+                    key in _TEXT and isinstance(value, str)):
                 row[key] = value
         row["epoch"] = int(metrics["epoch"])
         return row
@@ -256,7 +261,8 @@ class EpochRecorder:
         writer = self._trial_writer()
         for row in rows:
             scalars = {k: v for k, v in row.items()
-                       if k not in self.keys and k not in ("epoch", SESSION_START, EPOCH_END)}
+                       if k not in self.keys and k not in ("epoch", SESSION_START, EPOCH_END)
+                       and k not in _TEXT}
             writer.scalars(row["epoch"], scalars)
         # Flushed every epoch: a trial a scheduler stops is killed without a chance to close.
         writer.flush()
@@ -283,6 +289,7 @@ class EpochRecorder:
             epochs_run=max(epochs) if epochs else 0, seed=self.spec.train.seed,
             wall_time_s=wall, cpu_hours=wall * self.cpus / 3600,
             gpu_hours=wall * self.gpus / 3600, start_time=self.start_time, end_time=end,
+            node_id=next((h[NODE_ID] for h in reversed(history) if h.get(NODE_ID)), None),
             fgray_version=__version__, git_revision=git_revision(),
             config_hash=config_hash(self.spec))
         row.update(param_fields(self.params, resolved_params(self.spec)))

@@ -64,6 +64,7 @@ TRIALS = pa.schema(_KEYS + [
     pa.field("cpu_hours", pa.float64()),
     pa.field("start_time", TIMESTAMP),
     pa.field("end_time", TIMESTAMP),
+    pa.field("node_id", pa.string()),  # the Ray node of its last epoch (rank 0's)
     pa.field("fgray_version", pa.string()),
     pa.field("git_revision", pa.string()),
     pa.field("config_hash", pa.string()),
@@ -79,6 +80,7 @@ EPOCHS = pa.schema(_KEYS + [
     pa.field("val_knn_top1", pa.float64()),
     pa.field("val_knn_top5", pa.float64()),
     pa.field("loss", pa.float64()),
+    pa.field("node_id", pa.string()),  # the Ray node that ran the epoch (rank 0's)
 ])
 
 EVALS = pa.schema(_KEYS + [

@@ -11,6 +11,7 @@ FGRAY_RAY_DASHBOARD=0 turns it off.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -52,6 +53,9 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None,
     address = address or os.environ.get("RAY_ADDRESS") or None
     kwargs: dict = {"logging_level": logging.WARNING, "log_to_driver": log_to_driver}
     if address:
+        forwarded = storage_env()
+        if forwarded:
+            kwargs["runtime_env"] = {"env_vars": forwarded}
         try:
             ray.init(address=address, **kwargs)
         except ConnectionError as exc:
@@ -109,6 +113,27 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None,
                 os.environ[key] = value
 
 
+# The variables through which pyarrow's S3 and GCS clients find a store and its credentials.
+STORAGE_ENV_PREFIXES = ("AWS_", "GOOGLE_")
+STORAGE_ENV_NAMES = ("CLOUD_STORAGE_EMULATOR_ENDPOINT",)
+
+
+def storage_env() -> dict[str, str]:
+    """The storage variables of this process (endpoint, region, credentials: `AWS_*`,
+    `GOOGLE_*`) that a job on a cluster hands to every task and actor it starts, through its
+    runtime_env: a bucket this driver reaches is then reached by every trial and worker, on
+    any node, whatever environment that node was started with. A variable the submitted
+    job's own runtime_env already sets is left to it (Ray refuses to merge the two)."""
+    job = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    try:
+        taken = set(((json.loads(job) if job else {}).get("runtime_env") or {})
+                    .get("env_vars") or {})
+    except (ValueError, AttributeError):
+        taken = set()
+    return {k: v for k, v in os.environ.items()
+            if (k.startswith(STORAGE_ENV_PREFIXES) or k in STORAGE_ENV_NAMES) and k not in taken}
+
+
 def free_port() -> int:
     """A TCP port nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -137,3 +162,15 @@ class ClusterResources:
 
         total = ray.cluster_resources()
         return cls(cpus=float(total.get("CPU", 0.0)), gpus=float(total.get("GPU", 0.0)))
+
+
+def ray_storage(location: str) -> dict:
+    """`storage_path` (and `storage_filesystem` for object storage) of a Ray Train or Tune
+    `RunConfig` for `location`, from fgray's own resolution of it (`fgray.storage.resolve`):
+    Ray then writes where fgray reads, for a local path, an `s3://`/`gs://` URI and a URI
+    with pyarrow's query options alike."""
+    from fgray.storage import is_local, resolve
+
+    fs, path = resolve(location)
+    return {"storage_path": path} if is_local(fs) else {"storage_path": path,
+                                                        "storage_filesystem": fs}

@@ -5,11 +5,11 @@ Ray started for the run)."""
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 from fgray.config import parse_set_flags
 from fgray.engine.spec import DataSpec, RunSpec, build_spec
 from fgray.errors import UserError
+from fgray.storage import absolute, display, join
 
 
 def spec_from_args(args) -> RunSpec:
@@ -46,7 +46,7 @@ def pretrain_command(args) -> int:
                               cpus_per_worker=args.cpus_per_worker, address=args.address)
     except FloatingPointError as exc:
         raise diverged(exc) from None
-    print(f"run folder: {result}")
+    print(f"run folder: {display(result)}")
     print(f"results: fgray results {args.storage}")
     return 0
 
@@ -62,7 +62,7 @@ def _in_process(args, spec: RunSpec, name: str) -> int:
     recorder = EpochRecorder(str(args.storage), trial_id=name, spec=spec,
                              cpus=1.0 if cuda else float(torch.get_num_threads()),
                              gpus=1.0 if cuda else 0.0)
-    run_dir = Path(args.storage) / name
+    run_dir = join(absolute(args.storage), name)
 
     def on_epoch(metrics, _checkpoint) -> None:
         print(format_epoch(metrics), flush=True)
@@ -79,6 +79,6 @@ def _in_process(args, spec: RunSpec, name: str) -> int:
             raise diverged(exc) from None
         raise
     recorder.finish(trainer.history, status="completed")
-    print(f"run folder: {run_dir}")
-    print(f"best checkpoint (val kNN): {run_dir / 'checkpoints' / 'best'}")
+    print(f"run folder: {display(run_dir)}")
+    print(f"best checkpoint (val kNN): {display(join(run_dir, 'checkpoints', 'best'))}")
     return 0

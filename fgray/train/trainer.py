@@ -57,9 +57,7 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -86,6 +84,7 @@ from fgray.engine.spec import RunSpec
 from fgray.errors import UserError
 from fgray.results.records import (
     EPOCH_END,
+    NODE_ID,
     RESTORED_KEY,
     SESSION_START,
     EpochRecorder,
@@ -101,8 +100,11 @@ from fgray.storage import (
     join,
     read_json,
     resolve,
+    scratch_folder,
+    upload_tree,
     write_json,
 )
+from fgray.train.cluster import ray_storage
 
 ERROR_FILE = "fgray_error.json"
 RANKS_DIR = "ranks"
@@ -319,7 +321,8 @@ class TuneSession:
         if not kept:
             return None
         latest = max(kept, key=lambda k: k[1].get("epoch", 0))
-        return ray.train.Checkpoint(join(self.run_uri, latest[0]))
+        fs, path = resolve(join(self.run_uri, latest[0]))
+        return ray.train.Checkpoint(path, filesystem=fs)
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, name: str) -> None:
         record_epoch(self.run_uri, [metrics], self.recorder, self.echo)
@@ -358,11 +361,7 @@ def _persist(local: Path, uri: str) -> None:
         with atomic_path(target) as staging:
             shutil.move(str(local), staging)
         return
-    fs.create_dir(target, recursive=True)
-    files = sorted(local.iterdir(), key=lambda f: f.name == METRICS_FILE)
-    for f in files:
-        with open(f, "rb") as src, fs.open_output_stream(f"{target}/{f.name}") as dst:
-            shutil.copyfileobj(src, dst)
+    upload_tree(local, uri, last=METRICS_FILE)
     shutil.rmtree(local, ignore_errors=True)
 
 
@@ -383,32 +382,6 @@ def kept_checkpoints(run_uri: str) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
-SCRATCH_PREFIX = "fgray-worker-"
-
-
-def worker_scratch(root: str | None = None) -> Path:
-    """A new scratch folder for this worker process, named after its pid
-    (`fgray-worker-<pid>-<random>` in the temp folder, or `root`). The scratch of a process
-    that no longer runs is removed first: a trial killed by SIGKILL (a lost node, the OOM
-    killer, a test's crash) never reaches the `finally` that removes its own."""
-    base = Path(root or tempfile.gettempdir())
-    for old in base.glob(f"{SCRATCH_PREFIX}*-*"):
-        pid = old.name[len(SCRATCH_PREFIX):].split("-", 1)[0]
-        if pid.isdigit() and not _process_exists(int(pid)):
-            shutil.rmtree(old, ignore_errors=True)
-    return Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-", dir=base))
-
-
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: only checks that the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    return True
-
-
 def worker_loop(config: dict[str, Any], session: TrainSession | TuneSession | None = None
                 ) -> None:
     """The engine loop of one rank: the function every Ray Train worker runs
@@ -420,12 +393,13 @@ def worker_loop(config: dict[str, Any], session: TrainSession | TuneSession | No
     spec = RunSpec.from_dict(config["spec"])
     rank, world, device = session.rank, session.world, session.device
     # Worker-local scratch for the Pretrainer's files; what must last is reported to storage.
-    scratch = worker_scratch()
+    scratch = scratch_folder("worker")
     best = Best()  # the best val kNN top-1 so far, restored history included
     clock = {"last": time.perf_counter()}
     started = time.time()  # this process's running segment (`fgray.results.records.running_time`)
     restored_history: list[list[dict[str, Any]]] = []  # rank 0's, sent with its next report
     hooks: list[EpochHook] = []
+    node_id = ray.get_runtime_context().get_node_id()
 
     def on_epoch(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         epoch = int(metrics["epoch"])
@@ -436,6 +410,7 @@ def worker_loop(config: dict[str, Any], session: TrainSession | TuneSession | No
         report["epoch_wall_s"] = now - clock["last"]
         report[SESSION_START], report[EPOCH_END] = started, time.time()
         report["param_checksum"] = _param_checksum(trainer.method)
+        report[NODE_ID] = node_id  # where the epoch ran: the trials table shows the placement
         best.update(report)
         if best.value is not None:
             report[BEST_METRIC] = best.value
@@ -595,7 +570,7 @@ def build_trainer(spec: RunSpec, *, name: str, storage: str, resources: WorkerRe
     storage = absolute(storage)
     run_uri = join(storage, name)
     run_config = RunConfig(
-        name=name, storage_path=storage,
+        name=name, **ray_storage(storage),
         failure_config=FailureConfig(max_failures=max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=keep_best,
                                            checkpoint_score_attribute=SELECTION_METRIC,
@@ -615,7 +590,7 @@ def build_trainer(spec: RunSpec, *, name: str, storage: str, resources: WorkerRe
 def run_trainer(trainer: TorchTrainer):
     """`trainer.fit()`, re-raising a deterministic failure the workers left behind (a
     non-finite loss as FloatingPointError, a user error as UserError)."""
-    run_uri = join(trainer.run_config.storage_path, trainer.run_config.name)
+    run_uri = trainer.train_loop_config["run_uri"]
     delete_file(join(run_uri, ERROR_FILE))  # from an earlier attempt of this run
     result = trainer.fit()
     failure = read_json(join(run_uri, ERROR_FILE))
@@ -637,7 +612,8 @@ def best_checkpoint_dir(run_uri: str) -> str | None:
         best, _ = best_of(kept, row=lambda k: k[1])
         return join(run_uri, (best or kept[0])[0])
     try:
-        result = ray.train.Result.from_path(run_uri)
+        fs, path = resolve(run_uri)
+        result = ray.train.Result.from_path(path, storage_filesystem=fs)
     except RuntimeError:
         return None
     best, _ = best_of(result.best_checkpoints or [], row=lambda cm: cm[1])

@@ -326,6 +326,7 @@ def study_main(argv: list[str] | None = None, *, prog: str, description: str, da
 
     def body() -> int:
         from fgray.results.report import results_command
+        from fgray.storage import check_writable
         from fgray.train.cluster import ray_session
         from fgray.tune.study import run_study
 
@@ -333,6 +334,9 @@ def study_main(argv: list[str] | None = None, *, prog: str, description: str, da
         default_name = f"{Path(prog).stem}-{args.preset}"
         study = study_from_args(args, dataset=dataset, mode=mode, default_name=default_name)
         hooks = epoch_hooks(args.epoch_hook)
+        # Before Ray starts: a missing bucket, rejected credentials or a read-only policy is
+        # one line here, not a traceback from a trial (nothing is written by the check).
+        check_writable(study.storage, "--storage")
         with ray_session(args.address, log_to_driver=args.verbose), \
                 ray_log_file(study.study_dir, enabled=not args.verbose) as log:
             if log:

@@ -17,7 +17,7 @@ import pyarrow.fs as pafs
 
 from fgray.data.cache import default_cache_dir
 from fgray.results.report import OPTUNA_JOURNAL
-from fgray.storage import is_local, resolve
+from fgray.storage import is_local, put, resolve
 
 
 class Journal:
@@ -47,9 +47,7 @@ class Journal:
     def upload(self) -> None:
         if not self.mirrored or not self.local.exists():
             return
-        self.fs.create_dir(self.remote.rsplit("/", 1)[0], recursive=True)
-        with open(self.local, "rb") as src, self.fs.open_output_stream(self.remote) as out:
-            out.write(src.read())
+        put(self.fs, self.remote, self.local.read_bytes())
 
     def storage(self):
         import optuna

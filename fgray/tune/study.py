@@ -85,8 +85,8 @@ from fgray.results.records import (
     trial_history,
     weights_name,
 )
-from fgray.storage import join, read_text, write_text
-from fgray.train.cluster import ClusterResources
+from fgray.storage import join, local_copy, read_text, resolve, write_text
+from fgray.train.cluster import ClusterResources, ray_storage
 from fgray.train.trainer import (
     EpochHookSpec,
     WorkerResources,
@@ -509,6 +509,9 @@ class Console:
     concurrency: int = 1
 
 
+EXPERIMENT_SYNC_S = 5
+
+
 def _run_config(study: StudyConfig, name: str, setup: TrialSetup, totals: dict[str, int],
                 console: Console) -> ray.tune.RunConfig:
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
@@ -517,11 +520,15 @@ def _run_config(study: StudyConfig, name: str, setup: TrialSetup, totals: dict[s
     # trial must then never be retried by Tune itself).
     retries = study.max_failures if setup.resources.in_trial else 0
     return ray.tune.RunConfig(
-        name=name, storage_path=join(study.study_dir, TUNE_DIR),
+        name=name, **ray_storage(join(study.study_dir, TUNE_DIR)),
         callbacks=[CSVLoggerCallback(), JsonLoggerCallback(), StudyRecorder(setup)] + (
             [] if console.verbose else
             [StudyProgress(totals, study.epochs, console.concurrency)]),
         failure_config=ray.tune.FailureConfig(max_failures=retries),
+        # Tune uploads its experiment state (what `--resume` restores: which trials finished)
+        # at most every `sync_period`, 300 s by default: a replacement head resuming from the
+        # bucket would rerun the trials of the last five minutes. The state is a few kB.
+        sync_config=ray.tune.SyncConfig(sync_period=EXPERIMENT_SYNC_S),
         verbose=1 if console.verbose else 0)
 
 
@@ -534,10 +541,11 @@ def _fit(study: StudyConfig, name: str, setup: TrialSetup, fresh) -> float:
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     # An evaluation job reports its time, not the searched metric, which Tune would refuse.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    path = join(study.study_dir, TUNE_DIR, name)
-    if Tuner.can_restore(path):
+    fs, path = resolve(join(study.study_dir, TUNE_DIR, name))
+    if Tuner.can_restore(path, storage_filesystem=fs):
         tuner = Tuner.restore(path, trainable=_trainable(setup), resume_unfinished=True,
-                              resume_errored=False, restart_errored=False)
+                              resume_errored=False, restart_errored=False,
+                              storage_filesystem=fs)
     else:
         tuner = fresh()
     grid = tuner.fit()
@@ -827,7 +835,7 @@ def _evaluate_checkpoint(checkpoint: str, data: dict[str, Any], protocols: list[
     from fgray.engine.run import resolve_device
 
     device = resolve_device(None)
-    with ray.train.Checkpoint(checkpoint).as_directory() as folder:
+    with local_copy(checkpoint) as folder:
         method, spec, _ = load_checkpoint(folder, device)
     if embeddings is None:
         return evaluate_method(method, spec, DataSpec(**data), protocols, split="test",
