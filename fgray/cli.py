@@ -118,7 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     res = sub.add_parser("results", help="leaderboard, plots and TensorBoard of a study")
     res.add_argument("study_dir")
-    res.add_argument("--format", default="table", choices=("table", "csv", "markdown", "json"))
+    res.add_argument("--format", default="table",
+                     choices=("table", "wide", "csv", "markdown", "json", "html"),
+                     help="table: the compact leaderboard (100 columns); wide, markdown, "
+                          "json, html: every column and interval")
     res.add_argument("--tensorboard", action="store_true",
                      help="also print the command that opens TensorBoard on the study")
     res.add_argument("--plots", action="store_true", help="render PNG plots under STUDY_DIR/plots")

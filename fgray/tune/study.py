@@ -400,15 +400,17 @@ class StudyProgress(Callback):
 
     The ETA spreads the work left over the concurrent slots: the mean duration of the trials
     finished so far for each trial not started, and what that mean leaves of each running
-    trial.
+    trial. Without a terminal, an epoch's report also prints the line when none was printed
+    for `heartbeat_s` seconds, so the ETA keeps moving between trial events.
 
     tqdm: the progress bar every Python user knows, with rate and ETA handling and a clean
     fallback when output is not a terminal -- not worth writing by hand."""
 
     def __init__(self, totals: dict[str, int], epochs: int, concurrency: int,
-                 stream=None) -> None:
+                 stream=None, heartbeat_s: float = 30.0) -> None:
         import sys
 
+        self.heartbeat_s, self.printed = heartbeat_s, time.monotonic()
         self.totals, self.epochs = dict(totals), epochs
         self.concurrency = max(concurrency, 1)
         self.stream = stream or sys.stdout
@@ -454,6 +456,7 @@ class StudyProgress(Callback):
             self.bar.set_postfix_str(f"{method}: {self._status(method)}", refresh=True)
         else:
             print(f"[{method}] {event}: {self._status(method)}", file=self.stream, flush=True)
+            self.printed = time.monotonic()
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         if TrialSetup.is_evaluation(trial.config):
@@ -466,6 +469,9 @@ class StudyProgress(Callback):
         self.best.setdefault(method, Best(SELECTION_METRIC)).update(result)
         if self.bar is not None:
             self.bar.set_postfix_str(f"{method}: {self._status(method)}", refresh=True)
+        elif (time.monotonic() - self.printed >= self.heartbeat_s
+              and not TrialSetup.is_evaluation(trial.config) and "epoch" in result):
+            self._show(method, f"trial {trial.trial_id} epoch {int(result['epoch'])}")
 
     def _end(self, trial, status: str) -> None:
         method, job = self.group(trial), TrialSetup.point(trial.config)
@@ -819,10 +825,11 @@ def run_points(study: StudyConfig, name: str, points: list[dict[str, Any]],
 
 def _evaluate_checkpoint(checkpoint: str, data: dict[str, Any], protocols: list[str],
                          seed: int, embeddings: tuple[str, str] | None = None,
-                         ) -> dict[str, float]:
+                         outcomes: dict[str, Any] | None = None) -> dict[str, float]:
     """Runs as a Ray task with a trial's resources, next to the data like the trials. With
     `embeddings` = (study_dir, TensorBoard run), the test features also go to that run's
-    embedding projector, written here so they never travel back to the driver."""
+    embedding projector, written here so they never travel back to the driver. `outcomes`
+    gets the per-image test outcomes (`evaluate_method`)."""
     from fgray.engine.evaluate import evaluate_method, load_checkpoint
     from fgray.engine.run import resolve_device
 
@@ -831,12 +838,12 @@ def _evaluate_checkpoint(checkpoint: str, data: dict[str, Any], protocols: list[
         method, spec, _ = load_checkpoint(folder, device)
     if embeddings is None:
         return evaluate_method(method, spec, DataSpec(**data), protocols, split="test",
-                               device=device, seed=seed, progress=False)
+                               device=device, seed=seed, progress=False, outcomes=outcomes)
     from fgray.results.tensorboard import write_embeddings
 
     metrics, (features, labels, classes) = evaluate_method(
         method, spec, DataSpec(**data), protocols, split="test", device=device, seed=seed,
-        progress=False, return_features=True)
+        progress=False, return_features=True, outcomes=outcomes)
     write_embeddings(embeddings[0], embeddings[1], features, labels, classes)
     return metrics
 
@@ -874,8 +881,11 @@ def test_final_model(study: StudyConfig, method: str, trial_id: str, seed: int,
     if checkpoint is None:
         return
     embeddings = (study.study_dir, run_name(method, trial_id)) if project else None
-    metrics = _evaluate_checkpoint(checkpoint, study.data, study.protocols, seed, embeddings)
-    record_test(study.study_dir, method, trial_id, metrics, seed=seed, study=study.name)
+    outcomes: dict[str, Any] = {}
+    metrics = _evaluate_checkpoint(checkpoint, study.data, study.protocols, seed, embeddings,
+                                   outcomes)
+    record_test(study.study_dir, method, trial_id, metrics, seed=seed, study=study.name,
+                outcomes=outcomes)
 
 
 def test_init_weights(study: StudyConfig, name: str, resources: WorkerResources) -> None:
@@ -889,10 +899,11 @@ def test_init_weights(study: StudyConfig, name: str, resources: WorkerResources)
     if _init_recorded(study, name):
         return
     began, spec = time.time(), init_targets(study)[name]
+    outcomes: dict[str, Any] = {}
     metrics = evaluate_init(spec, spec.data, study.protocols, device=resolve_device(None),
-                            seed=study.seed, progress=False)
+                            seed=study.seed, progress=False, outcomes=outcomes)
     record_init(study.study_dir, name, spec, metrics, study=study.name, start_time=began,
-                cpus=resources.cpus, gpus=resources.gpus)
+                cpus=resources.cpus, gpus=resources.gpus, outcomes=outcomes)
 
 
 def _init_recorded(study: StudyConfig, name: str) -> bool:
