@@ -14,17 +14,18 @@ images?" -- needs all three, so the interval must come from both the seeds and t
 
 **Why a random-effects model and not a two-way bootstrap.** The issue allows either. A
 bootstrap that resamples S = 3 seeds sees at most 10 distinct seed sets; its percentile
-interval treats 3 values as the whole seed distribution and is too narrow (in the
-simulation of `tests/test_results_stats.py`, 300 draws of 300 test images, a seeds x images
-percentile bootstrap covered the true difference 85 % of the time with 3 seeds and 91 % with
-5, not 95 %). The two-way crossed
-random-effects model below estimates the variance of the mean difference by the method of
-moments (the ANOVA mean squares of the S x N table of differences, unbiased) and keeps the seed component's S - 1 degrees of freedom in a Student t interval
-(Satterthwaite's approximation combines the seed and image components' degrees of freedom),
-which is exact for normal seed effects and covered 93 % (3 seeds) and 94 % (5 seeds) in
-the same simulation; the test asserts 90-99 %. With one
-seed (or a single init evaluation against one seed) the seed term cannot be estimated and
-the interval is the test-image one alone; `seeds` in the result says so.
+interval treats 3 values as the whole seed distribution and is too narrow: in the
+simulation of `tests/test_results_stats.py` (300 draws of 300 test images, one scratch run
+of that simulation with a percentile bootstrap added), a seeds x images bootstrap covered
+the true difference 85 % of the time with 3 seeds and 91 % with 5, not 95 %. The two-way
+crossed random-effects model below estimates the variance of the mean difference by the
+method of moments (the ANOVA mean squares of the S x N table of differences, unbiased) and
+keeps the seed component's S - 1 degrees of freedom in a Student t interval
+(Satterthwaite's approximation combines the seed and image terms' degrees of freedom),
+which is exact for normal seed effects without an image term and covered 93 % (3 seeds) and
+94 % (5 seeds) in the same simulation; the test asserts 90-99 %. With one seed (or a single
+init evaluation against one seed) the seed term cannot be estimated and the interval is
+the test-image one alone; `seeds` in the result says so.
 
 Metrics that are ratios (mAP over the queries with another same-class item; part hits over
 visible parts) enter as weighted means: an image's value v_si with weight w_i (0 for an
