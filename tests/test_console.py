@@ -86,3 +86,16 @@ def test_ray_output_goes_to_the_study_log_file(tmp_path):
     assert logger.handlers == before  # restored afterwards
     with ray_log_file("s3://bucket/study", enabled=True) as none:
         assert none is None
+
+
+def test_ray_token_auth_notice_is_dropped_and_nothing_else(caplog):
+    from fgray.tune.cli import quiet_token_notice
+
+    logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    with caplog.at_level(logging.WARNING, logger=logger.name), quiet_token_notice():
+        logger.warning("Token authentication is enabled for this Ray cluster. Set "
+                       "RAY_AUTH_MODE=disabled to opt out.")
+        logger.warning("Token authentication is enabled but no token was found.")
+    assert [r.getMessage() for r in caplog.records] == [
+        "Token authentication is enabled but no token was found."]
+    assert not logger.filters  # removed afterwards

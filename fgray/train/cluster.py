@@ -51,11 +51,7 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None,
         return
     cpus = num_cpus if num_cpus is not None else _env_int(NUM_CPUS_ENV)
     temp = temp_dir or os.environ.get(TEMP_DIR_ENV) or None
-    saved = {k: os.environ.get(k)
-             for k in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT", "RAY_AUTH_MODE")}
-    # Token auth on, said explicitly: Ray enables it for a new local cluster anyway, but
-    # then warns on every run that it did (a clean run prints no warning).
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    saved = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")}
     # Ray's own helpers inside workers (Train's placement-group cleaner uses the state API)
     # find "the" cluster from RAY_ADDRESS, or by scanning for local instances, which fails
     # when another Ray runs on the same machine. So the local head gets a known GCS port and

@@ -1061,11 +1061,36 @@ class StudySummary:
         return self.wall_time_s / self.ideal_s if self.ideal_s > 0 else float("nan")
 
 
+def more_seed_points(study: StudyConfig, best: list[dict[str, Any]],
+                     rows: list[dict[str, Any]], more: int) -> list[dict[str, Any]]:
+    """The retrains that give each method's best configuration (`best`, trials rows) `more`
+    seeds beyond the study's `seeds`: seeds `seed + seeds ... seed + seeds + more - 1`,
+    each `{"method", "seed", **its searched parameters}` as the searcher's own retrains are,
+    leaving out a seed that already completed with that configuration (`rows`, so asking
+    again after an interruption does not repeat one)."""
+    done = {(r["method"], r.get("config_hash"), r.get("seed")) for r in rows
+            if r.get("status") == "completed"}
+    points = []
+    for b in best:
+        for k in range(study.seeds, study.seeds + more):
+            seed = study.seed + k
+            if (b["method"], b.get("config_hash"), seed) not in done:
+                points.append({"method": b["method"], "seed": seed, **_searched(b)})
+    return points
+
+
+MORE_SEEDS = "more-seeds"  # the experiment that adds seeds to the finalists
+
+
 def run_study(study: StudyConfig, *, resume: bool = False, verbose: bool = True,
-              epoch_hooks: tuple[EpochHookSpec, ...] = ()) -> StudySummary:
+              epoch_hooks: tuple[EpochHookSpec, ...] = (), more_seeds: int = 0
+              ) -> StudySummary:
     """Run a new study, or continue `study` (from `load_study`) with `resume=True`, on the
     connected Ray cluster; see the module docstring. `epoch_hooks` are called by every
-    trial's ranks after each epoch (`fgray.train.trainer`)."""
+    trial's ranks after each epoch (`fgray.train.trainer`). `more_seeds` (a search study):
+    once the search is done, retrain each method's best configuration with that many more
+    seeds (`more_seed_points`) and test them, so a comparison the first seeds could not
+    resolve gets more evidence without searching again."""
     import optuna
 
     from fgray.results.tables import latest_trials, load
@@ -1094,6 +1119,11 @@ def run_study(study: StudyConfig, *, resume: bool = False, verbose: bool = True,
     if study.mode == "search":
         evaluation_s = search(study, resources, concurrency, console, epoch_hooks)
         best = best_trials(study.study_dir, study.methods)
+        if more_seeds > 0:
+            points = more_seed_points(study, best, latest_trials(
+                load(study.study_dir, "trials").to_pylist()), more_seeds)
+            run_points(study, MORE_SEEDS, points, resources, concurrency, console,
+                       epoch_hooks)
         chosen = best + _same_config(study.study_dir, best)
     else:
         evaluation_s = 0.0  # evaluated below, as Ray tasks: counted as overhead
