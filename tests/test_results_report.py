@@ -406,3 +406,134 @@ def test_init_rows_per_weights(tmp_path):
     assert board["moco"]["vs_init"]["test_knn_top1"]["diff"] == pytest.approx(10.0)
     assert board["lcr"]["vs_init"]["test_knn_top1"]["diff"] == pytest.approx(-5.0)
     assert board["lcr"]["vs_moco"]["test_knn_top1"]["diff"] == pytest.approx(5.0)
+
+
+# ---------------------------------------------------------------- per-image outcomes
+
+def _outcome_rows(method, tid, seed, hits, ap):
+    return [{"study": "s", "trial_id": tid, "method": method, "split": "test", "seed": seed,
+             "image_id": i + 1, "label": i % 4, "knn_top1": float(h), "rank1": float(h),
+             "map": None if np.isnan(a) else float(a)}
+            for i, (h, a) in enumerate(zip(hits, ap))]
+
+
+@pytest.fixture()
+def with_outcomes(compared):
+    """`compared` plus per-image kNN/Rank-1 hits and AP for moco, lcr (3 seeds each) and
+    the init row, drawn at random; the image order of each trial's rows is shuffled."""
+    rng = np.random.default_rng(0)
+    n = 120
+    hits, aps = {}, {}
+    rows = []
+    for method, p in (("moco", 0.5), ("lcr", 0.6), ("init", 0.35)):
+        seeds = [0] if method == "init" else [0, 1, 2]
+        hits[method] = 100.0 * (rng.random((len(seeds), n)) < p)
+        aps[method] = 100.0 * rng.random((len(seeds), n))
+        aps[method][:, ::10] = np.nan  # queries without another same-class item
+        for s in seeds:
+            tid = "init" if method == "init" else f"{method}{s}"
+            part = _outcome_rows(method, tid, s, hits[method][s], aps[method][s])
+            rows += [part[i] for i in rng.permutation(n)]
+    append(compared, "outcomes", rows)
+    # The evals rows the study writes with them (the leaderboard's means come from there).
+    evals = []
+    for method in ("moco", "lcr"):
+        for s in range(3):
+            evals.append({"study": "s", "trial_id": f"{method}{s}", "method": method,
+                          "split": "test", "protocol": "retrieval", "metric": "map",
+                          "value": float(np.nanmean(aps[method][s])), "seed": s})
+    append(compared, "evals", evals)
+    return compared, hits, aps
+
+
+def test_comparisons_pair_seeds_and_test_images(with_outcomes):
+    from fgray.results.stats import paired_difference
+
+    path, hits, aps = with_outcomes
+    by = {r["method"]: r for r in leaderboard(path)}
+    got = by["lcr"]["vs_moco"]["test_knn_top1"]
+    want = paired_difference(hits["lcr"], hits["moco"])
+    assert got["basis"] == "seeds x test images" and got["images"] == 120
+    assert (got["diff"], got["low"], got["high"]) == pytest.approx(
+        (want["diff"], want["low"], want["high"]))
+    assert got["diff"] == pytest.approx(hits["lcr"].mean() - hits["moco"].mean())
+    # mAP: the queries without a relevant item (NaN) do not count, in either method.
+    keep = ~np.isnan(aps["lcr"][0])
+    assert by["lcr"]["vs_moco"]["test_map"]["diff"] == pytest.approx(
+        aps["lcr"][:, keep].mean() - aps["moco"][:, keep].mean())
+    # vs init: the init row's one evaluation pairs with every seed.
+    vs_init = by["lcr"]["vs_init"]["test_knn_top1"]
+    assert vs_init["diff"] == pytest.approx(hits["lcr"].mean() - hits["init"].mean())
+    # The row's test-set standard error: the seed-averaged hits' spread over sqrt(N).
+    seed_mean = hits["lcr"].mean(axis=0)
+    assert by["lcr"]["test_knn_top1_se"] == pytest.approx(
+        seed_mean.std(ddof=1) / np.sqrt(seed_mean.size))
+    # Methods without outcomes fall back to the seeds, and say so.
+    assert by["sdf"]["vs_moco"]["test_knn_top1"]["basis"] == "seeds only"
+    # Parquet carries every comparison with its interval.
+    results_command(path)
+    table = pd.read_parquet(os.path.join(path, "report", "comparisons.parquet"))
+    row = table[(table.method == "lcr") & (table.reference == "moco")
+                & (table.metric == "test_knn_top1")].iloc[0]
+    assert (row["low"], row["high"]) == pytest.approx((got["low"], got["high"]))
+
+
+def test_default_leaderboard_fits_100_columns(with_outcomes):
+    path, _, _ = with_outcomes
+    # A long init row name (methods on two weights) must not widen it either.
+    append(path, "trials", [{"study": "s", "trial_id": "init:tf_efficientnet_lite0.in1k",
+                             "method": "init:tf_efficientnet_lite0.in1k",
+                             "status": "completed", "best_val_knn_top1": 20.0,
+                             "backbone": LITE0, "init": "imagenet", "test_knn_top1": 30.0}])
+    out = results_command(path)
+    lines = out.splitlines()
+    assert max(len(line) for line in lines) <= 100
+    assert lines[0].split()[:4] == ["method", "kNN", "top-1", "Rank-1"]
+    rows = {r["method"]: r for r in leaderboard(path)}
+    c = rows["lcr"]["vs_moco"]["test_knn_top1"]
+    lcr = next(line for line in lines if line.startswith("lcr "))
+    star = "*" if c["significant"] else ""
+    assert lcr.endswith(f"{c['diff']:+.1f} [{c['low']:+.1f}, {c['high']:+.1f}]{star}")
+    assert f"±{rows['lcr']['test_knn_top1_se']:.1f}" in lcr
+    body = lines[2:lines.index("")]
+    assert len(body) == len(rows) and "init:tf_efficie… " in "\n".join(body)
+
+
+def test_asha_rung_correlations(tmp_path):
+    from scipy import stats as st
+
+    from fgray.results.report import rung_correlations, rung_lines
+
+    path = str(tmp_path / "asha")
+    rng = np.random.default_rng(1)
+    trials, epochs = [], []
+    for method, count in (("moco", 3), ("lcr", 6)):
+        for i in range(count):
+            tid = f"{method}{i}"
+            trials.append({"trial_id": tid, "method": method, "status": "completed",
+                           "best_val_knn_top1": 1.0})
+            for epoch in (1, 2, 3, 4):
+                epochs.append({"trial_id": tid, "method": method, "epoch": epoch,
+                               "val_knn_top1": float(rng.integers(0, 20))})
+    trials.append({"trial_id": "lcr9", "method": "lcr", "status": "stopped",
+                   "best_val_knn_top1": 1.0})  # stopped: no final value, not counted
+    epochs.append({"trial_id": "lcr9", "method": "lcr", "epoch": 1, "val_knn_top1": 99.0})
+    append(path, "trials", trials)
+    append(path, "epochs", epochs)
+    # study.json: grace period 1, reduction factor 2, 4 epochs -> rungs at epochs 1 and 2.
+    with open(os.path.join(path, "study.json"), "w") as f:
+        json.dump({"grace_period": 1, "reduction_factor": 2}, f)
+    got = rung_correlations(path)
+    frame = pd.DataFrame(epochs[:-1]).pivot(index="trial_id", columns="epoch",
+                                            values="val_knn_top1")
+    for name, members in (("lcr", [f"lcr{i}" for i in range(6)]),
+                          ("all", list(frame.index))):
+        sub = frame.loc[members]
+        assert [c["rung"] for c in got[name]] == [1, 2]
+        for c in got[name]:
+            assert c["rho"] == pytest.approx(st.spearmanr(sub[c["rung"]], sub[4]).statistic)
+            assert c["n"] == len(members) and c["final"] == 4
+            assert c["trusted"] is (c["rho"] >= 0.7)
+    assert got["moco"][0]["n"] == 3 and got["moco"][0]["trusted"] is None  # too few
+    text = "\n".join(rung_lines(got))
+    assert "moco: 3 completed trials are too few to tell" in text
