@@ -7,11 +7,17 @@ else is a bug and keeps its traceback (exit 1).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from fgray.cliutil import OneLineParser, run_main
 from fgray.data.formats import FORMATS
+from fgray.errors import UserError
+
+if TYPE_CHECKING:
+    from fgray.engine.spec import DataSpec
 
 
 class RegisteredMethods(Sequence):
@@ -95,7 +101,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint on the test split")
     ev.add_argument("checkpoint")
-    add_data_args(ev)
+    # Every data setting defaults to the checkpoint's own (the run's split, validation
+    # fraction and seed), so an evaluation agrees with the study that trained it.
+    ev.add_argument("--dataset", choices=FORMATS, help="dataset layout (default: the run's)")
+    ev.add_argument("--data-root", help="dataset root folder (default: the run's)")
+    ev.add_argument("--val-fraction", type=float,
+                    help="fraction of each class's train images held out (default: the run's)")
+    ev.add_argument("--split-seed", type=int, help="seed of the validation split (default: "
+                                                   "the run's)")
+    ev.add_argument("--aircraft-level", choices=("variant", "family", "manufacturer"))
+    ev.add_argument("--image-size", type=int, help="evaluation view in pixels (default: the "
+                                                   "run's)")
+    ev.add_argument("--seed", type=int, help="linear probe seed (default: the run's seed, as "
+                                             "the study's test evaluation uses)")
     ev.add_argument("--protocols", default="retrieval,knn",
                     help="comma list of retrieval, knn, linear, linear-paper, localisation")
     ev.add_argument("--split", default="test", choices=("val", "test"))
@@ -118,7 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     res = sub.add_parser("results", help="leaderboard, plots and TensorBoard of a study")
     res.add_argument("study_dir")
-    res.add_argument("--format", default="table", choices=("table", "csv", "markdown", "json"))
+    res.add_argument("--format", default="table",
+                     choices=("table", "wide", "csv", "markdown", "json", "html"),
+                     help="table: the compact leaderboard (100 columns); wide, markdown, "
+                          "json, html: every column and interval")
     res.add_argument("--tensorboard", action="store_true",
                      help="also print the command that opens TensorBoard on the study")
     res.add_argument("--plots", action="store_true", help="render PNG plots under STUDY_DIR/plots")
@@ -159,12 +180,26 @@ def _pretrain(args) -> int:
     return pretrain_command(args)
 
 
+def eval_data_spec(stored: DataSpec, args) -> DataSpec:
+    """The data an `fgray eval` reads: the checkpoint's own spec (`stored`), each field that
+    a flag gives replaced."""
+    from fgray.engine.spec import DataSpec
+
+    given = {"format": args.dataset, "root": args.data_root,
+             "val_fraction": args.val_fraction, "split_seed": args.split_seed,
+             "aircraft_level": args.aircraft_level, "cache_dir": args.cache_dir}
+    fields = {**dataclasses.asdict(stored),
+              **{k: v for k, v in given.items() if v is not None}}
+    if not fields.get("root"):
+        raise UserError("the checkpoint records no dataset root: pass --dataset and --data-root")
+    return DataSpec(**fields)
+
+
 def _eval(args) -> int:
     import json
 
     from fgray.engine.evaluate import evaluate_method, load_checkpoint
     from fgray.engine.run import resolve_device
-    from fgray.engine.spec import DataSpec
     from fgray.storage import absolute, display, join, local_copy, write_text
 
     device = resolve_device(args.device)
@@ -172,18 +207,22 @@ def _eval(args) -> int:
     with local_copy(args.checkpoint) as local:
         method, spec, _ = load_checkpoint(local, device)
         folder = local.is_dir()
-    data = DataSpec(format=args.dataset, root=args.data_root, val_fraction=args.val_fraction,
-                    split_seed=args.split_seed, aircraft_level=args.aircraft_level,
-                    cache_dir=args.cache_dir)
+    data = eval_data_spec(spec.data, args)
+    if args.image_size is not None:
+        if args.image_size <= 0:
+            raise UserError(f"--image-size {args.image_size}: expected a positive size")
+        spec.train = dataclasses.replace(spec.train, image_size=args.image_size)
     protocols = [p.strip() for p in args.protocols.split(",") if p.strip()]
-    metrics = evaluate_method(method, spec, data, protocols, split=args.split, device=device)
+    seed = args.seed if args.seed is not None else spec.train.seed
+    metrics = evaluate_method(method, spec, data, protocols, split=args.split, device=device,
+                              seed=seed)
     ckpt = absolute(args.checkpoint)
     out = args.out or join(ckpt if folder else ckpt.rsplit("/", 1)[0], f"eval-{args.split}.json")
     record = {"checkpoint": display(ckpt), "split": args.split, "method": spec.method,
               "metrics": metrics}
     write_text(out, json.dumps(record, indent=1))
     for name, value in metrics.items():
-        print(f"{args.split} {name}: {value:.2f}")
+        print(f"{args.split} {name}: {value:.{3 if name.startswith('loc_') else 2}f}")
     print(f"wrote {display(out)}")
     return 0
 

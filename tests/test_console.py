@@ -41,6 +41,30 @@ def test_plain_lines_count_trials_best_and_eta(monkeypatch):
         "kNN -; ETA 45 s")
 
 
+def test_eta_moves_between_trial_events(monkeypatch):
+    """Without a terminal, an epoch report prints the status line again once none was
+    printed for heartbeat_s, with the ETA recomputed at that time."""
+    wall = iter([0.0, 0.0, 10.0, 10.0, 40.0, 40.0, 70.0])
+    mono = iter([0.0, 0.0, 10.0, 10.0, 20.0, 45.0, 45.0])
+    monkeypatch.setattr("fgray.tune.study.time.time", lambda: next(wall))
+    monkeypatch.setattr("fgray.tune.study.time.monotonic", lambda: next(mono))
+    out = io.StringIO()
+    progress = StudyProgress({"moco": 3}, epochs=2, concurrency=1, stream=out,
+                             heartbeat_s=30.0)  # mono 0
+    a, b = _trial("a", 2), _trial("b")
+    progress.on_trial_start(0, [], a)  # wall 0 (start), 0 (ETA); mono 0 (printed)
+    progress.on_trial_complete(0, [], a)  # wall 10, 10: a took 10 s; mono 10
+    progress.on_trial_start(0, [], b)  # wall 40 (start) 40 (ETA): mean 10 s, 2 left: 20 s
+    progress.on_trial_result(0, [], b, {"epoch": 1})  # mono 20: 10 s since the last line
+    assert len(out.getvalue().splitlines()) == 3
+    progress.on_trial_result(0, [], b, {"epoch": 1})  # mono 45: 35 s since the last line
+    lines = out.getvalue().splitlines()
+    # at wall 70, b has run 30 s of a 10 s mean: only the third trial's 10 s are left
+    assert lines[-1] == ("[moco] trial b epoch 1: 2 of 3 started, 1 completed, 0 stopped, 0 "
+                         "failed; best val kNN -; ETA 10 s")
+    assert lines[-2].endswith("ETA 20 s")
+
+
 def test_evaluation_jobs_are_one_line_and_not_counted():
     out = io.StringIO()
     progress = StudyProgress({"moco": 1}, epochs=3, concurrency=1, stream=out)
@@ -62,3 +86,16 @@ def test_ray_output_goes_to_the_study_log_file(tmp_path):
     assert logger.handlers == before  # restored afterwards
     with ray_log_file("s3://bucket/study", enabled=True) as none:
         assert none is None
+
+
+def test_ray_token_auth_notice_is_dropped_and_nothing_else(caplog):
+    from fgray.tune.cli import quiet_token_notice
+
+    logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    with caplog.at_level(logging.WARNING, logger=logger.name), quiet_token_notice():
+        logger.warning("Token authentication is enabled for this Ray cluster. Set "
+                       "RAY_AUTH_MODE=disabled to opt out.")
+        logger.warning("Token authentication is enabled but no token was found.")
+    assert [r.getMessage() for r in caplog.records] == [
+        "Token authentication is enabled but no token was found."]
+    assert not logger.filters  # removed afterwards

@@ -221,7 +221,7 @@ def test_pretrain_in_process_shows_in_results(synth_root, tmp_path, capsys):
     metrics = [json.loads(x) for x in (storage / "run1" / "metrics.jsonl").read_text().splitlines()]
     assert trials[0]["best_val_knn_top1"] == max(m["val_knn_top1"] for m in metrics)
     assert len(load(str(storage), "epochs")) == 2
-    board = results_command(str(storage))
+    board = results_command(str(storage), "wide")  # the trial id is a wide column
     assert "run1" in board and "moco" in board
     revision = git_revision()
     head = Path(__file__).resolve().parents[1] / ".git" / "HEAD"

@@ -187,20 +187,21 @@ def test_render_formats(study):
     mean, std = rows[1]["test_rank1"], rows[1]["test_rank1_std"]
     assert f"{mean:.2f} ± {std:.2f}" in moco_line  # percent: two decimals
     assert "lr=0.1, tau=0.1" in moco_line and "| test_resnet |" in moco_line
-    assert markdown[-1].startswith("vs moco / vs init: difference of the mean test kNN top-1")
+    assert markdown[-1].startswith("Metrics: mean ± std over seeds. knn test se:")
 
-    table = render(rows, "table").splitlines()
+    table = render(rows, "wide").splitlines()
     assert table[0].split()[:4] == ["method", "backbone", "best_trial", "val_knn_top1"]
     assert table[2].split()[:4] == ["lcr", "test_resnet", "l1", "0.55"]
     # Columns are aligned: every header starts where its cells start.
     start = table[0].index("val_knn_top1")
     assert table[2][start:].startswith("0.55") and table[3][start:].startswith("0.72")
     lcr_cells = table[2][table[0].index("vs moco"):].split()
-    # lcr's one kNN value (0.47, std 0) vs moco's 0.55 ± 0.0265: -0.08 exceeds the spread.
-    assert lcr_cells[0] == "-0.1*"
+    # lcr's one kNN value (0.47, seed 0) pairs with moco's seed 0 (0.55): one seed, a
+    # difference without an interval.
+    assert lcr_cells[:3] == ["-0.1", "(1", "seed)"]
 
-    with pytest.raises(UserError, match="--format 'xml': expected one of table, csv, "
-                                        "markdown, json"):
+    with pytest.raises(UserError, match="--format 'xml': expected one of table, wide, csv, "
+                                        "markdown, json, html"):
         render(rows, "xml")
 
 
@@ -212,7 +213,9 @@ def test_results_command_with_tensorboard(study):
     data = json.loads(results_command(study, "json", tensorboard=True))
     assert data["tensorboard"] == f"tensorboard --logdir {study}/tensorboard"
     assert [r["method"] for r in data["leaderboard"]] == ["lcr", "moco"]
-    assert data["leaderboard"][0]["vs_moco"]["test_knn_top1"]["significant"] is True
+    lcr_vs_moco = data["leaderboard"][0]["vs_moco"]["test_knn_top1"]
+    assert lcr_vs_moco["diff"] == pytest.approx(0.47 - 0.55) and lcr_vs_moco["seeds"] == 1
+    assert lcr_vs_moco["significant"] is False and lcr_vs_moco["low"] is None
     assert json.loads(results_command(study, "json")) == json.loads(
         render(leaderboard(study), "json"))
     with pytest.raises(UserError, match="--format"):
@@ -285,19 +288,20 @@ def test_load_sees_all_rows_written_for_report(study):
 # ---------------------------------------------------------------- init row and significance
 
 LITE0 = "tf_efficientnet_lite0.in1k"
-# Test kNN top-1 per seed, and the hand-computed comparison of each method's mean +- std
-# (sample std) with moco's (52 +- 2) and with the init row's (40, one value: std 0).
-KNN = {"moco": [50.0, 52.0, 54.0], "lcr": [53.0, 55.0, 57.0], "sdf": [60.0, 61.0, 62.0],
+# Test kNN top-1 per seed; moco's seeds pair with every other method's by seed index, the
+# init row (40, one evaluation) with every seed. No per-image outcomes: the comparison is
+# the paired t interval over seeds, checked against scipy below.
+KNN = {"moco": [50.0, 52.0, 54.0], "lcr": [53.0, 56.0, 55.0], "sdf": [60.0, 61.0, 62.0],
        "ppssl": [52.5], "lodisc": [39.0, 40.0, 41.0]}
-#            vs moco: diff, spread -> cell            vs init: diff, spread -> cell
-EXPECTED = {
-    "init": ("-", "-"),
-    "moco": ("-", "+12.0*"),                  # +12 > 2 + 0
-    "lcr": ("+3.0 (n.s.)", "+15.0*"),         # 3 <= 2 + 2;  15 > 2
-    "sdf": ("+9.0*", "+21.0*"),               # 9 > 1 + 2;   21 > 1
-    "ppssl": ("+0.5 (n.s.)", "+12.5*"),       # 0.5 <= 0 + 2; 12.5 > 0 + 0 (both one value)
-    "lodisc": ("-12.0*", "+0.0 (n.s.)"),      # 12 > 1 + 2;  0 <= 1
-}
+
+
+def _paired_t(a, b):
+    """(diff, low, high) of the paired 95 % t interval, by scipy."""
+    from scipy import stats as st
+
+    d = np.asarray(a, float) - np.asarray(b, float)
+    low, high = st.t.interval(0.95, d.size - 1, loc=d.mean(), scale=st.sem(d))
+    return d.mean(), low, high
 
 
 @pytest.fixture()
@@ -335,34 +339,51 @@ def test_init_row_first_and_significance_marks(compared):
     assert by["init"]["test_knn_top1_std"] is None and by["init"]["test_knn_top1_n"] == 1
     assert by["moco"]["test_knn_top1"] == pytest.approx(52.0)
     assert by["moco"]["test_knn_top1_std"] == pytest.approx(2.0)
-    assert by["lcr"]["vs_moco"]["test_knn_top1"] == pytest.approx(
-        {"diff": 3.0, "spread": 4.0, "significant": False})
-    assert by["ppssl"]["vs_init"]["test_knn_top1"] == pytest.approx(
-        {"diff": 12.5, "spread": 0.0, "significant": True})
-    assert by["lodisc"]["vs_init"]["test_knn_top1"]["significant"] is False
+    for method in ("lcr", "sdf", "lodisc"):
+        for ref, ref_values in (("vs_moco", KNN["moco"]), ("vs_init", [40.0] * 3)):
+            got = by[method]["vs_" + ref[3:]]["test_knn_top1"]
+            diff, low, high = _paired_t(KNN[method], ref_values)
+            assert (got["diff"], got["low"], got["high"]) == pytest.approx((diff, low, high))
+            assert got["significant"] is bool(low > 0 or high < 0)
+            assert got["basis"] == "seeds only" and got["seeds"] == 3
+    assert by["sdf"]["vs_moco"]["test_knn_top1"]["significant"] is True
+    assert by["lcr"]["vs_moco"]["test_knn_top1"]["significant"] is False
+    # One seed (ppssl): the difference, no interval, never significant.
+    assert by["ppssl"]["vs_init"]["test_knn_top1"]["diff"] == pytest.approx(12.5)
+    assert by["ppssl"]["vs_init"]["test_knn_top1"]["low"] is None
+    assert by["ppssl"]["vs_init"]["test_knn_top1"]["significant"] is False
     # Every metric is compared; one missing on either side gives no comparison.
-    assert by["sdf"]["vs_moco"]["test_loc_box_mass"] == pytest.approx(
-        {"diff": 0.0, "spread": 0.02, "significant": False})
+    box = by["sdf"]["vs_moco"]["test_loc_box_mass"]
+    assert box["diff"] == pytest.approx(0.0) and box["significant"] is False
     assert by["sdf"]["vs_init"]["test_loc_box_mass"] is None
     assert by["init"]["vs_moco"] is None and by["moco"]["vs_moco"] is None
     # The note says how LoDisc ran on a CNN; the init row says what it is.
     assert by["lodisc"]["note"] == "cnn location map [ours]" and by["moco"]["note"] is None
     assert by["init"]["note"] == "initial weights, no SSL"
 
-    table = render(rows, "table").splitlines()
+    table = render(rows, "wide").splitlines()
     header = table[0]
     for line in table[2:2 + len(rows)]:
         method = line.split()[0]
         vs_moco = line[header.index("vs moco"):header.index("vs init")].strip()
-        vs_init = line[header.index("vs init"):header.index("seeds")].strip()
-        assert (vs_moco, vs_init) == EXPECTED[method], method
+        for ref, text in (("vs_moco", vs_moco),):
+            c = (by[method][ref] or {}).get("test_knn_top1")
+            if c is None:
+                assert text == "-", method
+            elif c["low"] is None:
+                assert text == f"{c['diff']:+.1f} (1 seed)"
+            else:
+                star = "*" if c["significant"] else ""
+                assert text == f"{c['diff']:+.1f} [{c['low']:+.1f}, {c['high']:+.1f}]{star}"
         assert f"{LITE0} (imagenet)" in line
     moco_line = next(line for line in table if line.startswith("moco "))
     assert "52.00 ± 2.00" in moco_line and "0.510 ± 0.010" in moco_line  # loc: 3 decimals
-    assert any("std_a + std_b" in line for line in table)
+    assert any("95 % interval over seeds and" in line for line in table)
 
     flat = {r["method"]: r for r in csv.DictReader(io.StringIO(render(rows, "csv")))}
     assert float(flat["sdf"]["vs_moco"]) == pytest.approx(9.0)
+    assert float(flat["sdf"]["vs_moco_low"]) == pytest.approx(_paired_t(KNN["sdf"],
+                                                                        KNN["moco"])[1])
     assert flat["sdf"]["vs_moco_significant"] == "True"
     assert flat["lcr"]["vs_moco_significant"] == "False" and flat["init"]["vs_moco"] == ""
     parsed = json.loads(render(rows, "json"))
@@ -385,3 +406,134 @@ def test_init_rows_per_weights(tmp_path):
     assert board["moco"]["vs_init"]["test_knn_top1"]["diff"] == pytest.approx(10.0)
     assert board["lcr"]["vs_init"]["test_knn_top1"]["diff"] == pytest.approx(-5.0)
     assert board["lcr"]["vs_moco"]["test_knn_top1"]["diff"] == pytest.approx(5.0)
+
+
+# ---------------------------------------------------------------- per-image outcomes
+
+def _outcome_rows(method, tid, seed, hits, ap):
+    return [{"study": "s", "trial_id": tid, "method": method, "split": "test", "seed": seed,
+             "image_id": i + 1, "label": i % 4, "knn_top1": float(h), "rank1": float(h),
+             "map": None if np.isnan(a) else float(a)}
+            for i, (h, a) in enumerate(zip(hits, ap))]
+
+
+@pytest.fixture()
+def with_outcomes(compared):
+    """`compared` plus per-image kNN/Rank-1 hits and AP for moco, lcr (3 seeds each) and
+    the init row, drawn at random; the image order of each trial's rows is shuffled."""
+    rng = np.random.default_rng(0)
+    n = 120
+    hits, aps = {}, {}
+    rows = []
+    for method, p in (("moco", 0.5), ("lcr", 0.6), ("init", 0.35)):
+        seeds = [0] if method == "init" else [0, 1, 2]
+        hits[method] = 100.0 * (rng.random((len(seeds), n)) < p)
+        aps[method] = 100.0 * rng.random((len(seeds), n))
+        aps[method][:, ::10] = np.nan  # queries without another same-class item
+        for s in seeds:
+            tid = "init" if method == "init" else f"{method}{s}"
+            part = _outcome_rows(method, tid, s, hits[method][s], aps[method][s])
+            rows += [part[i] for i in rng.permutation(n)]
+    append(compared, "outcomes", rows)
+    # The evals rows the study writes with them (the leaderboard's means come from there).
+    evals = []
+    for method in ("moco", "lcr"):
+        for s in range(3):
+            evals.append({"study": "s", "trial_id": f"{method}{s}", "method": method,
+                          "split": "test", "protocol": "retrieval", "metric": "map",
+                          "value": float(np.nanmean(aps[method][s])), "seed": s})
+    append(compared, "evals", evals)
+    return compared, hits, aps
+
+
+def test_comparisons_pair_seeds_and_test_images(with_outcomes):
+    from fgray.results.stats import paired_difference
+
+    path, hits, aps = with_outcomes
+    by = {r["method"]: r for r in leaderboard(path)}
+    got = by["lcr"]["vs_moco"]["test_knn_top1"]
+    want = paired_difference(hits["lcr"], hits["moco"])
+    assert got["basis"] == "seeds x test images" and got["images"] == 120
+    assert (got["diff"], got["low"], got["high"]) == pytest.approx(
+        (want["diff"], want["low"], want["high"]))
+    assert got["diff"] == pytest.approx(hits["lcr"].mean() - hits["moco"].mean())
+    # mAP: the queries without a relevant item (NaN) do not count, in either method.
+    keep = ~np.isnan(aps["lcr"][0])
+    assert by["lcr"]["vs_moco"]["test_map"]["diff"] == pytest.approx(
+        aps["lcr"][:, keep].mean() - aps["moco"][:, keep].mean())
+    # vs init: the init row's one evaluation pairs with every seed.
+    vs_init = by["lcr"]["vs_init"]["test_knn_top1"]
+    assert vs_init["diff"] == pytest.approx(hits["lcr"].mean() - hits["init"].mean())
+    # The row's test-set standard error: the seed-averaged hits' spread over sqrt(N).
+    seed_mean = hits["lcr"].mean(axis=0)
+    assert by["lcr"]["test_knn_top1_se"] == pytest.approx(
+        seed_mean.std(ddof=1) / np.sqrt(seed_mean.size))
+    # Methods without outcomes fall back to the seeds, and say so.
+    assert by["sdf"]["vs_moco"]["test_knn_top1"]["basis"] == "seeds only"
+    # Parquet carries every comparison with its interval.
+    results_command(path)
+    table = pd.read_parquet(os.path.join(path, "report", "comparisons.parquet"))
+    row = table[(table.method == "lcr") & (table.reference == "moco")
+                & (table.metric == "test_knn_top1")].iloc[0]
+    assert (row["low"], row["high"]) == pytest.approx((got["low"], got["high"]))
+
+
+def test_default_leaderboard_fits_100_columns(with_outcomes):
+    path, _, _ = with_outcomes
+    # A long init row name (methods on two weights) must not widen it either.
+    append(path, "trials", [{"study": "s", "trial_id": "init:tf_efficientnet_lite0.in1k",
+                             "method": "init:tf_efficientnet_lite0.in1k",
+                             "status": "completed", "best_val_knn_top1": 20.0,
+                             "backbone": LITE0, "init": "imagenet", "test_knn_top1": 30.0}])
+    out = results_command(path)
+    lines = out.splitlines()
+    assert max(len(line) for line in lines) <= 100
+    assert lines[0].split()[:4] == ["method", "kNN", "top-1", "Rank-1"]
+    rows = {r["method"]: r for r in leaderboard(path)}
+    c = rows["lcr"]["vs_moco"]["test_knn_top1"]
+    lcr = next(line for line in lines if line.startswith("lcr "))
+    star = "*" if c["significant"] else ""
+    assert lcr.endswith(f"{c['diff']:+.1f} [{c['low']:+.1f}, {c['high']:+.1f}]{star}")
+    assert f"±{rows['lcr']['test_knn_top1_se']:.1f}" in lcr
+    body = lines[2:lines.index("")]
+    assert len(body) == len(rows) and "init:tf_efficie… " in "\n".join(body)
+
+
+def test_asha_rung_correlations(tmp_path):
+    from scipy import stats as st
+
+    from fgray.results.report import rung_correlations, rung_lines
+
+    path = str(tmp_path / "asha")
+    rng = np.random.default_rng(1)
+    trials, epochs = [], []
+    for method, count in (("moco", 3), ("lcr", 6)):
+        for i in range(count):
+            tid = f"{method}{i}"
+            trials.append({"trial_id": tid, "method": method, "status": "completed",
+                           "best_val_knn_top1": 1.0})
+            for epoch in (1, 2, 3, 4):
+                epochs.append({"trial_id": tid, "method": method, "epoch": epoch,
+                               "val_knn_top1": float(rng.integers(0, 20))})
+    trials.append({"trial_id": "lcr9", "method": "lcr", "status": "stopped",
+                   "best_val_knn_top1": 1.0})  # stopped: no final value, not counted
+    epochs.append({"trial_id": "lcr9", "method": "lcr", "epoch": 1, "val_knn_top1": 99.0})
+    append(path, "trials", trials)
+    append(path, "epochs", epochs)
+    # study.json: grace period 1, reduction factor 2, 4 epochs -> rungs at epochs 1 and 2.
+    with open(os.path.join(path, "study.json"), "w") as f:
+        json.dump({"grace_period": 1, "reduction_factor": 2}, f)
+    got = rung_correlations(path)
+    frame = pd.DataFrame(epochs[:-1]).pivot(index="trial_id", columns="epoch",
+                                            values="val_knn_top1")
+    for name, members in (("lcr", [f"lcr{i}" for i in range(6)]),
+                          ("all", list(frame.index))):
+        sub = frame.loc[members]
+        assert [c["rung"] for c in got[name]] == [1, 2]
+        for c in got[name]:
+            assert c["rho"] == pytest.approx(st.spearmanr(sub[c["rung"]], sub[4]).statistic)
+            assert c["n"] == len(members) and c["final"] == 4
+            assert c["trusted"] is (c["rho"] >= 0.7)
+    assert got["moco"][0]["n"] == 3 and got["moco"][0]["trusted"] is None  # too few
+    text = "\n".join(rung_lines(got))
+    assert "moco: 3 completed trials are too few to tell" in text

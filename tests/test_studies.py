@@ -68,6 +68,9 @@ def test_help_as_a_subprocess():
     (["--synthetic", "--preset", "huge"], "argument --preset: invalid choice"),
     (["--synthetic", "--methods", "moco,byol"], "--methods 'moco,byol'"),
     (["--resume", "--storage", "/nonexistent/x"], "--resume: no study at /nonexistent/x"),
+    (["--synthetic", "--more-seeds", "2"], "--more-seeds 2: expected a number >= 1 given "
+                                           "with --resume"),
+    (["--resume", "--more-seeds", "-1"], "--more-seeds -1: expected a number >= 1"),
 ])
 def test_user_errors_are_one_line(args, message, monkeypatch, capsys):
     assert _run_script("cub_sweep.py", args, monkeypatch) == 2

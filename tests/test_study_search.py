@@ -22,6 +22,7 @@ from fgray.tune.study import (
     MethodScheduler,
     StudyConfig,
     StudySearcher,
+    more_seed_points,
 )
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -189,3 +190,20 @@ def test_after_the_experiment_only_untested_models_start_a_task(tmp_path, monkey
     study_module.evaluate_trials(study, trials, study_module.WorkerResources())
     study_module.evaluate_init_rows(study, study_module.WorkerResources())
     assert launched == []
+
+
+def test_more_seed_points_extend_each_best_and_skip_completed_seeds(tmp_path):
+    """--more-seeds 2 on a 3-seed study: seeds 3 and 4 of each method's best configuration,
+    its searched parameters as the searcher's retrains carry them, a seed that already
+    completed with that configuration not again (a failed one again)."""
+    study = _study(tmp_path, seeds=3)
+    best = [{"method": "moco", "trial_id": "b", "config_hash": "h", "seed": 0,
+             "param.lr": 0.1, "param.seed": None},
+            {"method": "lcr", "trial_id": "c", "config_hash": "g", "seed": 0, "param.nu": 0.5}]
+    rows = [{"method": "moco", "config_hash": "h", "seed": 3, "status": "completed"},
+            {"method": "moco", "config_hash": "h", "seed": 4, "status": "failed"},
+            {"method": "lcr", "config_hash": "other", "seed": 3, "status": "completed"}]
+    assert more_seed_points(study, best, rows, 2) == [
+        {"method": "moco", "seed": 4, "lr": 0.1},
+        {"method": "lcr", "seed": 3, "nu": 0.5}, {"method": "lcr", "seed": 4, "nu": 0.5}]
+    assert more_seed_points(study, best, rows, 0) == []

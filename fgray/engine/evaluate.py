@@ -49,10 +49,19 @@ def load_checkpoint(path: str | Path, device: torch.device) -> tuple[Method, Run
 def evaluate_method(method: Method, spec: RunSpec, data: DataSpec, protocols: list[str], *,
                     split: str = "test", device: torch.device, seed: int = 0,
                     progress: bool = True, return_features: bool = False,
+                    outcomes: dict[str, np.ndarray] | None = None,
                     ) -> dict[str, float] | tuple[dict[str, float], Features]:
     """The metrics of `protocols` on `split`; with `return_features`, also that split's
     features, labels and the dataset's class names (for the embedding projector). A CNN
-    `method` is left in channels-last when `spec.train.channels_last` (`to_channels_last`)."""
+    `method` is left in channels-last when `spec.train.channels_last` (`to_channels_last`).
+
+    `outcomes`, when given, is filled with the per-image outcomes behind every metric, one
+    float64 array (N,) per key, aligned with the split's images: `image_id`, `label`, and
+    for each metric its per-image value (the same name: `knn_top1` 100/0, `map` 100 x AP,
+    `loc_box_mass`, ...; NaN where an image does not count) -- the metric is the mean over
+    images, except `loc_part_hits`, which is sum(value x `loc_parts_visible`) /
+    sum(`loc_parts_visible`). They let a comparison resample test images (`fgray.results.
+    stats`)."""
     unknown = [p for p in protocols if p not in PROTOCOLS]
     if unknown:
         raise UserError(f"unknown protocol {unknown[0]!r}: expected {', '.join(PROTOCOLS)}")
@@ -73,16 +82,28 @@ def evaluate_method(method: Method, spec: RunSpec, data: DataSpec, protocols: li
                                             **layout)
     out: dict[str, float] = {}
     n_cls = splits.dataset.num_classes
+    per = outcomes is not None
+    if per:
+        outcomes.update(image_id=np.asarray(target.image_ids, np.float64),
+                        label=np.asarray(target.labels, np.float64))
     if "retrieval" in protocols:
-        r = retrieval_metrics(feats, labels)
+        r = retrieval_metrics(feats, labels, per_query=per)
         out.update(rank1=r["rank1"], rank5=r["rank5"], map=r["map"])
+        if per:
+            outcomes.update({k: v.numpy() for k, v in r["per_query"].items()})
     if "knn" in protocols:
         k = knn_classify(bank, bank_labels, feats, labels, k=spec.train.knn_k,
-                         temperature=spec.train.knn_temperature, num_classes=n_cls)
+                         temperature=spec.train.knn_temperature, num_classes=n_cls,
+                         per_query=per)
         out.update(knn_top1=k["top1"], knn_top5=k["top5"])
+        if per:
+            outcomes.update({f"knn_{k_}": v.numpy() for k_, v in k["per_query"].items()})
     if "linear" in protocols:
-        lin = linear_probe_fast(bank, bank_labels, feats, labels, num_classes=n_cls, seed=seed)
+        lin = linear_probe_fast(bank, bank_labels, feats, labels, num_classes=n_cls, seed=seed,
+                                per_query=per)
         out.update(linear_top1=lin["top1"], linear_top5=lin["top5"])
+        if per:
+            outcomes.update({f"linear_{k_}": v.numpy() for k_, v in lin["per_query"].items()})
     if "linear-paper" in protocols:
         train_aug = augment_preset("mocov2", size, scale_min=0.08, jitter_p=0.0, gray_p=0.0,
                                    blur_p=(0.0, 0.0), mean=spec.augment.mean,
@@ -103,7 +124,8 @@ def evaluate_method(method: Method, spec: RunSpec, data: DataSpec, protocols: li
             feature_dim=dim, num_classes=n_cls, seed=seed, device=device)
         out.update(linear_paper_top1=lin["top1"])
     if "localisation" in protocols:
-        out.update(localisation_scores(method, target, size, bs, device, **norm))
+        out.update(localisation_scores(method, target, size, bs, device, **norm,
+                                       outcomes=outcomes))
     if return_features:
         return out, (feats.float().cpu(), labels.cpu(), list(splits.dataset.classes))
     return out
@@ -122,10 +144,13 @@ def method_maps(method: nn.Module, view: torch.Tensor) -> torch.Tensor:
 
 def localisation_scores(method: nn.Module, data: CachedSplit, size: int, batch_size: int,
                         device: torch.device, *, mean: tuple[float, ...],
-                        std: tuple[float, ...]) -> dict[str, float]:
+                        std: tuple[float, ...], outcomes: dict[str, np.ndarray] | None = None,
+                        ) -> dict[str, float]:
     """Box mass, pointing game and part hits (fgray.eval.localisation) of the method's map
     on every image of `data` with a box, in the eval view; {} when the split has no boxes.
-    A method whose map needs input gradients (PP-SSL) enables them itself."""
+    A method whose map needs input gradients (PP-SSL) enables them itself. `outcomes`, when
+    given, gets each image's scores (NaN for an image without a box; see
+    `evaluate_method`)."""
     has_box = ~np.isnan(data.boxes).any(axis=1)
     if not has_box.any():
         return {}
@@ -150,14 +175,28 @@ def localisation_scores(method: nn.Module, data: CachedSplit, size: int, batch_s
                 parts.append(p)
     maps_t = torch.cat(maps)
     out = {}
-    scores = box_scores(maps_t, torch.cat(boxes), (size, size))
+    per = outcomes is not None
+    scores = box_scores(maps_t, torch.cat(boxes), (size, size), per_image=per)
     out["loc_box_mass"] = scores["box_mass"]
     out["loc_pointing"] = scores["pointing_game"]
+
+    def spread(values: torch.Tensor) -> np.ndarray:  # over the whole split, NaN without a box
+        full = np.full(len(data), np.nan)
+        full[has_box] = values.numpy()
+        return full
+
+    if per:
+        outcomes.update(loc_box_mass=spread(scores["per_image"]["box_mass"]),
+                        loc_pointing=spread(scores["per_image"]["pointing_game"]))
     if parts:
         hits = part_hit_rate(maps_t, torch.cat(parts), (size, size),
-                             top_fraction=PART_TOP_FRACTION)
+                             top_fraction=PART_TOP_FRACTION, per_image=per)
         if hits["visible_parts"]:
             out["loc_part_hits"] = hits["hit_rate"]
+            if per:
+                visible = hits["per_image"]["visible"]
+                rate = hits["per_image"]["credit"] / visible  # NaN where none is visible
+                outcomes.update(loc_part_hits=spread(rate), loc_parts_visible=spread(visible))
     return out
 
 
@@ -177,18 +216,19 @@ class InitialWeights(nn.Module):
 
 
 def evaluate_init(spec: RunSpec, data: DataSpec, protocols: list[str], *,
-                  device: torch.device, seed: int = 0, progress: bool = False
-                  ) -> dict[str, float]:
+                  device: torch.device, seed: int = 0, progress: bool = False,
+                  outcomes: dict[str, np.ndarray] | None = None) -> dict[str, float]:
     """The init row: `spec`'s backbone and initial weights (`spec.init`), untrained, scored
     with `protocols` on test and with val kNN top-1 (as the runs select on it), on the
-    same splits and views as every trained method."""
+    same splits and views as every trained method; `outcomes` gets its per-image test
+    outcomes (`evaluate_method`)."""
     from fgray.models.backbone import create_backbone
 
     torch.manual_seed(spec.train.seed)
     net = create_backbone(spec.backbone_name, init=spec.init, img_size=spec.train.image_size)
     model = InitialWeights(net).to(device).eval()
     out = evaluate_method(model, spec, data, protocols, split="test", device=device,
-                          seed=seed, progress=progress)
+                          seed=seed, progress=progress, outcomes=outcomes)
     val = evaluate_method(model, spec, data, ["knn"], split="val", device=device, seed=seed,
                           progress=progress)
     out["val_knn_top1"] = val["knn_top1"]

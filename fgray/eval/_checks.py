@@ -70,11 +70,15 @@ def resolve_num_classes(num_classes: int | None, *labels: Tensor, names: tuple[s
     return num_classes
 
 
-def topk_hits(scores: Tensor, labels: Tensor, ks: tuple[int, ...]) -> dict[int, int]:
-    """Count of rows whose label is among the `k` highest scores (k capped at the columns).
-
-    Ties between class scores go to the lower class index (stable descending sort).
-    """
+def topk_rows(scores: Tensor, labels: Tensor, ks: tuple[int, ...]) -> dict[int, Tensor]:
+    """Per row, whether its label is among the `k` highest scores (k capped at the columns):
+    a bool tensor (N,) per k. Ties between class scores go to the lower class index (stable
+    descending sort)."""
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices
     hits = order == labels.to(order.device).view(-1, 1)
-    return {k: int(hits[:, : min(k, scores.shape[1])].any(dim=1).sum()) for k in ks}
+    return {k: hits[:, : min(k, scores.shape[1])].any(dim=1) for k in ks}
+
+
+def topk_hits(scores: Tensor, labels: Tensor, ks: tuple[int, ...]) -> dict[int, int]:
+    """Count of rows whose label is among the `k` highest scores (`topk_rows`)."""
+    return {k: int(rows.sum()) for k, rows in topk_rows(scores, labels, ks).items()}

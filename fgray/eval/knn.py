@@ -8,6 +8,7 @@ their class with weight exp(sim / T); the class with the largest summed weight w
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +19,7 @@ from fgray.eval._checks import (
     check_feature_pair,
     check_positive_int,
     resolve_num_classes,
-    topk_hits,
+    topk_rows,
 )
 
 
@@ -26,8 +27,11 @@ from fgray.eval._checks import (
 def knn_classify(train_features: Tensor, train_labels: Tensor,
                  query_features: Tensor, query_labels: Tensor, *,
                  k: int = 200, temperature: float = 0.1, num_classes: int | None = None,
-                 chunk_size: int = 1024) -> dict[str, float]:
-    """Top-1 and top-5 accuracy (percent, 0-100) of the weighted kNN vote.
+                 chunk_size: int = 1024, per_query: bool = False) -> dict[str, Any]:
+    """Top-1 and top-5 accuracy (percent, 0-100) of the weighted kNN vote; with
+    `per_query`, also ``per_query``: {"top1", "top5"} float tensors (N,) on the CPU, 100 for
+    a query the vote gets right and 0 otherwise (their means are top-1 and top-5), the
+    per-image outcomes a paired test-image bootstrap resamples.
 
     Features are L2-normalised (cosine similarity, float32, on the train features' device).
     When `k` exceeds the number of train items all of them vote. Ties are broken
@@ -51,7 +55,7 @@ def knn_classify(train_features: Tensor, train_labels: Tensor,
     query_labels = query_labels.to(device)
     neighbours = min(k, bank.shape[0])
 
-    hits = {1: 0, 5: 0}
+    rows: dict[int, list[Tensor]] = {1: [], 5: []}
     for start in range(0, query_features.shape[0], chunk_size):
         query = F.normalize(query_features[start:start + chunk_size].to(device).float(), dim=1)
         sims = query @ bank.T
@@ -62,9 +66,13 @@ def knn_classify(train_features: Tensor, train_labels: Tensor,
         weights = torch.exp((sim - sim[:, :1]) / temperature)
         scores = torch.zeros(query.shape[0], classes, device=device)
         scores.scatter_add_(1, bank_labels[idx], weights)
-        for kk, count in topk_hits(scores, query_labels[start:start + query.shape[0]],
-                                   (1, 5)).items():
-            hits[kk] += count
+        for kk, hit in topk_rows(scores, query_labels[start:start + query.shape[0]],
+                                 (1, 5)).items():
+            rows[kk].append(hit.cpu())
 
     n = query_features.shape[0]
-    return {"top1": 100.0 * hits[1] / n, "top5": 100.0 * hits[5] / n}
+    hits = {kk: torch.cat(r).double() * 100.0 for kk, r in rows.items()}
+    out: dict[str, Any] = {"top1": float(hits[1].sum()) / n, "top5": float(hits[5].sum()) / n}
+    if per_query:
+        out["per_query"] = {"top1": hits[1], "top5": hits[5]}
+    return out

@@ -30,7 +30,7 @@ from fgray.eval._checks import (
     check_labels,
     check_positive_int,
     resolve_num_classes,
-    topk_hits,
+    topk_rows,
 )
 from fgray.eval_mode import eval_mode
 
@@ -44,25 +44,32 @@ def _check_float(name: str, value: float, *, positive: bool) -> None:
                         f"{'> 0' if positive else '>= 0'}")
 
 
-def _evaluate(classifier: nn.Module, batches: Any, classes: int) -> dict[str, float]:
-    """Top-1/top-5 percent over (features, labels) batches."""
-    hits = {1: 0, 5: 0}
-    total = 0
+def _evaluate(classifier: nn.Module, batches: Any, classes: int, *,
+              per_query: bool = False) -> dict[str, Any]:
+    """Top-1/top-5 percent over (features, labels) batches; with `per_query`, also the
+    per-row outcomes (100 right, 0 wrong) as float64 CPU tensors under ``per_query``."""
+    rows: dict[int, list[Tensor]] = {1: [], 5: []}
     classifier.eval()
     with torch.no_grad():
         for feats, labels in batches:
-            for k, count in topk_hits(classifier(feats), labels, (1, 5)).items():
-                hits[k] += count
-            total += labels.shape[0]
-    return {"top1": 100.0 * hits[1] / total, "top5": 100.0 * hits[5] / total}
+            for k, hit in topk_rows(classifier(feats), labels, (1, 5)).items():
+                rows[k].append(hit.cpu())
+    hits = {k: torch.cat(r).double() * 100.0 for k, r in rows.items()}
+    total = hits[1].numel()
+    out: dict[str, Any] = {"top1": float(hits[1].sum()) / total,
+                           "top5": float(hits[5].sum()) / total}
+    if per_query:
+        out["per_query"] = {"top1": hits[1], "top5": hits[5]}
+    return out
 
 
 def linear_probe_fast(train_features: Tensor, train_labels: Tensor,
                       eval_features: Tensor, eval_labels: Tensor, *,
                       num_classes: int | None = None, epochs: int = 100, lr: float = 1e-3,
                       weight_decay: float = 5e-4, batch_size: int = 256,
-                      seed: int = 0) -> dict[str, float]:
-    """Softmax classifier on cached frozen features; returns ``top1``/``top5`` on the eval set.
+                      seed: int = 0, per_query: bool = False) -> dict[str, Any]:
+    """Softmax classifier on cached frozen features; returns ``top1``/``top5`` on the eval set
+    (with `per_query`, also each eval item's outcome under ``per_query``, as `knn_classify`).
 
     [ours] Features are standardised per dimension with the train set's mean and standard
     deviation (dimensions constant on train are only centred), so one learning rate fits any
@@ -118,7 +125,7 @@ def linear_probe_fast(train_features: Tensor, train_labels: Tensor,
     def chunks(x: Tensor, y: Tensor) -> Any:
         return ((x[i:i + 4096], y[i:i + 4096]) for i in range(0, x.shape[0], 4096))
 
-    result = _evaluate(classifier, chunks(eval_x, eval_y), classes)
+    result = _evaluate(classifier, chunks(eval_x, eval_y), classes, per_query=per_query)
     result["train_top1"] = _evaluate(classifier, chunks(train_x, train_y), classes)["top1"]
     return result
 

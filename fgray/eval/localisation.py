@@ -18,7 +18,7 @@ among them, instead of an arbitrary first index.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -94,7 +94,7 @@ def _argmax_cells(maps: Tensor) -> Tensor:
 
 def box_scores(maps: Tensor, boxes: Tensor, image_size: tuple[int, int], *,
                upsample: Literal["area", "bilinear"] = "area",
-               tolerance: float = 0.0) -> dict[str, float]:
+               tolerance: float = 0.0, per_image: bool = False) -> dict[str, Any]:
     """Box mass and pointing game of `maps` (N, h, w) against `boxes` (N, 4).
 
     Boxes are CUB's (x, y, width, height) in pixels of the image the map refers to;
@@ -114,7 +114,9 @@ def box_scores(maps: Tensor, boxes: Tensor, image_size: tuple[int, int], *,
       lies within `tolerance` pixels of the box (inside or on it when 0; Zhang et al.,
       ECCV 2016 used 15 px). Tied maxima earn the share of tied cells that hit.
 
-    Both are fractions in [0, 1].
+    Both are fractions in [0, 1]. With `per_image`, also ``per_image``: {"box_mass",
+    "pointing_game"} float64 CPU tensors (N,), each image's score (their means are the two
+    scores).
     """
     _check_maps(maps)
     height, width = _check_image_size(image_size)
@@ -146,7 +148,8 @@ def box_scores(maps: Tensor, boxes: Tensor, image_size: tuple[int, int], *,
         inside_x = _coverage(x, bw, width) @ up_x  # (N, w)
         total = torch.einsum("h,nhw,w->n", up_y.sum(dim=0), mass, up_x.sum(dim=0))
     inside = torch.einsum("nh,nhw,nw->n", inside_y, mass, inside_x)
-    box_mass = (inside / total).mean()
+    per_mass = inside / total
+    box_mass = per_mass.mean()
 
     cx, cy = _cell_centres(h, w, (height, width), device)
     dx = torch.maximum(x.view(-1, 1) - cx, cx - (x + bw).view(-1, 1)).clamp(min=0.0)
@@ -155,11 +158,16 @@ def box_scores(maps: Tensor, boxes: Tensor, image_size: tuple[int, int], *,
     tied = _argmax_cells(maps)
     pointing = (near & tied).sum(dim=1).float() / tied.sum(dim=1).float()
 
-    return {"box_mass": float(box_mass), "pointing_game": float(pointing.mean())}
+    out: dict[str, Any] = {"box_mass": float(box_mass), "pointing_game": float(pointing.mean())}
+    if per_image:
+        out["per_image"] = {"box_mass": per_mass.double().cpu(),
+                            "pointing_game": pointing.double().cpu()}
+    return out
 
 
 def part_hit_rate(maps: Tensor, parts: Tensor, image_size: tuple[int, int], *,
-                  radius: float | None = None, top_fraction: float = 0.2) -> dict:
+                  radius: float | None = None, top_fraction: float = 0.2,
+                  per_image: bool = False) -> dict:
     """Share of visible annotated parts that `maps` (N, h, w) highlight.
 
     `parts` is (N, P, 3): x, y in pixels of the image of `image_size` = (height, width), and a
@@ -173,7 +181,9 @@ def part_hit_rate(maps: Tensor, parts: Tensor, image_size: tuple[int, int], *,
     Ties earn fractional credit (the expectation under a random order of the tied cells), so
     a uniform map scores about `top_fraction` in the second mode. Returns ``hit_rate`` (hits
     over all visible parts; NaN when none is visible), ``per_part`` (a list of P rates, NaN
-    for a part never visible) and ``visible_parts`` (their count).
+    for a part never visible) and ``visible_parts`` (their count); with `per_image`, also
+    ``per_image``: {"credit", "visible"} float64 CPU tensors (N,), each image's hits and
+    visible parts (the rate is sum(credit) / sum(visible)).
     """
     _check_maps(maps)
     height, width = _check_image_size(image_size)
@@ -209,4 +219,8 @@ def part_hit_rate(maps: Tensor, parts: Tensor, image_size: tuple[int, int], *,
     per_part = (credit.sum(dim=0) / visible.sum(dim=0)).tolist()
     count = int(visible.sum())
     rate = float(credit.sum()) / count if count else float("nan")
-    return {"hit_rate": rate, "per_part": per_part, "visible_parts": count}
+    out = {"hit_rate": rate, "per_part": per_part, "visible_parts": count}
+    if per_image:
+        out["per_image"] = {"credit": credit.sum(dim=1).double().cpu(),
+                            "visible": visible.sum(dim=1).double().cpu()}
+    return out

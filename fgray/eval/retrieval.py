@@ -15,6 +15,8 @@ features. Differences from that code, all deliberate:
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -24,7 +26,7 @@ from fgray.eval._checks import check_features, check_labels, check_positive_int
 
 @torch.no_grad()
 def retrieval_metrics(features: Tensor, labels: Tensor, *,
-                      chunk_size: int = 1024) -> dict[str, float]:
+                      chunk_size: int = 1024, per_query: bool = False) -> dict[str, Any]:
     """Leave-one-out retrieval scores of `features` (N, D) with class `labels` (N,).
 
     Returns percentages (0-100):
@@ -39,6 +41,10 @@ def retrieval_metrics(features: Tensor, labels: Tensor, *,
     Similarity is cosine (features are L2-normalised here, computed in float32 on the
     features' device). The query itself is excluded; ties go to the lower index. Queries are
     processed `chunk_size` at a time, so memory is O(chunk_size x N).
+
+    With `per_query`, also ``per_query``: {"rank1", "rank5", "map"} float64 CPU tensors (N,)
+    -- 100 or 0 per query for Rank-1/Rank-5, 100 x its AP for mAP (NaN for a query without
+    another same-class item) -- whose means (NaN left out) are the three scores.
     """
     check_features("features", features, min_rows=2)
     check_labels("labels", labels, features.shape[0], features_name="features")
@@ -51,10 +57,7 @@ def retrieval_metrics(features: Tensor, labels: Tensor, *,
     # Float32 counts are exact up to 2**24 items, far beyond any evaluated split.
     ranks = torch.arange(1, n, device=feats.device, dtype=torch.float32)
 
-    rank1_hits = 0
-    rank5_hits = 0
-    ap_sum = 0.0
-    ap_queries = 0
+    rank1_rows, rank5_rows, ap_rows = [], [], []
     for start in range(0, n, chunk_size):
         query = feats[start:start + chunk_size]
         rows = torch.arange(query.shape[0], device=feats.device)
@@ -64,19 +67,28 @@ def retrieval_metrics(features: Tensor, labels: Tensor, *,
         order = torch.sort(sims, dim=1, descending=True, stable=True).indices[:, : n - 1]
         match = labels[order] == labels[start:start + query.shape[0]].unsqueeze(1)
 
-        rank1_hits += int(match[:, 0].sum())
-        rank5_hits += int(match[:, :top].any(dim=1).sum())
+        rank1_rows.append(match[:, 0].cpu())
+        rank5_rows.append(match[:, :top].any(dim=1).cpu())
 
         relevant = match.float()
         num_relevant = relevant.sum(dim=1)
         precision_at_hits = relevant.cumsum(dim=1) / ranks * relevant
         ap = precision_at_hits.sum(dim=1) / num_relevant.clamp(min=1)
-        has_relevant = num_relevant > 0
-        ap_sum += float(ap[has_relevant].double().sum())
-        ap_queries += int(has_relevant.sum())
+        ap = ap.double().cpu()
+        ap[(num_relevant == 0).cpu()] = float("nan")
+        ap_rows.append(ap)
 
-    return {
-        "rank1": 100.0 * rank1_hits / n,
-        "rank5": 100.0 * rank5_hits / n,
-        "map": 100.0 * ap_sum / ap_queries if ap_queries else float("nan"),
+    rank1 = torch.cat(rank1_rows).double() * 100.0
+    rank5 = torch.cat(rank5_rows).double() * 100.0
+    aps = torch.cat(ap_rows)
+    has_relevant = ~aps.isnan()
+    ap_queries = int(has_relevant.sum())
+    out: dict[str, Any] = {
+        "rank1": float(rank1.sum()) / n,
+        "rank5": float(rank5.sum()) / n,
+        "map": 100.0 * float(aps[has_relevant].sum()) / ap_queries if ap_queries
+        else float("nan"),
     }
+    if per_query:
+        out["per_query"] = {"rank1": rank1, "rank5": rank5, "map": aps * 100.0}
+    return out

@@ -28,7 +28,13 @@ from fgray import __version__
 from fgray.config import to_dict
 from fgray.engine.selection import best_of, score
 from fgray.engine.spec import RunSpec
-from fgray.results.schema import PARTITION_COLUMN, TEST_METRICS, param_fields
+from fgray.results.schema import (
+    OUTCOME_METRICS,
+    OUTCOME_WEIGHTS,
+    PARTITION_COLUMN,
+    TEST_METRICS,
+    param_fields,
+)
 from fgray.results.tables import append, load, read_trial, update_trial, write_trials
 from fgray.storage import resolve
 
@@ -50,6 +56,8 @@ _NOT_RECORDED = frozenset({"checkpoint_path", "checkpoint_dir_name", "done",
 # Text an epoch's report carries that its row keeps (every other recorded value is a number).
 NODE_ID = "node_id"
 _TEXT = frozenset({NODE_ID})
+
+OUTCOMES_TABLE = "outcomes"  # per-image test outcomes of each final model
 
 # evaluate_method's metric names -> (protocol, metric) of an `evals` row.
 _EVAL_ROWS = {
@@ -374,13 +382,40 @@ def eval_rows(metrics: Mapping[str, float], *, study: str | None, method: str, t
     return rows
 
 
+def outcome_rows(outcomes: Mapping[str, Any], *, study: str | None, method: str,
+                 trial_id: str, seed: int, split: str = "test") -> list[dict[str, Any]]:
+    """`outcomes` rows, one per image, from `evaluate_method`'s per-image outcomes (arrays
+    aligned with the split's images; a metric it did not compute is left out, NaN is
+    stored as null)."""
+    if not outcomes or "image_id" not in outcomes:
+        return []
+    keep = [c for c in (*OUTCOME_METRICS, *OUTCOME_WEIGHTS.values()) if c in outcomes]
+    columns = {c: [float(v) for v in outcomes[c]] for c in keep}
+    rows = []
+    for i, image_id in enumerate(outcomes["image_id"]):
+        row = {"study": study, "trial_id": trial_id, PARTITION_COLUMN: method, "split": split,
+               "seed": int(seed), "image_id": int(image_id),
+               "label": int(outcomes["label"][i]) if "label" in outcomes else None}
+        row.update({c: (v[i] if math.isfinite(v[i]) else None) for c, v in columns.items()})
+        rows.append(row)
+    return rows
+
+
+def _append_outcomes(study_dir: str, outcomes: Mapping[str, Any] | None, **keys: Any) -> None:
+    rows = outcome_rows(outcomes or {}, **keys)
+    if rows:
+        append(study_dir, OUTCOMES_TABLE, rows)
+
+
 def record_init(study_dir: str, name: str, spec: RunSpec, metrics: Mapping[str, float], *,
                 study: str | None = None, start_time: float | None = None, cpus: float = 1.0,
-                gpus: float = 0.0) -> dict[str, Any]:
+                gpus: float = 0.0, outcomes: Mapping[str, Any] | None = None
+                ) -> dict[str, Any]:
     """Record the initial weights' evaluation (`fgray.engine.evaluate.evaluate_init`) as the
     init row `name` (its method and trial id): a completed trials row whose best val kNN
     top-1 is the weights' val kNN top-1, so it ranks next to the trials, with its test
-    metrics; `evals` rows for test and the val kNN top-1. Returns the trials row."""
+    metrics; `evals` rows for test and the val kNN top-1; `outcomes` rows for the per-image
+    test outcomes when given. Returns the trials row."""
     end = time.time()
     start = end if start_time is None else float(start_time)
     wall = max(0.0, end - start)
@@ -403,6 +438,8 @@ def record_init(study_dir: str, name: str, spec: RunSpec, metrics: Mapping[str, 
     if val is not None:
         evals.append({**keys, "split": "val", "protocol": "knn", "metric": "top1",
                       "value": val, "seed": spec.train.seed})
+    _append_outcomes(study_dir, outcomes, study=study, method=name, trial_id=name,
+                     seed=spec.train.seed)
     if evals:
         append(study_dir, "evals", evals)
     write_trials(study_dir, [row])
@@ -410,10 +447,15 @@ def record_init(study_dir: str, name: str, spec: RunSpec, metrics: Mapping[str, 
 
 
 def record_test(study_dir: str, method: str, trial_id: str, metrics: Mapping[str, float], *,
-                seed: int, study: str | None = None) -> dict[str, Any] | None:
-    """Record a trial's final test evaluation: its `evals` rows, and the trial's row with the
-    `test_*` columns filled (end_time = now), in one read-modify-write of the trial's file.
-    Returns the new trial row, or None when the trial has no row to extend."""
+                seed: int, study: str | None = None,
+                outcomes: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+    """Record a trial's final test evaluation: its per-image `outcomes` rows when given
+    (first: a study that finds the `evals` rows treats the trial as tested), its `evals`
+    rows, and the trial's row with the `test_*` columns filled (end_time = now), in one
+    read-modify-write of the trial's file. Returns the new trial row, or None when the
+    trial has no row to extend."""
+    _append_outcomes(study_dir, outcomes, study=study, method=method, trial_id=trial_id,
+                     seed=seed)
     rows = eval_rows(metrics, study=study, method=method, trial_id=trial_id, seed=seed)
     if rows:
         append(study_dir, "evals", rows)

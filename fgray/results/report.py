@@ -9,13 +9,21 @@ rank5 / map, knn top1 / top5, linear top1 / top5 (percent), localisation box_mas
 
 The init rows (method `init`, or `init:<weights>` when methods start from different weights:
 the initial weights evaluated without SSL) come first. Every other row is compared with MoCo
-and with the init row of its weights, metric by metric: a difference counts only where it
-exceeds the spread, |mean_a - mean_b| > std_a + std_b (the ±1 std intervals do not
-overlap). A row with one value (one seed, or the init row) has no measured spread: its std
-counts as 0, so the rule then rests on the other row's spread alone (two single values
-differ "significantly" whenever they differ). The text renderings show the comparison on
-the headline metric (`HEADLINE`, test kNN top-1) as "vs moco" / "vs init": "+4.1*" where it
-counts, "+1.0 (n.s.)" where it does not; JSON carries it for every metric.
+and with the init row of its weights, metric by metric, as a paired difference with a 95 %
+interval (`fgray.results.stats.paired_difference`): seed index s of a method is paired with
+seed index s of MoCo (same split, same initial weights, same test images), the per-image test
+outcomes of the `outcomes` table carry the test set's own sampling error, and the interval
+comes from a crossed seeds x test-images random-effects model (the choice, and why not a
+bootstrap, is explained in `fgray.results.stats`). A difference is significant only where
+its interval excludes 0. A study recorded before per-image outcomes existed falls back to a
+t interval over the paired seeds (`seed_difference`), which misses the test set's error and
+says so (`images` 0). Each row also carries every metric's test-set standard error
+(`<metric>_se`: what another draw of as many test images would move it by).
+
+Renderings: `table` (the default) fits 100 columns -- method, kNN top-1, Rank-1, mAP (mean
+± std over seeds) and the kNN difference from MoCo with its interval; `wide` and `markdown`
+carry every column; `json` (and the Parquet file `comparisons_table` builds) carry every
+metric's interval; `html` is a standalone page of the wide table.
 """
 
 from __future__ import annotations
@@ -34,12 +42,14 @@ import tempfile
 from collections import Counter
 from typing import Any
 
+import numpy as np
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
 from fgray.engine.selection import BEST_METRIC, Best, best_of, score
 from fgray.errors import UserError
-from fgray.results.schema import PARAM_PREFIX, TEST_METRICS
+from fgray.results.schema import OUTCOME_WEIGHTS, PARAM_PREFIX, TEST_METRICS
+from fgray.results.stats import paired_difference, seed_difference, spearman, test_set_se
 from fgray.results.tables import latest_trials, load
 from fgray.storage import (
     absolute,
@@ -49,10 +59,11 @@ from fgray.storage import (
     put,
     read_bytes,
     resolve,
+    write_bytes,
     write_text,
 )
 
-FORMATS = ("table", "csv", "markdown", "json")
+FORMATS = ("table", "wide", "csv", "markdown", "json", "html")
 RANKED_STATUSES = ("completed", "stopped")
 OPTUNA_JOURNAL = "optuna/journal.log"
 INIT = "init"  # the init rows' method: `init`, or `init:<weights>`
@@ -104,17 +115,6 @@ def is_init(method: str) -> bool:
     return method == INIT or method.startswith(f"{INIT}:")
 
 
-def compare(a: dict[str, Any], b: dict[str, Any], metric: str) -> dict[str, Any] | None:
-    """Row `a` against row `b` on `metric`: the difference of the means, the spread
-    std_a + std_b (a missing std -- one value -- counts as 0) and whether the difference
-    exceeds it; None when either mean is missing."""
-    if a.get(metric) is None or b.get(metric) is None:
-        return None
-    diff = float(a[metric]) - float(b[metric])
-    spread = float(a.get(f"{metric}_std") or 0.0) + float(b.get(f"{metric}_std") or 0.0)
-    return {"diff": diff, "spread": spread, "significant": abs(diff) > spread}
-
-
 def method_note(method: str, backbone: str | None) -> str | None:
     """What a row's reader must know about how it was run."""
     if is_init(method):
@@ -133,21 +133,114 @@ def _weights(row: dict[str, Any]) -> tuple[Any, Any]:
     return row.get("backbone"), row.get("init")
 
 
-def _add_comparisons(rows: list[dict[str, Any]]) -> None:
-    """Each non-init row against MoCo (`vs_moco`) and against the init row of its weights
-    (`vs_init`; the only init row when there is one), metric by metric."""
+class _Evidence:
+    """What the comparisons need of one leaderboard row: for each metric, its value per
+    seed, and the per-image test outcomes of its final models by seed."""
+
+    def __init__(self) -> None:
+        self.per_seed: dict[str, dict[Any, float]] = {}
+        self.trial_by_seed: dict[Any, str] = {}
+
+
+def _outcomes_by_trial(study_dir: str) -> dict[str, dict[int, dict[str, Any]]]:
+    """The `outcomes` table (split test) as {trial_id: {image_id: row}}, the first row of an
+    image kept (a re-run evaluation does not count twice)."""
+    table = load(study_dir, "outcomes", filter=ds.field("split") == "test").to_pylist()
+    out: dict[str, dict[int, dict[str, Any]]] = {}
+    for r in table:
+        out.setdefault(r["trial_id"], {}).setdefault(int(r["image_id"]), r)
+    return out
+
+
+def _matrix(outcomes: dict[str, dict[int, dict[str, Any]]], trials: list[str],
+            images: list[int], column: str) -> np.ndarray:
+    return np.array([[np.nan if (v := outcomes[t][i].get(column)) is None else float(v)
+                      for i in images] for t in trials], dtype=float)
+
+
+def _pair(row: _Evidence, ref: _Evidence, ref_once: bool,
+          outcomes: dict[str, dict[int, dict[str, Any]]], col: str) -> dict[str, Any] | None:
+    """`row` minus `ref` on `col`, paired by seed (a reference evaluated once, the init row,
+    pairs with every seed) and, where both have per-image outcomes, by test image."""
+    name = col[len("test_"):]
+    if ref_once:
+        seeds = sorted(row.trial_by_seed, key=str)
+        ref_trials = list(ref.trial_by_seed.values())[:1]
+    else:
+        seeds = sorted(set(row.trial_by_seed) & set(ref.trial_by_seed), key=str)
+        ref_trials = [ref.trial_by_seed[s] for s in seeds]
+    mine = [row.trial_by_seed[s] for s in seeds]
+    involved = mine + ref_trials
+    if seeds and ref_trials and all(t in outcomes for t in involved):
+        images = sorted(set.intersection(*(set(outcomes[t]) for t in involved)))
+        a = _matrix(outcomes, mine, images, name)
+        b = _matrix(outcomes, ref_trials, images, name)
+        if images and np.isfinite(a).any() and np.isfinite(b).any():
+            weights = None
+            if name in OUTCOME_WEIGHTS:
+                with np.errstate(all="ignore"):
+                    weights = np.nanmean(np.vstack(
+                        [_matrix(outcomes, involved, images, OUTCOME_WEIGHTS[name])]), axis=0)
+            result = paired_difference(a, b, weights)
+            if result is not None:
+                return {**result, "basis": "seeds x test images"}
+    # No per-image outcomes: the paired per-seed values alone.
+    a_vals = row.per_seed.get(col, {})
+    b_vals = ref.per_seed.get(col, {})
+    if ref_once:
+        keys = sorted(a_vals, key=str)
+        result = seed_difference([a_vals[k] for k in keys], list(b_vals.values())[:1])
+    else:
+        keys = sorted(set(a_vals) & set(b_vals), key=str)
+        result = seed_difference([a_vals[k] for k in keys], [b_vals[k] for k in keys])
+    return {**result, "basis": "seeds only"} if result is not None else None
+
+
+def _row_se(ev: _Evidence, outcomes: dict[str, dict[int, dict[str, Any]]],
+            col: str) -> float | None:
+    """The test-set standard error of a row's metric (`stats.test_set_se`)."""
+    trials = [t for t in ev.trial_by_seed.values() if t in outcomes]
+    if not trials:
+        return None
+    name = col[len("test_"):]
+    images = sorted(set.intersection(*(set(outcomes[t]) for t in trials)))
+    values = _matrix(outcomes, trials, images, name)
+    if not np.isfinite(values).any():
+        return None
+    weights = None
+    if name in OUTCOME_WEIGHTS:
+        with np.errstate(all="ignore"):
+            weights = np.nanmean(_matrix(outcomes, trials, images, OUTCOME_WEIGHTS[name]),
+                                 axis=0)
+    return test_set_se(values, weights)
+
+
+def _add_comparisons(rows: list[dict[str, Any]], evidence: dict[str, _Evidence],
+                     outcomes: dict[str, dict[int, dict[str, Any]]]) -> None:
+    """Each row's test-set standard errors; each non-init row against MoCo (`vs_moco`) and
+    against the init row of its weights (`vs_init`; the only init row when there is one),
+    metric by metric (module docstring)."""
     reference = next((r for r in rows if r["method"] == REFERENCE), None)
     inits = [r for r in rows if r["is_init"]]
     for row in rows:
+        ev = evidence[row["method"]]
+        for col in TEST_METRICS:
+            row[f"{col}_se"] = _row_se(ev, outcomes, col) if row[col] is not None else None
         row["vs_moco"] = row["vs_init"] = None
         if row["is_init"]:
             continue
         if reference is not None and row is not reference:
-            row["vs_moco"] = {m: compare(row, reference, m) for m in TEST_METRICS}
+            ref = evidence[reference["method"]]
+            row["vs_moco"] = {m: _pair(ev, ref, False, outcomes, m)
+                              if row[m] is not None and reference[m] is not None else None
+                              for m in TEST_METRICS}
         same = [r for r in inits if _weights(r) == _weights(row)]
         base = same[0] if same else (inits[0] if len(inits) == 1 else None)
         if base is not None:
-            row["vs_init"] = {m: compare(row, base, m) for m in TEST_METRICS}
+            ref = evidence[base["method"]]
+            row["vs_init"] = {m: _pair(ev, ref, True, outcomes, m)
+                              if row[m] is not None and base[m] is not None else None
+                              for m in TEST_METRICS}
 
 
 def leaderboard(study_dir: str) -> list[dict[str, Any]]:
@@ -158,11 +251,14 @@ def leaderboard(study_dir: str) -> list[dict[str, Any]]:
     with MoCo and with the init row (see the module docstring)."""
     trials = latest_trials(load(study_dir, "trials").to_pylist())
     evals = load(study_dir, "evals", filter=ds.field("split") == "test").to_pylist()
+    outcomes = _outcomes_by_trial(study_dir)
+    evidence: dict[str, _Evidence] = {}
     rows = []
     methods = sorted({t["method"] for t in trials}, key=lambda m: (not is_init(m), m))
     for method in methods:
         mine = sorted((t for t in trials if t["method"] == method), key=lambda t: t["trial_id"])
         counts = Counter(t.get("status") for t in mine)
+        ev = evidence[method] = _Evidence()
         row: dict[str, Any] = {
             "method": method, "is_init": is_init(method), "backbone": None, "init": None,
             "note": None, "best_trial": None, "best_epoch": None, "config_hash": None,
@@ -197,10 +293,20 @@ def leaderboard(study_dir: str) -> list[dict[str, Any]]:
                     seen.setdefault((col, e["trial_id"], e.get("seed")), float(e["value"]))
             for col in TEST_METRICS:
                 values = [v for (c, _, _), v in seen.items() if c == col]
+                ev.per_seed[col] = {}
+                for (c, _, seed), v in seen.items():
+                    if c == col:
+                        ev.per_seed[col].setdefault(seed, v)
                 if not values:
                     values = [float(t[col]) for t in same if _finite(t.get(col))]
+                    ev.per_seed[col] = {t.get("seed"): float(t[col]) for t in same
+                                        if _finite(t.get(col))}
                 mean, std, n = _summary(values)
                 row.update({col: mean, f"{col}_std": std, f"{col}_n": n})
+            for t in sorted(same, key=lambda t: t["trial_id"]):
+                if t["trial_id"] in outcomes or t["trial_id"] in {k[1] for k in seen}:
+                    seed = _trial_seed(t, outcomes)
+                    ev.trial_by_seed.setdefault(seed, t["trial_id"])
         row.update(
             trials_completed=counts.get("completed", 0), trials_stopped=counts.get("stopped", 0),
             trials_failed=counts.get("failed", 0), trials_running=counts.get("running", 0),
@@ -213,25 +319,125 @@ def leaderboard(study_dir: str) -> list[dict[str, Any]]:
             row.update(backbone=mine[0].get("backbone"), init=mine[0].get("init"))
         row["note"] = method_note(method, row["backbone"])
         rows.append(row)
-    _add_comparisons(rows)
+    _add_comparisons(rows, evidence, outcomes)
+    correlations = rung_correlations(study_dir)
+    for row in rows:
+        row["asha_spearman"] = correlations.get(row["method"])
     return rows
+
+
+TRUST_RHO = 0.7  # a rung whose Spearman rho with the final ranking is lower is not trusted
+TRUST_N = 5  # fewer completed trials than this cannot tell
+
+
+def _rung_epochs(study_dir: str, final: int) -> list[int]:
+    """ASHA's rungs below `final` epochs: grace_period x reduction_factor^k from the
+    study's settings (study.json), else every epoch before the last."""
+    raw = read_bytes(join(study_dir, "study.json"))
+    settings = json.loads(raw) if raw else {}
+    grace, factor = settings.get("grace_period"), settings.get("reduction_factor")
+    if not grace or not factor or factor < 2:
+        return list(range(1, final))
+    rungs, r = [], int(grace)
+    while r < final:
+        rungs.append(r)
+        r *= int(factor)
+    return rungs
+
+
+def rung_correlations(study_dir: str) -> dict[str, list[dict[str, Any]]]:
+    """Is ASHA's early stopping safe at this budget? For each method (and `all`, the trials
+    of every method pooled), over its completed trials (those that ran every epoch: stopped
+    trials have no final value), Spearman's rho between the val kNN top-1 at each ASHA rung
+    and at the final epoch: [{rung, final, n, rho, trusted}]. `trusted` is rho >= TRUST_RHO
+    with n >= TRUST_N; None when there are too few trials to tell."""
+    trials = [t for t in latest_trials(load(study_dir, "trials").to_pylist())
+              if not is_init(t["method"]) and t.get("status") == "completed"]
+    if not trials:
+        return {}
+    ids = {t["trial_id"]: t["method"] for t in trials}
+    curves: dict[str, dict[int, float]] = {}
+    for e in load(study_dir, "epochs").to_pylist():
+        if e["trial_id"] in ids and e.get("epoch") is not None and score(e) is not None:
+            curves.setdefault(e["trial_id"], {}).setdefault(int(e["epoch"]), score(e))
+    final = max((max(c) for c in curves.values()), default=0)
+    rungs = _rung_epochs(study_dir, final)
+    groups: dict[str, list[str]] = {}
+    for trial_id, method in sorted(ids.items()):
+        groups.setdefault(method, []).append(trial_id)
+    groups["all"] = sorted(ids)
+    out: dict[str, list[dict[str, Any]]] = {}
+    for name, members in groups.items():
+        for rung in rungs:
+            pairs = [(curves[t][rung], curves[t][final]) for t in members
+                     if t in curves and rung in curves[t] and final in curves[t]]
+            rho = spearman([p[0] for p in pairs], [p[1] for p in pairs])
+            trusted = (None if rho is None or len(pairs) < TRUST_N
+                       else rho >= TRUST_RHO)
+            out.setdefault(name, []).append({"rung": rung, "final": final, "n": len(pairs),
+                                             "rho": rho, "trusted": trusted})
+    return out
+
+
+def rung_lines(correlations: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """The console's account of `rung_correlations`, one line per method and rung, then a
+    plain sentence per group whose early ranking cannot be trusted."""
+    if not correlations:
+        return []
+    lines = ["ASHA: Spearman rho of val kNN top-1 at each rung vs the final epoch "
+             "(completed trials):"]
+    verdicts = []
+    for name, items in correlations.items():
+        for c in items:
+            rho = "-" if c["rho"] is None else f"{c['rho']:+.2f}"
+            lines.append(f"  {name:<8} epoch {c['rung']} vs {c['final']}: rho {rho} "
+                         f"(n={c['n']})")
+            if c["trusted"] is False:
+                verdicts.append(f"{name}: rho {rho} at epoch {c['rung']} is too low to trust "
+                                f"ASHA's early stops at this budget.")
+            elif c["trusted"] is None:
+                verdicts.append(f"{name}: {c['n']} completed trials are too few to tell "
+                                f"whether epoch {c['rung']} predicts the final ranking.")
+    for v in verdicts:
+        lines += _wrap(v)
+    return lines
+
+
+def _trial_seed(trial: dict[str, Any], outcomes: dict[str, dict[int, dict[str, Any]]]) -> Any:
+    """The seed a final model was evaluated with: its outcome rows', else its trial row's."""
+    rows = outcomes.get(trial["trial_id"])
+    if rows:
+        return next(iter(rows.values())).get("seed")
+    return trial.get("seed")
 
 
 # ---------------------------------------------------------------- rendering
 
-_DISPLAY = ("method", "backbone", "best_trial", "val_knn_top1", *TEST_METRICS, "vs moco",
-            "vs init", "seeds", "completed", "stopped", "failed", "running", "gpu_hours",
-            "cpu_hours", "note", "params")
-LEGEND = (f"vs {REFERENCE} / vs init: difference of the mean test kNN top-1 (points) from "
-          f"{REFERENCE}'s and from the init row's; * where it exceeds the spread, "
-          "|mean_a - mean_b| > std_a + std_b (the ±1 std intervals do not overlap), (n.s.) "
-          "where it does not. A row with one value (one seed, the init row) has std 0: the "
-          "spread is then the other row's std alone.")
+_DISPLAY = ("method", "backbone", "best_trial", "val_knn_top1", *TEST_METRICS, "knn test se",
+            "vs moco", "vs init", "seeds", "completed", "stopped", "failed", "running",
+            "gpu_hours", "cpu_hours", "note", "params")
+LEGEND = (f"Metrics: mean ± std over seeds. knn test se: the test set's standard error of kNN "
+          f"top-1 (another draw of as many test images moves the mean by about that). vs "
+          f"{REFERENCE} / vs init: paired difference of test kNN top-1 (points) from "
+          f"{REFERENCE}'s and from the init row's, with its 95 % interval over seeds and "
+          "test images; * where the interval excludes 0. JSON carries every metric's "
+          "interval.")
+WIDTH = 100  # the default console leaderboard's width
+COMPACT = (("method", "method"), ("kNN top-1", "test_knn_top1"), ("Rank-1", "test_rank1"),
+           ("mAP", "test_map"), ("test se", "knn test se"),
+           (f"kNN vs {REFERENCE} [95% CI]", "vs moco"))
 
 
 def _digits(column: str) -> int:
     """Localisation scores are fractions in [0, 1]; every other metric is percent."""
     return 3 if column.startswith("test_loc_") else 2
+
+
+def _fmt_std(value: float, digits: int) -> str:
+    """A spread with at least two significant digits (0.004 stays 0.004, not 0.0)."""
+    if value != 0 and round(value, digits) == 0:
+        return f"{value:.2g}"
+    return f"{value:.{digits}f}"
 
 
 def _fmt_number(value: Any, digits: int = 4) -> str:
@@ -259,13 +465,17 @@ def _fmt_params(params: dict[str, Any]) -> str:
 
 
 def fmt_comparison(result: dict[str, Any] | None, column: str = HEADLINE) -> str:
-    """"+4.1*" for a difference that exceeds the spread, "+1.0 (n.s.)" for one that does
-    not, "-" for none."""
+    """"+4.1 [+0.3, +7.9]*" for a difference whose 95 % interval excludes 0, "+1.0 [-2.4,
+    +4.4]" for one whose interval holds 0, "+1.0 (1 seed)" for one without an interval, "-"
+    for none."""
     if result is None:
         return "-"
     digits = _digits(column) - 1
-    text = f"{result['diff']:+.{digits}f}"
-    return f"{text}*" if result["significant"] else f"{text} (n.s.)"
+    if result.get("low") is None:
+        return f"{result['diff']:+.{digits}f} ({result['seeds']} seed)"
+    text = (f"{result['diff']:+.{digits}f} [{result['low']:+.{digits}f}, "
+            f"{result['high']:+.{digits}f}]")
+    return f"{text}*" if result["significant"] else text
 
 
 def _weights_cell(row: dict[str, Any]) -> str:
@@ -282,6 +492,7 @@ def _display_cells(row: dict[str, Any]) -> list[str]:
         "val_knn_top1": _fmt_number(row["val_knn_top1"], 2),
         "vs moco": fmt_comparison((row.get("vs_moco") or {}).get(HEADLINE)),
         "vs init": fmt_comparison((row.get("vs_init") or {}).get(HEADLINE)),
+        "knn test se": _fmt_number(row.get(f"{HEADLINE}_se"), 1),
         "seeds": str(max(row[f"{c}_n"] for c in TEST_METRICS)),
         "completed": str(row["trials_completed"]),
         "stopped": str(row["trials_stopped"]),
@@ -296,17 +507,69 @@ def _display_cells(row: dict[str, Any]) -> list[str]:
     for col in TEST_METRICS:
         text = _fmt_number(row[col], _digits(col))
         if row[f"{col}_std"] is not None:
-            text += f" ± {_fmt_number(row[f'{col}_std'], _digits(col))}"
+            text += f" ± {_fmt_std(row[f'{col}_std'], _digits(col))}"
         cells[col] = text
     return [cells[name] for name in _DISPLAY]
+
+
+def _compact_cells(row: dict[str, Any]) -> list[str]:
+    """The default table's cells: one decimal, the method name cut to 16 characters."""
+    method = row["method"] if len(row["method"]) <= 16 else row["method"][:15] + "…"
+    cells = {"method": method,
+             "vs moco": fmt_comparison((row.get("vs_moco") or {}).get(HEADLINE)),
+             "knn test se": ("±" + _fmt_number(row.get(f"{HEADLINE}_se"), 1)
+                             if row.get(f"{HEADLINE}_se") is not None else "-")}
+    for col in ("test_knn_top1", "test_rank1", "test_map"):
+        text = _fmt_number(row[col], 1)
+        if row[f"{col}_std"] is not None:
+            text += f" ± {_fmt_std(row[f'{col}_std'], 1)}"
+        cells[col] = text
+    return [cells[key] for _, key in COMPACT]
+
+
+def _wrap(text: str, width: int = WIDTH) -> list[str]:
+    import textwrap
+
+    return textwrap.wrap(text, width=width, break_on_hyphens=False)
+
+
+def _detectable(rows: list[dict[str, Any]]) -> float | None:
+    """The median smallest detectable kNN difference from MoCo (80 % power) over the rows."""
+    mdes = [c["mde"] for r in rows if (c := (r.get("vs_moco") or {}).get(HEADLINE))
+            and c.get("mde") is not None]
+    return statistics.median(mdes) if mdes else None
+
+
+def compact_table(rows: list[dict[str, Any]]) -> str:
+    """The default console leaderboard: method, kNN top-1, Rank-1, mAP (mean ± std over
+    seeds), the kNN test-set standard error and the kNN difference from MoCo with its 95 %
+    interval, one line per method, every line at most `WIDTH` characters."""
+    if not rows:
+        return "(no trials recorded yet)\n"
+    heads = [h for h, _ in COMPACT]
+    body = [_compact_cells(r) for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in body)) for i, h in enumerate(heads)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(heads, widths)).rstrip(),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip() for cells in body]
+    legend = (f"Percent; mean ± std over seeds. test se: the test set's standard error of kNN "
+              f"top-1. kNN vs {REFERENCE}: paired difference, 95 % interval over seeds and test "
+              "images; * where it excludes 0.")
+    mde = _detectable(rows)
+    if mde is not None:
+        legend += (f" Smallest kNN difference from {REFERENCE} these seeds and test images "
+                   f"detect (80 % power): about {mde:.1f} points.")
+    legend += " Every metric, vs init and the rest: --format wide|markdown|json|html."
+    return "\n".join(lines + [""] + _wrap(legend)) + "\n"
 
 
 def _csv_keys() -> list[str]:
     keys = ["method", "backbone", "init", "best_trial", "best_epoch", "config_hash",
             "val_knn_top1"]
     for col in TEST_METRICS:
-        keys += [col, f"{col}_std", f"{col}_n"]
-    return keys + ["vs_moco", "vs_moco_significant", "vs_init", "vs_init_significant",
+        keys += [col, f"{col}_std", f"{col}_n", f"{col}_se"]
+    return keys + ["vs_moco", "vs_moco_low", "vs_moco_high", "vs_moco_significant",
+                   "vs_init", "vs_init_low", "vs_init_high", "vs_init_significant",
                    "trials_completed", "trials_stopped", "trials_failed", "trials_running",
                    "gpu_hours", "cpu_hours", "note", "params", "searched"]
 
@@ -322,9 +585,16 @@ def _json_safe(value: Any) -> Any:
 
 
 def render(rows: list[dict[str, Any]], fmt: str) -> str:
-    """The leaderboard as an aligned text table, CSV, GitHub markdown or JSON."""
+    """The leaderboard as the compact text table (`table`), the aligned table of every column
+    (`wide`), CSV, GitHub markdown, JSON or a standalone HTML page."""
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    if fmt == "table":
+        return compact_table(rows)
+    if fmt == "html":
+        return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+                f"<title>fgray leaderboard</title><style>{_CSS}</style></head><body>\n"
+                f"{_leaderboard_html(rows)}\n</body></html>\n")
     if fmt == "json":
         return json.dumps(_json_safe(rows), indent=2, sort_keys=False, default=str)
     if fmt == "csv":
@@ -335,8 +605,9 @@ def render(rows: list[dict[str, Any]], fmt: str) -> str:
             flat = {k: row.get(k) for k in _csv_keys()}
             for ref in ("vs_moco", "vs_init"):  # the headline metric's comparison
                 result = (row.get(ref) or {}).get(HEADLINE)
-                flat[ref] = result["diff"] if result else None
-                flat[f"{ref}_significant"] = result["significant"] if result else None
+                for key, field in (("", "diff"), ("_low", "low"), ("_high", "high"),
+                                   ("_significant", "significant")):
+                    flat[f"{ref}{key}"] = result[field] if result else None
             flat["params"] = json.dumps(row.get("params") or {}, sort_keys=True)
             flat["searched"] = json.dumps(row.get("searched") or {}, sort_keys=True)
             writer.writerow(flat)
@@ -359,6 +630,47 @@ def render(rows: list[dict[str, Any]], fmt: str) -> str:
     else:
         lines += ["", LEGEND]
     return "\n".join(lines) + "\n"
+
+
+COMPARISONS_FILE = "report/comparisons.parquet"
+
+
+def comparisons_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every paired comparison of the leaderboard, one row per (method, reference, metric):
+    diff, 95 % interval (low, high), se, df, seeds, images, significant, mde, basis."""
+    out = []
+    for row in rows:
+        for ref in ("vs_moco", "vs_init"):
+            for metric, c in (row.get(ref) or {}).items():
+                if c is None:
+                    continue
+                out.append({"method": row["method"], "reference": ref[3:], "metric": metric,
+                            **{k: c.get(k) for k in ("diff", "low", "high", "se", "df",
+                                                     "seeds", "images", "significant",
+                                                     "mde", "basis")}})
+    return out
+
+
+def write_comparisons(study_dir: str, rows: list[dict[str, Any]]) -> str | None:
+    """Write `comparisons_rows` to STUDY_DIR/report/comparisons.parquet (replaced whole, one
+    write) for pandas/DuckDB; None when there is nothing to compare."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    items = comparisons_rows(rows)
+    if not items:
+        return None
+    schema = pa.schema([("method", pa.string()), ("reference", pa.string()),
+                        ("metric", pa.string()), ("diff", pa.float64()),
+                        ("low", pa.float64()), ("high", pa.float64()), ("se", pa.float64()),
+                        ("df", pa.float64()), ("seeds", pa.int64()), ("images", pa.int64()),
+                        ("significant", pa.bool_()), ("mde", pa.float64()),
+                        ("basis", pa.string())])
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(items, schema=schema), buffer)
+    target = join(study_dir, COMPARISONS_FILE)
+    write_bytes(target, buffer.getvalue())
+    return target
 
 
 # ---------------------------------------------------------------- plots
@@ -708,9 +1020,17 @@ def results_command(study_dir: str, fmt: str = "table", *, tensorboard: bool = F
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
     rows = leaderboard(study_dir)
-    if not (tensorboard or plots or html):
-        return render(rows, fmt)
+    correlations = rung_correlations(study_dir)
     notes: list[str] = []
+    try:
+        write_comparisons(study_dir, rows)
+    except OSError as exc:  # a study folder this user may read but not write
+        notes.append(f"{COMPARISONS_FILE} not written ({exc})")
+    if not (tensorboard or plots or html):
+        text = render(rows, fmt)
+        if fmt in ("table", "wide", "markdown") and correlations:
+            text = text.rstrip("\n") + "\n\n" + "\n".join(rung_lines(correlations)) + "\n"
+        return text + "".join(f"note: {n}\n" for n in notes if fmt != "json")
     command = paths = report = None
     if tensorboard:
         from fgray.results.tensorboard import write_hparams
@@ -730,6 +1050,8 @@ def results_command(study_dir: str, fmt: str = "table", *, tensorboard: bool = F
                            "plots": paths, "report": report, "notes": notes}, indent=2,
                           default=str)
     lines = [render(rows, fmt).rstrip("\n"), ""]
+    if fmt in ("table", "wide", "markdown") and correlations:
+        lines += rung_lines(correlations) + [""]
     if command:
         lines.append(f"TensorBoard: {command}")
     if paths is not None:

@@ -1,6 +1,6 @@
 """The declared Arrow schemas of a study's tables, in one place.
 
-Four tables live under `STUDY_DIR/tables/<name>/`, hive-partitioned by `method`:
+Five tables live under `STUDY_DIR/tables/<name>/`, hive-partitioned by `method`:
 
 - `trials`: one row per trial, its current state (one file per trial, replaced atomically:
   see `fgray.results.tables`); searched parameters appear in `params_json` and again as
@@ -9,6 +9,9 @@ Four tables live under `STUDY_DIR/tables/<name>/`, hive-partitioned by `method`:
 - `epochs`: one row per trial and epoch; every loss term is a dynamic float64 column,
   `loss` for the total and `loss_<term>` for each named term.
 - `evals`: one row per (trial, split, protocol, metric, seed) evaluation result.
+- `outcomes`: one row per (final model, test image): the per-image outcome behind each test
+  metric (`OUTCOME_METRICS`; see `fgray.engine.evaluate.evaluate_method`), which the paired
+  comparisons resample (`fgray.results.stats`).
 
 Declared columns are coerced to these types on write; any other column is kept with an
 inferred type and the schemas of all files are unified on read, so columns added later are
@@ -91,8 +94,22 @@ EVALS = pa.schema(_KEYS + [
     pa.field("seed", pa.int64()),
 ])
 
+# Per-image outcome columns of the `outcomes` table: the metric's name in evaluate_method's
+# output (its leaderboard column is `test_<name>`); `loc_parts_visible` weighs part hits.
+OUTCOME_METRICS = ("rank1", "rank5", "map", "knn_top1", "knn_top5", "linear_top1",
+                   "linear_top5", "loc_box_mass", "loc_pointing", "loc_part_hits")
+OUTCOME_WEIGHTS = {"loc_part_hits": "loc_parts_visible"}
+
+OUTCOMES = pa.schema(_KEYS + [
+    pa.field("split", pa.string()),
+    pa.field("seed", pa.int64()),
+    pa.field("image_id", pa.int64()),
+    pa.field("label", pa.int64()),
+] + [pa.field(name, pa.float64()) for name in OUTCOME_METRICS]
+  + [pa.field(name, pa.float64()) for name in OUTCOME_WEIGHTS.values()])
+
 SCHEMAS: dict[str, pa.Schema] = {"trials": TRIALS, "epochs": EPOCHS, "evals": EVALS,
-                                 "trial_events": TRIALS}
+                                 "trial_events": TRIALS, "outcomes": OUTCOMES}
 
 # Declared string columns with a closed set of values, checked on write.
 ALLOWED_VALUES: dict[tuple[str, str], tuple[str, ...]] = {
@@ -100,6 +117,7 @@ ALLOWED_VALUES: dict[tuple[str, str], tuple[str, ...]] = {
     ("trial_events", "status"): TRIAL_STATUSES,
     ("evals", "split"): EVAL_SPLITS,
     ("evals", "protocol"): EVAL_PROTOCOLS,
+    ("outcomes", "split"): EVAL_SPLITS,
 }
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -83,6 +84,10 @@ def build_parser(prog: str, description: str, *, mode: str) -> argparse.Argument
         p.add_argument("--seeds", type=int,
                        help="seeds of the final test evaluation of each method's best config "
                             "(extra seeds retrain it; preset default: 3)")
+        p.add_argument("--more-seeds", type=int, default=0, metavar="N",
+                       help="with --resume: retrain and test each method's best config with "
+                            "N more seeds (more evidence for a comparison the first seeds "
+                            "could not resolve); the search is not repeated")
     else:
         p.add_argument("--seeds", type=int, help="seeds per method (preset default: 3)")
     p.add_argument("--seed", type=int, help="first training seed; also seeds TPE (default 0)")
@@ -275,8 +280,6 @@ def ray_log_file(study_dir: str, *, enabled: bool):
     """Send Ray's Python loggers (Tune, Train, core) to STUDY_DIR/logs/ray.log instead of
     the console for the duration; yields the file's path, or None (not enabled, or the study
     lives in object storage, where Ray's session logs on the head keep the same lines)."""
-    import logging
-
     if not enabled or "://" in study_dir:
         yield None
         return
@@ -295,6 +298,27 @@ def ray_log_file(study_dir: str, *, enabled: bool):
         for lg, (handlers, propagate) in zip(loggers, saved):
             lg.handlers, lg.propagate = handlers, propagate
         handler.close()
+
+
+class _TokenAuthNotice(logging.Filter):
+    """Drops Ray's notice that it enabled token auth for the new local cluster (it does so
+    on every local start and says so as a WARNING, so a clean run would never print
+    nothing); token auth stays on, and every other message passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Token authentication is enabled for this Ray")
+
+
+@contextmanager
+def quiet_token_notice():
+    """`_TokenAuthNotice` on Ray's authentication logger for the duration."""
+    logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    notice = _TokenAuthNotice()
+    logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notice)
 
 
 def _absolute(storage: str) -> str:
@@ -332,16 +356,20 @@ def study_main(argv: list[str] | None = None, *, prog: str, description: str, da
 
         args = build_parser(prog, description, mode=mode).parse_args(argv)
         default_name = f"{Path(prog).stem}-{args.preset}"
+        more = getattr(args, "more_seeds", 0) or 0
+        if more < 0 or (more and not args.resume):
+            raise UserError(f"--more-seeds {more}: expected a number >= 1 given with --resume "
+                            "(it adds seeds to a study's finalists)")
         study = study_from_args(args, dataset=dataset, mode=mode, default_name=default_name)
         hooks = epoch_hooks(args.epoch_hook)
         # Before Ray starts: a missing bucket, rejected credentials or a read-only policy is
         # one line here, not a traceback from a trial (nothing is written by the check).
         check_writable(study.storage, "--storage")
-        with ray_session(args.address, log_to_driver=args.verbose), \
+        with quiet_token_notice(), ray_session(args.address, log_to_driver=args.verbose), \
                 ray_log_file(study.study_dir, enabled=not args.verbose) as log:
             if log:
                 print(f"Ray's output: {log} (--verbose shows it here)", flush=True)
-            summary = run_study(study, resume=args.resume, verbose=args.verbose,
+            summary = run_study(study, resume=args.resume, verbose=args.verbose, more_seeds=more,
                                 epoch_hooks=hooks)
         print()
         print(results_command(summary.study_dir))

@@ -400,15 +400,17 @@ class StudyProgress(Callback):
 
     The ETA spreads the work left over the concurrent slots: the mean duration of the trials
     finished so far for each trial not started, and what that mean leaves of each running
-    trial.
+    trial. Without a terminal, an epoch's report also prints the line when none was printed
+    for `heartbeat_s` seconds, so the ETA keeps moving between trial events.
 
     tqdm: the progress bar every Python user knows, with rate and ETA handling and a clean
     fallback when output is not a terminal -- not worth writing by hand."""
 
     def __init__(self, totals: dict[str, int], epochs: int, concurrency: int,
-                 stream=None) -> None:
+                 stream=None, heartbeat_s: float = 30.0) -> None:
         import sys
 
+        self.heartbeat_s, self.printed = heartbeat_s, time.monotonic()
         self.totals, self.epochs = dict(totals), epochs
         self.concurrency = max(concurrency, 1)
         self.stream = stream or sys.stdout
@@ -454,6 +456,7 @@ class StudyProgress(Callback):
             self.bar.set_postfix_str(f"{method}: {self._status(method)}", refresh=True)
         else:
             print(f"[{method}] {event}: {self._status(method)}", file=self.stream, flush=True)
+            self.printed = time.monotonic()
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         if TrialSetup.is_evaluation(trial.config):
@@ -466,6 +469,9 @@ class StudyProgress(Callback):
         self.best.setdefault(method, Best(SELECTION_METRIC)).update(result)
         if self.bar is not None:
             self.bar.set_postfix_str(f"{method}: {self._status(method)}", refresh=True)
+        elif (time.monotonic() - self.printed >= self.heartbeat_s
+              and not TrialSetup.is_evaluation(trial.config) and "epoch" in result):
+            self._show(method, f"trial {trial.trial_id} epoch {int(result['epoch'])}")
 
     def _end(self, trial, status: str) -> None:
         method, job = self.group(trial), TrialSetup.point(trial.config)
@@ -827,10 +833,11 @@ def run_points(study: StudyConfig, name: str, points: list[dict[str, Any]],
 
 def _evaluate_checkpoint(checkpoint: str, data: dict[str, Any], protocols: list[str],
                          seed: int, embeddings: tuple[str, str] | None = None,
-                         ) -> dict[str, float]:
+                         outcomes: dict[str, Any] | None = None) -> dict[str, float]:
     """Runs as a Ray task with a trial's resources, next to the data like the trials. With
     `embeddings` = (study_dir, TensorBoard run), the test features also go to that run's
-    embedding projector, written here so they never travel back to the driver."""
+    embedding projector, written here so they never travel back to the driver. `outcomes`
+    gets the per-image test outcomes (`evaluate_method`)."""
     from fgray.engine.evaluate import evaluate_method, load_checkpoint
     from fgray.engine.run import resolve_device
 
@@ -839,12 +846,12 @@ def _evaluate_checkpoint(checkpoint: str, data: dict[str, Any], protocols: list[
         method, spec, _ = load_checkpoint(folder, device)
     if embeddings is None:
         return evaluate_method(method, spec, DataSpec(**data), protocols, split="test",
-                               device=device, seed=seed, progress=False)
+                               device=device, seed=seed, progress=False, outcomes=outcomes)
     from fgray.results.tensorboard import write_embeddings
 
     metrics, (features, labels, classes) = evaluate_method(
         method, spec, DataSpec(**data), protocols, split="test", device=device, seed=seed,
-        progress=False, return_features=True)
+        progress=False, return_features=True, outcomes=outcomes)
     write_embeddings(embeddings[0], embeddings[1], features, labels, classes)
     return metrics
 
@@ -882,8 +889,11 @@ def test_final_model(study: StudyConfig, method: str, trial_id: str, seed: int,
     if checkpoint is None:
         return
     embeddings = (study.study_dir, run_name(method, trial_id)) if project else None
-    metrics = _evaluate_checkpoint(checkpoint, study.data, study.protocols, seed, embeddings)
-    record_test(study.study_dir, method, trial_id, metrics, seed=seed, study=study.name)
+    outcomes: dict[str, Any] = {}
+    metrics = _evaluate_checkpoint(checkpoint, study.data, study.protocols, seed, embeddings,
+                                   outcomes)
+    record_test(study.study_dir, method, trial_id, metrics, seed=seed, study=study.name,
+                outcomes=outcomes)
 
 
 def test_init_weights(study: StudyConfig, name: str, resources: WorkerResources) -> None:
@@ -897,10 +907,11 @@ def test_init_weights(study: StudyConfig, name: str, resources: WorkerResources)
     if _init_recorded(study, name):
         return
     began, spec = time.time(), init_targets(study)[name]
+    outcomes: dict[str, Any] = {}
     metrics = evaluate_init(spec, spec.data, study.protocols, device=resolve_device(None),
-                            seed=study.seed, progress=False)
+                            seed=study.seed, progress=False, outcomes=outcomes)
     record_init(study.study_dir, name, spec, metrics, study=study.name, start_time=began,
-                cpus=resources.cpus, gpus=resources.gpus)
+                cpus=resources.cpus, gpus=resources.gpus, outcomes=outcomes)
 
 
 def _init_recorded(study: StudyConfig, name: str) -> bool:
@@ -1058,11 +1069,36 @@ class StudySummary:
         return self.wall_time_s / self.ideal_s if self.ideal_s > 0 else float("nan")
 
 
+def more_seed_points(study: StudyConfig, best: list[dict[str, Any]],
+                     rows: list[dict[str, Any]], more: int) -> list[dict[str, Any]]:
+    """The retrains that give each method's best configuration (`best`, trials rows) `more`
+    seeds beyond the study's `seeds`: seeds `seed + seeds ... seed + seeds + more - 1`,
+    each `{"method", "seed", **its searched parameters}` as the searcher's own retrains are,
+    leaving out a seed that already completed with that configuration (`rows`, so asking
+    again after an interruption does not repeat one)."""
+    done = {(r["method"], r.get("config_hash"), r.get("seed")) for r in rows
+            if r.get("status") == "completed"}
+    points = []
+    for b in best:
+        for k in range(study.seeds, study.seeds + more):
+            seed = study.seed + k
+            if (b["method"], b.get("config_hash"), seed) not in done:
+                points.append({"method": b["method"], "seed": seed, **_searched(b)})
+    return points
+
+
+MORE_SEEDS = "more-seeds"  # the experiment that adds seeds to the finalists
+
+
 def run_study(study: StudyConfig, *, resume: bool = False, verbose: bool = True,
-              epoch_hooks: tuple[EpochHookSpec, ...] = ()) -> StudySummary:
+              epoch_hooks: tuple[EpochHookSpec, ...] = (), more_seeds: int = 0
+              ) -> StudySummary:
     """Run a new study, or continue `study` (from `load_study`) with `resume=True`, on the
     connected Ray cluster; see the module docstring. `epoch_hooks` are called by every
-    trial's ranks after each epoch (`fgray.train.trainer`)."""
+    trial's ranks after each epoch (`fgray.train.trainer`). `more_seeds` (a search study):
+    once the search is done, retrain each method's best configuration with that many more
+    seeds (`more_seed_points`) and test them, so a comparison the first seeds could not
+    resolve gets more evidence without searching again."""
     import optuna
 
     from fgray.results.tables import latest_trials, load
@@ -1091,6 +1127,11 @@ def run_study(study: StudyConfig, *, resume: bool = False, verbose: bool = True,
     if study.mode == "search":
         evaluation_s = search(study, resources, concurrency, console, epoch_hooks)
         best = best_trials(study.study_dir, study.methods)
+        if more_seeds > 0:
+            points = more_seed_points(study, best, latest_trials(
+                load(study.study_dir, "trials").to_pylist()), more_seeds)
+            run_points(study, MORE_SEEDS, points, resources, concurrency, console,
+                       epoch_hooks)
         chosen = best + _same_config(study.study_dir, best)
     else:
         evaluation_s = 0.0  # evaluated below, as Ray tasks: counted as overhead
