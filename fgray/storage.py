@@ -1,9 +1,17 @@
 """Where fgray keeps files: a local path or a storage URI (`s3://`, `gs://`, anything
 `pyarrow.fs` opens), and whole-file writes that a reader never sees half done.
 
-A *location* is a string: a local path (made absolute with `absolute`) or a URI. `resolve`
-gives the pyarrow filesystem and the path inside it; `join` appends parts with `/`;
-`as_location` turns a path inside a filesystem back into a location like a given one.
+A *location* is a string: a local path (made absolute with `absolute`) or a URI, pyarrow's
+query options included (`s3://bucket/x?endpoint_override=host:9000&scheme=http`). `resolve`
+gives the pyarrow filesystem (one per store and process, built from the standard places:
+AWS_ENDPOINT_URL, AWS_*, profiles, instance roles, GOOGLE_*) and the path inside it; `join`
+appends parts before a query; `as_location` turns a path inside a filesystem back into a
+location like a given one; `display` drops the query for people; `check_writable` proves a
+location writable (one probe, deleted) before any work starts.
+
+Folders: `upload_tree`/`download_tree`/`local_copy` move a folder between local disk and a
+location; `Mirror` keeps a location a copy of a local folder a run writes as it goes (a run in
+object storage trains in local scratch, `scratch_folder`, and mirrors it after each epoch).
 
 Writes are whole or not at all for a reader (`write_bytes`, `write_text`, `write_json`,
 `put`): on a local filesystem the data goes to a temporary sibling that is fsync'ed and then
@@ -360,24 +368,6 @@ def download_tree(location: str | os.PathLike, local: str | os.PathLike) -> int:
             shutil.copyfileobj(src, out)
         count += 1
     return count
-
-
-def delete_tree(location: str | os.PathLike) -> None:
-    """Remove the folder at `location` and everything under it, if there is one."""
-    import pyarrow.fs as pafs
-
-    fs, root = resolve(location)
-    if fs.get_file_info(root).type == pafs.FileType.Directory:
-        fs.delete_dir(root)
-
-
-def list_folders(location: str | os.PathLike) -> list[str]:
-    """The names of the sub-folders of `location` (none when it does not exist)."""
-    import pyarrow.fs as pafs
-
-    fs, root = resolve(location)
-    return sorted(info.base_name for info in fs.get_file_info(
-        pafs.FileSelector(root, allow_not_found=True)) if info.type == pafs.FileType.Directory)
 
 
 @contextlib.contextmanager

@@ -30,7 +30,6 @@ from fgray.storage import (
     absolute,
     atomic_path,
     check_writable,
-    display,
     is_local,
     resolve,
     scratch_folder,
@@ -179,7 +178,3 @@ def _train(spec: RunSpec, run_dir: Path, mirror: Mirror | None, *, device, resum
     trainer.run()
     return trainer
 
-
-def describe(run_dir: str | Path) -> str:
-    """A run folder as a person reads it (`fgray.storage.display`)."""
-    return display(absolute(run_dir))

@@ -37,10 +37,14 @@ class Journal:
         self.local.parent.mkdir(parents=True, exist_ok=True)
 
     def download(self) -> None:
-        """Bring the stored journal down (resume on a machine without the local mirror)."""
-        if not self.mirrored or self.local.exists():
+        """Bring the stored journal down when it is ahead of the local copy (a resume on a
+        new head, or on a machine whose copy an earlier driver left behind). The journal only
+        grows, so the longer copy is the newer one."""
+        if not self.mirrored:
             return
-        if self.fs.get_file_info(self.remote).type == pafs.FileType.File:
+        info = self.fs.get_file_info(self.remote)
+        have = self.local.stat().st_size if self.local.exists() else -1
+        if info.type == pafs.FileType.File and info.size > have:
             with self.fs.open_input_stream(self.remote) as src, open(self.local, "wb") as out:
                 out.write(src.read())
 

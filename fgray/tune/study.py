@@ -571,8 +571,22 @@ class ResumableOptunaSearch(OptunaSearch):
     would refuse.
     """
 
+    def __init__(self, *args, study_dir: str, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.study_dir = study_dir
+
     def restore(self, checkpoint_path: str) -> None:
+        import optuna
+
         super().restore(checkpoint_path)
+        # The snapshot pickles the Optuna study with its storage: the journal's local copy
+        # *of the driver that took it*, under that machine's FGRAY_CACHE. A driver resuming
+        # on another head (or with another cache) reopens the study in its own copy, which
+        # `Journal` brought down from the study folder: it is the one uploaded from now on.
+        self._storage = Journal(self.study_dir).storage()
+        self._ot_study = optuna.load_study(study_name=self._ot_study.study_name,
+                                           storage=self._storage,
+                                           sampler=self._ot_study.sampler)
         self.mend()
 
     def mend(self) -> None:
@@ -612,7 +626,8 @@ def make_searcher(study: StudyConfig, method: str):
     points = [space.defaults(), *study.points.get(method, [])]
     return ResumableOptunaSearch(space=space, metric=SEARCH_METRIC, mode="max",
                                  points_to_evaluate=points, sampler=sampler,
-                                 study_name=method, storage=storage)
+                                 study_name=method, storage=storage,
+                                 study_dir=study.study_dir)
 
 
 def make_scheduler(study: StudyConfig):
