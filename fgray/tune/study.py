@@ -576,9 +576,13 @@ class ResumableOptunaSearch(OptunaSearch):
         self.study_dir = study_dir
 
     def restore(self, checkpoint_path: str) -> None:
+        super().restore(checkpoint_path)
+        self.resumed()
+
+    def resumed(self) -> None:
+        """After Tune restored this searcher's state: reopen the journal, then mend it."""
         import optuna
 
-        super().restore(checkpoint_path)
         # The snapshot pickles the Optuna study with its storage: the journal's local copy
         # *of the driver that took it*, under that machine's FGRAY_CACHE. A driver resuming
         # on another head (or with another cache) reopens the study in its own copy, which
@@ -749,6 +753,12 @@ class StudySearcher(Searcher):
         state["searches"] = {m: s.__dict__.copy() for m, s in self.searches.items()}
         with open(checkpoint_path, "wb") as out:
             pickle.dump(state, out)
+        # The journal's copy in the study folder is brought up to date with the snapshot:
+        # a snapshot never names an Optuna trial the stored journal lacks (the journal is
+        # otherwise uploaded only when a trial finishes, and Tune snapshots after asking).
+        for search in self.searches.values():
+            Journal(search.study_dir).upload()
+            break
 
     def restore(self, checkpoint_path: str) -> None:
         import pickle
@@ -759,7 +769,7 @@ class StudySearcher(Searcher):
         self.__dict__.update(state)
         for method, saved in searches.items():
             self.searches[method].__dict__.update(saved)
-            self.searches[method].mend()
+            self.searches[method].resumed()
 
 
 class MethodScheduler(FIFOScheduler):
