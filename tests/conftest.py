@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -196,3 +197,14 @@ def two_nodes():
 
     with ray_cluster(nodes=2, cpus=1) as cluster:
         yield cluster
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_ray_connection_outlives_its_module():
+    """A test module that leaves this process connected to a Ray (a run whose session it
+    reused, a fixture of its own) must not hand that connection to the next module: the
+    multi-node tests start their own cluster, and some tests assert that Ray never started."""
+    yield
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
