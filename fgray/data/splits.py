@@ -16,6 +16,11 @@ if TYPE_CHECKING:
     from fgray.data.formats import Sample
 
 
+def val_count(n: int, fraction: float) -> int:
+    """Images `carve_val` moves to "val" from a class of `n` train images."""
+    return min(round(fraction * n), n - 1)
+
+
 def carve_val(samples: list[Sample], fraction: float = 0.1, seed: int = 0) -> list[Sample]:
     """Move round(fraction * n_c) train images of each class c to the "val" split.
 
@@ -31,7 +36,7 @@ def carve_val(samples: list[Sample], fraction: float = 0.1, seed: int = 0) -> li
     val_ids: set[int] = set()
     for label in sorted(by_class):
         ids = sorted(by_class[label])
-        n_val = min(round(fraction * len(ids)), len(ids) - 1)
+        n_val = val_count(len(ids), fraction)
         order = rng.permutation(len(ids))
         val_ids.update(ids[i] for i in order[:n_val])
     out = []

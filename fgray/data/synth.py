@@ -510,10 +510,16 @@ def _read_marker(out: Path) -> dict | None:
         return None
 
 
+def train_per_class(per_class: int, train_fraction: float = 0.5) -> int:
+    """Train images of each class of an embedded set (the rest are test): at least one of
+    each."""
+    return min(max(round(train_fraction * per_class), 1), per_class - 1)
+
+
 def _train_flags(params: SynthParams) -> list[int]:
     """Per image (in id order): 1 for train. Stratified: the same count in every class, at
     least one train and one test image each."""
-    n_train = min(max(round(params.train_fraction * params.per_class), 1), params.per_class - 1)
+    n_train = train_per_class(params.per_class, params.train_fraction)
     flags: list[int] = []
     for c in range(params.classes):
         perm = np.random.default_rng([params.seed, c, _SPLIT_TAG]).permutation(params.per_class)

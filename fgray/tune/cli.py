@@ -102,6 +102,13 @@ def build_parser(prog: str, description: str, *, mode: str) -> argparse.Argument
                    help="share of each class's train images held out for model selection "
                         "(preset default)")
     p.add_argument("--cache-dir", help="decoded-cache folder (default FGRAY_CACHE)")
+    p.add_argument("--plan", action="store_true",
+                   help="print what the study would run and an estimate of its wall time and "
+                        "GPU/CPU-hours, then exit (starts no Ray, writes nothing)")
+    p.add_argument("--plan-from", metavar="JSON",
+                   help="the throughput for the plan's estimate: a `python benchmarks/run.py` "
+                        "result (default: a probe of a few steps here); also used for the "
+                        "plan-vs-actual lines at the end of a study")
     return p
 
 
@@ -160,20 +167,28 @@ def _points(path: str | None, methods: list[str]) -> dict[str, list[dict[str, An
     return {m: list(v) for m, v in data.items() if m in methods}
 
 
-def synthetic_root(preset: Preset) -> str:
-    """The embedded dataset at the preset's size, generated once under the cache folder."""
+def synthetic_params(preset: Preset) -> dict[str, int]:
+    """The `write_synthetic` arguments of the preset's embedded dataset."""
+    return {"classes": 10, "per_class": 24, "size": 64, "seed": 0, **preset.synthetic}
+
+
+def synthetic_root(preset: Preset, *, write: bool = True) -> str:
+    """The embedded dataset at the preset's size, generated once under the cache folder
+    (`write=False`: only its path)."""
     from fgray.data.synth import write_synthetic
 
-    params = {"classes": 10, "per_class": 24, "size": 64, "seed": 0, **preset.synthetic}
+    params = synthetic_params(preset)
     root = default_cache_dir() / "synthetic" / (
         f"c{params['classes']}-n{params['per_class']}-s{params['size']}-seed{params['seed']}")
+    if not write:
+        return str(root)
     summary = write_synthetic(root, progress=sys.stderr.isatty(), **params)
     if not summary["skipped"]:
         print(f"wrote the embedded dataset: {root} ({summary['images']} images)", flush=True)
     return str(root)
 
 
-def study_from_args(args, *, dataset: str, mode: str, default_name: str):
+def study_from_args(args, *, dataset: str, mode: str, default_name: str, write: bool = True):
     from fgray.storage import join
     from fgray.tune.study import StudyConfig, load_study
 
@@ -190,7 +205,7 @@ def study_from_args(args, *, dataset: str, mode: str, default_name: str):
         raise UserError("no dataset: expected --data-root ROOT or --synthetic")
     methods = _methods(args.methods, preset)
     if args.synthetic:
-        root, fmt = synthetic_root(preset), "cub"
+        root, fmt = synthetic_root(preset, write=write), "cub"
     else:
         root, fmt = str(Path(args.data_root).expanduser().resolve()), dataset
     shared: list[str] = []
@@ -344,6 +359,21 @@ def epoch_hooks(values: list[str] | None) -> tuple[Any, ...]:
     return check_epoch_hooks(hooks)
 
 
+def check_plan_study(study) -> None:
+    """What `prepare` checks of a new study before it runs, without writing study.json:
+    every method's settings and search space, and the settings against the data."""
+    import optuna
+
+    from fgray.train.trainer import WorkerResources
+    from fgray.tune.study import TrialSetup, check_data
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    for method in study.methods:
+        study.space(method, validate=True)
+        TrialSetup(study, WorkerResources()).spec_for({"method": method})
+    check_data(study)
+
+
 def study_main(argv: list[str] | None = None, *, prog: str, description: str, dataset: str,
                mode: str = "search") -> int:
     """Entry point of a study script; returns the exit code."""
@@ -352,6 +382,7 @@ def study_main(argv: list[str] | None = None, *, prog: str, description: str, da
         from fgray.results.report import results_command
         from fgray.storage import check_writable
         from fgray.train.cluster import ray_session
+        from fgray.tune.plan import actual_epochs, make_plan, versus_lines
         from fgray.tune.study import run_study
 
         args = build_parser(prog, description, mode=mode).parse_args(argv)
@@ -360,11 +391,30 @@ def study_main(argv: list[str] | None = None, *, prog: str, description: str, da
         if more < 0 or (more and not args.resume):
             raise UserError(f"--more-seeds {more}: expected a number >= 1 given with --resume "
                             "(it adds seeds to a study's finalists)")
-        study = study_from_args(args, dataset=dataset, mode=mode, default_name=default_name)
+        if args.plan and args.resume:
+            raise UserError("--plan plans a new study: drop --resume (the stored study's "
+                            "tables say what it cost)")
+        study = study_from_args(args, dataset=dataset, mode=mode, default_name=default_name,
+                                write=not args.plan)
+        synthetic = synthetic_params(get_preset(args.preset)) if args.synthetic else None
+        if args.plan:
+            check_plan_study(study)
+            print("\n".join(make_plan(study, plan_from=args.plan_from,
+                                       synthetic=synthetic).lines))
+            return 0
         hooks = epoch_hooks(args.epoch_hook)
         # Before Ray starts: a missing bucket, rejected credentials or a read-only policy is
         # one line here, not a traceback from a trial (nothing is written by the check).
         check_writable(study.storage, "--storage")
+        plan = None
+        if not args.resume and not more:
+            plan = make_plan(study, plan_from=args.plan_from, synthetic=synthetic,
+                             probe_mismatch=False)
+            if plan.estimate is not None:
+                print(f"plan: {plan.counts.trials} trials, {plan.counts.evaluations} test "
+                      f"evaluations, {plan.counts.epochs_worst} epochs worst case; wall "
+                      f"{plan.estimate.wall_s(False):.0f} s expected (--plan for details)",
+                      flush=True)
         with quiet_token_notice(), ray_session(args.address, log_to_driver=args.verbose), \
                 ray_log_file(study.study_dir, enabled=not args.verbose) as log:
             if log:
@@ -378,6 +428,9 @@ def study_main(argv: list[str] | None = None, *, prog: str, description: str, da
               f"trial time {summary.trial_time_s:.0f} s + test evaluations "
               f"{summary.evaluation_time_s:.0f} s at {summary.concurrency} at a time; "
               f"overhead ratio {summary.overhead_ratio:.2f}")
+        if plan is not None:
+            epochs = actual_epochs(summary.study_dir, list(study.methods))
+            print("\n".join(versus_lines(plan.counts, plan.estimate, summary, epochs)))
         print(f"tables: {summary.study_dir}/tables   TensorBoard: tensorboard --logdir "
               f"{summary.study_dir}/tensorboard   Optuna: optuna-dashboard "
               f"{summary.study_dir}/optuna/journal.log")
