@@ -591,6 +591,10 @@ class ResumableOptunaSearch(OptunaSearch):
         self._ot_study = optuna.load_study(study_name=self._ot_study.study_name,
                                            storage=self._storage,
                                            sampler=self._ot_study.sampler)
+        # The snapshot's Optuna trials hold the old copy too: a resumed trial's reports (and
+        # its tell) go to this driver's copy, whose state may be older than the old one's.
+        for trial in self._ot_trials.values():
+            trial.study, trial.storage = self._ot_study, self._storage
         self.mend()
 
     def mend(self) -> None:
