@@ -11,6 +11,7 @@ FGRAY_RAY_DASHBOARD=0 turns it off.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -121,16 +122,16 @@ def storage_env() -> dict[str, str]:
     """The storage variables of this process (endpoint, region, credentials: `AWS_*`,
     `GOOGLE_*`) that a job on a cluster hands to every task and actor it starts, through its
     runtime_env: a bucket this driver reaches is then reached by every trial and worker, on
-    any node, whatever environment that node was started with. Not inside a submitted job
-    (see below)."""
-    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
-        # A driver started by `ray job submit`: its job already has a runtime_env (the
-        # working_dir), and a driver that extends it was seen to lose its working folder
-        # at the end of a study (Ray collected the package under it). Such a job gets the
-        # storage variables from the nodes or from `ray job submit --runtime-env-json`.
-        return {}
+    any node, whatever environment that node was started with. A variable the submitted
+    job's own runtime_env already sets is left to it (Ray refuses to merge the two)."""
+    job = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    try:
+        taken = set(((json.loads(job) if job else {}).get("runtime_env") or {})
+                    .get("env_vars") or {})
+    except (ValueError, AttributeError):
+        taken = set()
     return {k: v for k, v in os.environ.items()
-            if k.startswith(STORAGE_ENV_PREFIXES) or k in STORAGE_ENV_NAMES}
+            if (k.startswith(STORAGE_ENV_PREFIXES) or k in STORAGE_ENV_NAMES) and k not in taken}
 
 
 def free_port() -> int:
