@@ -82,9 +82,11 @@ LOOPBACK = "127.0.0.1"
 LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 BUCKET = "fgray"
 REGION = "us-east-1"
-# Ray's unix sockets live at DIR/ray/session_<date>_<time>_<pid>/sockets/<name>: up to 73
-# characters below DIR, and a socket path may have 103 (macOS) or 107 (Linux).
-MAX_DIR_CHARS = 30
+# Ray's unix sockets live at DIR/rayN/session_<date>_<time>_<pid>/sockets/<name>: up to 75
+# characters below DIR (node numbers up to 99), and a socket path may have 103 (macOS) or 107
+# (Linux).
+MAX_DIR_CHARS = 28
+MAX_NODES = 99
 WORKER_PORTS = 100  # per node: one per worker process
 PORT_BAND = (20000, 32768)  # below Linux's ephemeral ports, above Ray's default worker range
 START_TIMEOUT = 120.0
@@ -215,11 +217,12 @@ def _sid(pid: int) -> int | None:
         return None
 
 
-def _cluster_processes(temp_dir: str, recorded: list[dict]) -> list[psutil.Process]:
+def _cluster_processes(root: str, recorded: list[dict]) -> list[psutil.Process]:
     """Every running process of the cluster, found three ways, all limited to this user:
 
-    * the recorded ones (pid and start time) and those whose command line names the temp dir
-      (GCS, raylets, dashboard, monitors);
+    * the recorded ones (pid and start time) and those whose command line names the
+      cluster's folder, which holds every node's temp dir (GCS, raylets, dashboard,
+      monitors);
     * every member of their sessions: each `ray start` (and the S3 server) was started in a
       session of its own, which every process it spawns stays in, agents and workers
       included, though these retitle themselves (`ray::IDLE`: no path left in their command
@@ -230,7 +233,7 @@ def _cluster_processes(temp_dir: str, recorded: list[dict]) -> list[psutil.Proce
     uid = os.getuid()
     me = psutil.Process()
     spare = {me.pid, *(p.pid for p in me.parents())}
-    prefix = temp_dir.rstrip("/") + "/"
+    prefix = root.rstrip("/") + "/"
     found: dict[int, psutil.Process] = {}
     for entry in recorded:
         proc = _same(entry)
@@ -328,9 +331,17 @@ def _stop_batch(procs: list[psutil.Process], timeout: float) -> None:
 class Cluster:
     def __init__(self, root: Path) -> None:
         self.root = root
+        # Each node gets a temp dir of its own, as each machine of a real cluster has its own
+        # disk. Nodes sharing one would share `runtime_resources/`: a node setting up a job's
+        # working_dir for its first task there deletes and unpacks the folder again, under
+        # the driver that another node started in it (its cwd gone, `os.getcwd()` fails).
         self.temp_dir = str(root / "ray")
         self.state_path = root / STATE
         self.token_path = root / "auth_token"
+
+    def node_temp_dir(self, index: int) -> str:
+        """The head's is DIR/ray (its logs: DIR/ray/session_latest/logs); node i's DIR/ray<i>."""
+        return self.temp_dir if index == 0 else f"{self.temp_dir}{index}"
 
     # state
     def load(self) -> dict | None:
@@ -347,7 +358,7 @@ class Cluster:
         tmp.replace(self.state_path)
 
     def alive(self, state: dict | None) -> list[psutil.Process]:
-        return _cluster_processes(self.temp_dir, (state or {}).get("processes", []))
+        return _cluster_processes(str(self.root), (state or {}).get("processes", []))
 
     # up
     def up(self, nodes: int, cpus: int, s3: bool, bucket: str) -> dict:
@@ -441,7 +452,8 @@ class Cluster:
                           "runtime_env_agent": ports.one()}
             node_ports["min_worker"], node_ports["max_worker"] = ports.block(WORKER_PORTS)
             state["ports"]["nodes"].append(node_ports)
-            args = [sys.executable, "-c", LAUNCHER, "start", f"--temp-dir={self.temp_dir}",
+            args = [sys.executable, "-c", LAUNCHER, "start",
+                    f"--temp-dir={self.node_temp_dir(i)}",
                     f"--num-cpus={cpus}", "--disable-usage-stats",
                     f"--object-manager-port={node_ports['object_manager']}",
                     f"--node-manager-port={node_ports['node_manager']}",
@@ -617,6 +629,13 @@ def _at_least_one(text: str) -> int:
     return value
 
 
+def _node_count(text: str) -> int:
+    value = _at_least_one(text)
+    if value > MAX_NODES:  # the node's temp dir name, DIR/ray<i>, is sized for two digits
+        raise argparse.ArgumentTypeError(f"{value}: at most {MAX_NODES} nodes")
+    return value
+
+
 def _directory(text: str) -> Path:
     path = Path(os.path.abspath(os.path.expanduser(text)))
     if len(str(path)) > MAX_DIR_CHARS:
@@ -645,7 +664,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         help="print the shell variables of the running cluster (as `env`)")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
     up = sub.add_parser("up", help="start the cluster")
-    up.add_argument("--nodes", type=_at_least_one, default=2, help="Ray nodes (default 2)")
+    up.add_argument("--nodes", type=_node_count, default=2,
+                    help=f"Ray nodes (default 2, at most {MAX_NODES})")
     up.add_argument("--cpus-per-node", type=_at_least_one, default=1,
                     help="logical CPUs of each node (default 1)")
     up.add_argument("--s3", action="store_true", help="also a local S3 server with a bucket")

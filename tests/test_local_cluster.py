@@ -32,10 +32,15 @@ SCRIPT = ROOT / "cluster" / "local_cluster.py"
 # Runs on the cluster, as the job's driver: one task pinned to each alive node writes an
 # object to the bucket through pyarrow, which finds the endpoint in AWS_ENDPOINT_URL.
 PROBE = r"""
+import os
+
 import pyarrow.fs as pafs
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+# The driver runs in the job's working_dir, which Ray unpacked on the head. Its tasks on the
+# other node must not unpack it again over the driver (Tune later needs `os.getcwd()`).
+started_in = os.stat(".").st_ino
 ray.init()
 
 
@@ -52,6 +57,7 @@ nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
 done = ray.get([write.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False))
                 .remote(n) for n in nodes])
 assert done == nodes, (done, nodes)
+assert os.stat(os.getcwd()).st_ino == started_in and os.path.exists("probe.py"), os.getcwd()
 print("PROBE-OK", len(nodes))
 """
 
@@ -167,7 +173,8 @@ def _listening() -> set[int]:
 def test_bad_input_is_one_line_exit_2_and_starts_nothing():
     root = _short_dir()
     try:
-        for args in (["up", "--nodes", "0"], ["up", "--cpus-per-node", "-1"],
+        for args in (["up", "--nodes", "0"], ["up", "--nodes", "100"],
+                     ["up", "--cpus-per-node", "-1"],
                      ["up", "--nodes", "two"], ["launch"], []):
             result = _script(*args, "--dir", str(root), timeout=60)
             assert result.returncode == 2, (args, result)
