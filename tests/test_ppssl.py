@@ -89,7 +89,7 @@ def test_attribute_sentences():
 
 
 def test_corpus_texts_from_synthetic_attributes_and_templates(synth_root, tmp_path):
-    from fgray.data.synth import attribute_names
+    from fgray.data.birds import attribute_names
 
     texts = corpus_texts("cub", synth_root)
     assert texts == [attribute_sentence(a) for a in attribute_names()]
