@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import pretrain_argv
 
 from fgray.cli import main
 from fgray.data.augment import IMAGENET_MEAN, IMAGENET_STD
@@ -300,14 +301,8 @@ def test_iadm_forward_and_saliency_map(mode):
 
 
 def _pretrain(synth_root, tmp_path, name, *sets):
-    args = ["pretrain", "--method", "ppssl", "--dataset", "cub", "--data-root", str(synth_root),
-            "--backbone", "test_resnet", "--image-size", "32", "--epochs", "1",
-            "--batch-size", "32", "--workers", "0", "--storage", str(tmp_path / "runs"),
-            "--cache-dir", str(tmp_path / "cache"), "--name", name,
-            "--set", "queue_size=64", "--set", "mlp_hidden=64", "--set", "knn_k=10"]
-    for s in sets:
-        args += ["--set", s]
-    rc = main(args)
+    rc = main(pretrain_argv("ppssl", synth_root, tmp_path, "queue_size=64", "mlp_hidden=64",
+                            "knn_k=10", *sets, name=name, batch_size=32))
     metrics = (tmp_path / "runs" / name / "metrics.jsonl").read_text().splitlines()
     return rc, json.loads(metrics[-1]) if metrics else {}
 
