@@ -344,7 +344,7 @@ def _independent_saliency(m, images: torch.Tensor, sign: float) -> torch.Tensor:
 
 def test_iadm_default_saliency_is_the_evidence_that_lowers_the_loss():
     """The default sign keeps ReLU(-sum_rgb x * dL/dx): the pixels whose presence lowers the
-    InfoNCE loss (benchmarks/iadm_sign.py chose it; README, PP-SSL)."""
+    InfoNCE loss (benchmarks/iadm_sign.py chose it; docs/methods.md, PP-SSL)."""
     from fgray.methods.ppssl import PPSSLConfig
 
     assert PPSSLConfig().saliency_sign == "lowers_loss"
