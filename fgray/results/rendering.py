@@ -210,6 +210,7 @@ def _csv_keys() -> list[str]:
 
 
 def json_safe(value: Any) -> Any:
+    """`value` with every non-finite float as None (JSON has no NaN), nested dicts and lists too."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
