@@ -119,6 +119,65 @@ def write_aircraft(root: Path, variants=("A300", "B737"), per_split: int = 2) ->
     return root
 
 
+# The `--set`s of a tiny SDF run (a 16-px decoder that contrasts from the first epoch).
+TINY_SDF = ("queue_size=64", "mlp_hidden=64", "decoder_size=16", "method.warmup_epochs=0",
+            "knn_k=10")
+
+
+def pretrain_argv(method: str, data_root: Path, tmp: Path, *sets: str, name: str | None = None,
+                  storage: Path | str | None = None, backbone: str | None = "test_resnet",
+                  image_size: int = 32, epochs: int = 1, batch_size: int = 16, workers: int = 0,
+                  val_fraction: float | None = None, extra: tuple[str, ...] = ()) -> list[str]:
+    """The `fgray pretrain` argument list of a tiny test run: `method` on the CUB-layout set at
+    `data_root`, a tiny timm backbone (None: the method's default), one epoch in this process
+    (`workers` 0), runs under `tmp/runs` (or `storage`), the decoded cache under `tmp/cache`,
+    each of `sets` one `--set`, then `extra` as it is."""
+    argv = ["pretrain", "--method", method, "--dataset", "cub", "--data-root", str(data_root),
+            "--image-size", str(image_size), "--epochs", str(epochs),
+            "--batch-size", str(batch_size), "--workers", str(workers),
+            "--storage", str(storage if storage is not None else tmp / "runs"),
+            "--cache-dir", str(tmp / "cache")]
+    if backbone is not None:
+        argv += ["--backbone", backbone]
+    if name is not None:
+        argv += ["--name", name]
+    if val_fraction is not None:
+        argv += ["--val-fraction", str(val_fraction)]
+    for kv in sets:
+        argv += ["--set", kv]
+    return argv + list(extra)
+
+
+def assert_momentum_step(model, progress: float, momentum: float) -> None:
+    """`model.momentum_update(progress)` moves every key-backbone weight k to momentum * k +
+    (1 - momentum) * q, q its query weight (shifted by 1 first, so that the step shows)."""
+    before = [p.clone() for p in model.backbone_k.parameters()]
+    with torch.no_grad():
+        for p in model.backbone.parameters():
+            p.add_(1.0)
+    model.momentum_update(progress)
+    for b, k, q in zip(before, model.backbone_k.parameters(), model.backbone.parameters()):
+        torch.testing.assert_close(k, momentum * b + (1 - momentum) * q)
+
+
+def short_training(method: str, data_root: Path, tmp: Path, *, backbone: str, image_size: int,
+                   sets: dict) -> list[dict]:
+    """The per-epoch history of a 12-epoch in-process run of `method` on the set at
+    `data_root` (val 30 %, batch 16, seed 0, on the CPU): what "training lowers the loss"
+    tests read."""
+    from fgray.engine.run import run_pretraining
+    from fgray.engine.spec import DataSpec, build_spec
+
+    data = DataSpec(format="cub", root=str(data_root), val_fraction=0.3,
+                    cache_dir=str(tmp / "cache"))
+    spec = build_spec(method, data, backbone=backbone,
+                      train={"epochs": 12, "batch_size": 16, "image_size": image_size,
+                             "seed": 0},
+                      sets=sets)
+    return run_pretraining(spec, tmp / "run", device=torch.device("cpu"), resume=False,
+                           progress=False).history
+
+
 @pytest.fixture
 def cub_root(tmp_path: Path) -> Path:
     return write_cub(tmp_path / "cub", modes=("RGB", "L", "CMYK", "P"))

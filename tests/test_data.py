@@ -41,7 +41,7 @@ def test_images_load_as_rgb_whatever_their_mode(cub_root, tmp_path):
 
 
 def test_val_split_is_stratified_seeded_and_keeps_a_train_image():
-    from fgray.data.formats import Sample
+    from fgray.data.sample import Sample
 
     samples = [Sample(i, None, i % 4, "train") for i in range(1, 81)]
     samples += [Sample(100, None, 3, "test"), Sample(101, None, 9, "train")]

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_momentum_step, pretrain_argv
 
 from fgray.cli import main
 from fgray.engine.optim import LARS, lr_factor
@@ -64,13 +65,7 @@ def test_moco_v2_step_updates_query_not_key_and_momentum_moves_key():
     terms["loss"].backward()
     assert all(p.grad is None for p in m.backbone_k.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.backbone.parameters())
-    before = [p.clone() for p in m.backbone_k.parameters()]
-    with torch.no_grad():
-        for p in m.backbone.parameters():
-            p.add_(1.0)
-    m.momentum_update(0.5)
-    for b, p_k, p_q in zip(before, m.backbone_k.parameters(), m.backbone.parameters()):
-        torch.testing.assert_close(p_k, 0.999 * b + 0.001 * p_q)
+    assert_momentum_step(m, 0.5, 0.999)  # MoCo v2's momentum is constant
 
 
 def test_moco_v3_momentum_ramps_along_a_cosine():
@@ -152,12 +147,8 @@ def test_set_routes_knobs_and_rejects_unknown_ones(tmp_path):
 
 
 def test_pretrain_then_eval_through_the_cli(synth_root, tmp_path, capsys):
-    args = ["pretrain", "--method", "moco", "--dataset", "cub", "--data-root", str(synth_root),
-            "--backbone", "test_resnet", "--image-size", "32", "--epochs", "1",
-            "--batch-size", "16", "--storage", str(tmp_path / "runs"), "--name", "r1",
-            "--cache-dir", str(tmp_path / "cache"), "--val-fraction", "0.25"]
-    for kv in ("queue_size=64", "mlp_hidden=64", "knn_k=10"):
-        args += ["--set", kv]
+    args = pretrain_argv("moco", synth_root, tmp_path, "queue_size=64", "mlp_hidden=64",
+                         "knn_k=10", name="r1", val_fraction=0.25)
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "epoch 1" in out and "val kNN top-1" in out

@@ -15,8 +15,8 @@ from fgray.cli import main
 from fgray.engine.run import run_pretraining
 from fgray.engine.spec import DataSpec, build_spec
 from fgray.results import leaderboard, load
+from fgray.results.ranking import eval_column
 from fgray.results.records import record_test
-from fgray.results.report import eval_column
 from fgray.results.tables import write_trials
 
 PROTOCOLS = ["retrieval", "knn", "linear", "localisation"]

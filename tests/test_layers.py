@@ -1,7 +1,7 @@
-"""The layering the README states ("## Development", Layers), checked on the source: every
-module under fgray/ is parsed with `ast` (nothing is imported or run) and each of its `fgray.*`
-and `ray` imports -- at module level, inside functions, under TYPE_CHECKING, or a literal
-`importlib.import_module(...)` -- must point down the layer order, never up.
+"""The layering docs/development.md states ("## Development", Layers), checked on the source:
+every module under fgray/ is parsed with `ast` (nothing is imported or run) and each of its
+`fgray.*` and `ray` imports -- at module level, inside functions, under TYPE_CHECKING, or a
+literal `importlib.import_module(...)` -- must point down the layer order, never up.
 
 A layer may import its own modules, the layers below it and the base modules; the base modules
 import only one another; the three bottom packages (models, eval, data) do not import one
@@ -95,7 +95,7 @@ def test_every_module_has_a_place_in_the_layers():
     unplaced = sorted(units - set(RANK) - BASE)
     assert not unplaced, (
         f"fgray/{', fgray/'.join(unplaced)} has no layer: add it to LAYERS or BASE in "
-        "tests/test_layers.py and to the README's Layers paragraph")
+        "tests/test_layers.py and to the Layers paragraph of docs/development.md")
     assert len(sources()) > 30  # the scan found the package
 
 
@@ -159,12 +159,13 @@ def f():
     assert "fgray.tune.study" in ray_users and "fgray.train.trainer" in ray_users
 
 
-def test_the_readme_states_these_layers():
-    text = (REPO / "README.md").read_text()
+def test_the_docs_state_these_layers():
+    text = (REPO / "docs" / "development.md").read_text()
     section = text[text.index("## Development"):]
     flat = re.sub(r"\s+", " ", section.replace("`", ""))
     chain = " → ".join(["studies/", *(", ".join(f"fgray/{u}" + (".py" if u == "cli" else "")
                                                 for u in peers) for peers in LAYERS)])
-    assert chain in flat, f"README's Layers paragraph should state: {chain}"
+    assert chain in flat, f"docs/development.md's Layers paragraph should state: {chain}"
     for base in sorted(BASE - {"fgray"}):
-        assert f"fgray/{base}.py" in flat, f"README's Layers paragraph should name fgray/{base}.py"
+        assert f"fgray/{base}.py" in flat, (
+            f"docs/development.md's Layers paragraph should name fgray/{base}.py")

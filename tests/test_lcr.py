@@ -10,10 +10,9 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import pretrain_argv, short_training
 
 from fgray.cli import main
-from fgray.engine.run import run_pretraining
-from fgray.engine.spec import DataSpec, build_spec
 from fgray.errors import UserError
 from fgray.methods import build_method
 from fgray.methods.base import StepInfo
@@ -170,13 +169,8 @@ TRAIN_SETS = {**SMALL, "lr": 0.5, "method.momentum": 0.99, "knn_k": 10,
 
 
 def test_training_lowers_the_loss(synth_root, tmp_path):
-    data = DataSpec(format="cub", root=str(synth_root), val_fraction=0.3,
-                    cache_dir=str(tmp_path / "cache"))
-    spec = build_spec("lcr", data, backbone="test_resnet",
-                      train={"epochs": 12, "batch_size": 16, "image_size": SIZE, "seed": 0},
-                      sets=TRAIN_SETS)
-    history = run_pretraining(spec, tmp_path / "run", device=torch.device("cpu"),
-                              resume=False, progress=False).history
+    history = short_training("lcr", synth_root, tmp_path, backbone="test_resnet",
+                             image_size=SIZE, sets=TRAIN_SETS)
     first, last = history[0], history[-2:]
     assert all(k in first for k in ("loss", "loss_infonce", "loss_cam", "val_knn_top1"))
     # Seeds 0 and 1 at lr 0.5 and 2.0 went from 1.7-2.0 to 1.15-1.35 (last two epochs).
@@ -185,13 +179,9 @@ def test_training_lowers_the_loss(synth_root, tmp_path):
 
 
 def test_pretrain_through_the_cli(synth_root, tmp_path, capsys):
-    args = ["pretrain", "--method", "lcr", "--dataset", "cub", "--data-root", str(synth_root),
-            "--backbone", "test_resnet", "--image-size", str(SIZE), "--epochs", "1",
-            "--batch-size", "16", "--workers", "0", "--storage", str(tmp_path / "runs"),
-            "--name", "lcr1", "--cache-dir", str(tmp_path / "cache")]
-    for kv in ("queue_size=32", "mlp_hidden=32", "method.capacity=4", "depth=2",
-               "train.knn_k=10"):
-        args += ["--set", kv]
+    args = pretrain_argv("lcr", synth_root, tmp_path, "queue_size=32", "mlp_hidden=32",
+                         "method.capacity=4", "depth=2", "train.knn_k=10", name="lcr1",
+                         image_size=SIZE)
     assert main(args) == 0
     assert "epoch 1" in capsys.readouterr().out
     run = tmp_path / "runs" / "lcr1"

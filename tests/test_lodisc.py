@@ -12,11 +12,10 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from conftest import assert_momentum_step, pretrain_argv, short_training
 from torch import nn
 
 from fgray.cli import main
-from fgray.engine.run import run_pretraining
-from fgray.engine.spec import DataSpec, build_spec
 from fgray.errors import UserError
 from fgray.methods import build_method
 from fgray.methods.base import StepInfo
@@ -239,13 +238,7 @@ def test_released_code_options_no_projector_and_dropout():
     assert kinds[kinds.index(nn.ReLU) + 1] is nn.Dropout and model.predictor[3].p == 0.2
     x = _images(4)
     model(x, _images(4, seed=2), STEP)["loss"].backward()
-    before = [p.clone() for p in model.backbone_k.parameters()]
-    with torch.no_grad():
-        for p in model.backbone.parameters():
-            p.add_(1.0)
-    model.momentum_update(0.0)
-    for b, k, q in zip(before, model.backbone_k.parameters(), model.backbone.parameters()):
-        torch.testing.assert_close(k, 0.99 * b + 0.01 * q)
+    assert_momentum_step(model, 0.0, 0.99)
     assert model.eval().embed(x).shape == (4, dim)
 
 
@@ -287,13 +280,8 @@ TRAIN_SETS = {**SMALL, "lr": 0.01, "knn_k": 10, "aug.scale_min": 0.5, "aug.jitte
 
 
 def test_training_lowers_the_loss(synth_root, tmp_path):
-    data = DataSpec(format="cub", root=str(synth_root), val_fraction=0.3,
-                    cache_dir=str(tmp_path / "cache"))
-    spec = build_spec("lodisc", data, backbone="test_vit",
-                      train={"epochs": 12, "batch_size": 16, "image_size": 32, "seed": 0},
-                      sets=TRAIN_SETS)
-    history = run_pretraining(spec, tmp_path / "run", device=torch.device("cpu"),
-                              resume=False, progress=False).history
+    history = short_training("lodisc", synth_root, tmp_path, backbone="test_vit",
+                             image_size=32, sets=TRAIN_SETS)
     first, last = history[0], history[-2:]
     assert all(k in first for k in ("loss", "loss_global", "loss_local", "val_knn_top1"))
     # Seeds 0 and 1 went from 4.6 to 3.0-3.2 (last two epochs), the local term 2.4 -> 1.7.
@@ -302,12 +290,9 @@ def test_training_lowers_the_loss(synth_root, tmp_path):
 
 
 def test_pretrain_through_the_cli(synth_root, tmp_path, capsys):
-    args = ["pretrain", "--method", "lodisc", "--dataset", "cub", "--data-root", str(synth_root),
-            "--backbone", "test_vit", "--image-size", "32", "--epochs", "1",
-            "--batch-size", "16", "--workers", "0", "--storage", str(tmp_path / "runs"),
-            "--name", "lodisc1", "--cache-dir", str(tmp_path / "cache")]
-    for kv in ("mlp_hidden=32", "dim=16", "keep_ratio=0.5", "fusion=rollout", "knn_k=10"):
-        args += ["--set", kv]
+    args = pretrain_argv("lodisc", synth_root, tmp_path, "mlp_hidden=32", "dim=16",
+                         "keep_ratio=0.5", "fusion=rollout", "knn_k=10", name="lodisc1",
+                         backbone="test_vit")
     assert main(args) == 0
     assert "epoch 1" in capsys.readouterr().out
     run = tmp_path / "runs" / "lodisc1"

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import pretrain_argv
 
 from fgray.cli import main
 from fgray.data.augment import IMAGENET_MEAN, IMAGENET_STD
@@ -89,7 +90,7 @@ def test_attribute_sentences():
 
 
 def test_corpus_texts_from_synthetic_attributes_and_templates(synth_root, tmp_path):
-    from fgray.data.synth import attribute_names
+    from fgray.data.birds import attribute_names
 
     texts = corpus_texts("cub", synth_root)
     assert texts == [attribute_sentence(a) for a in attribute_names()]
@@ -300,14 +301,8 @@ def test_iadm_forward_and_saliency_map(mode):
 
 
 def _pretrain(synth_root, tmp_path, name, *sets):
-    args = ["pretrain", "--method", "ppssl", "--dataset", "cub", "--data-root", str(synth_root),
-            "--backbone", "test_resnet", "--image-size", "32", "--epochs", "1",
-            "--batch-size", "32", "--workers", "0", "--storage", str(tmp_path / "runs"),
-            "--cache-dir", str(tmp_path / "cache"), "--name", name,
-            "--set", "queue_size=64", "--set", "mlp_hidden=64", "--set", "knn_k=10"]
-    for s in sets:
-        args += ["--set", s]
-    rc = main(args)
+    rc = main(pretrain_argv("ppssl", synth_root, tmp_path, "queue_size=64", "mlp_hidden=64",
+                            "knn_k=10", *sets, name=name, batch_size=32))
     metrics = (tmp_path / "runs" / name / "metrics.jsonl").read_text().splitlines()
     return rc, json.loads(metrics[-1]) if metrics else {}
 
@@ -349,7 +344,7 @@ def _independent_saliency(m, images: torch.Tensor, sign: float) -> torch.Tensor:
 
 def test_iadm_default_saliency_is_the_evidence_that_lowers_the_loss():
     """The default sign keeps ReLU(-sum_rgb x * dL/dx): the pixels whose presence lowers the
-    InfoNCE loss (benchmarks/iadm_sign.py chose it; README, PP-SSL)."""
+    InfoNCE loss (benchmarks/iadm_sign.py chose it; docs/methods.md, PP-SSL)."""
     from fgray.methods.ppssl import PPSSLConfig
 
     assert PPSSLConfig().saliency_sign == "lowers_loss"

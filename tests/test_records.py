@@ -9,6 +9,7 @@ import pickle
 from pathlib import Path
 
 import pytest
+from conftest import pretrain_argv
 from tensorboard.backend.event_processing import event_accumulator as ea
 
 from fgray.cli import main
@@ -205,13 +206,13 @@ def test_git_revision_reads_refs_without_git(tmp_path):
     assert git_revision(lone) is None
 
 
+TINY_MOCO = ("queue_size=64", "mlp_hidden=32")  # the `--set`s of a tiny MoCo run
+
+
 def test_pretrain_in_process_shows_in_results(synth_root, tmp_path, capsys):
     storage = tmp_path / "runs"
-    code = main(["pretrain", "--method", "moco", "--dataset", "cub", "--data-root",
-                 str(synth_root), "--backbone", "test_resnet", "--image-size", "32",
-                 "--epochs", "2", "--batch-size", "32", "--workers", "0", "--storage",
-                 str(storage), "--name", "run1", "--cache-dir", str(tmp_path / "cache"),
-                 "--set", "queue_size=64", "--set", "mlp_hidden=32"])
+    code = main(pretrain_argv("moco", synth_root, tmp_path, *TINY_MOCO, name="run1", epochs=2,
+                              batch_size=32))
     assert code == 0
     out = capsys.readouterr().out
     assert "epoch 2" in out
@@ -232,11 +233,8 @@ def test_pretrain_in_process_shows_in_results(synth_root, tmp_path, capsys):
 
 def test_diverged_run_is_recorded_as_failed(synth_root, tmp_path, capsys):
     storage = tmp_path / "runs"
-    code = main(["pretrain", "--method", "moco", "--dataset", "cub", "--data-root",
-                 str(synth_root), "--backbone", "test_resnet", "--image-size", "32",
-                 "--epochs", "1", "--batch-size", "32", "--workers", "0", "--storage",
-                 str(storage), "--name", "nan", "--cache-dir", str(tmp_path / "cache"),
-                 "--set", "queue_size=64", "--set", "mlp_hidden=32", "--set", "lr=1e30"])
+    code = main(pretrain_argv("moco", synth_root, tmp_path, *TINY_MOCO, "lr=1e30", name="nan",
+                              batch_size=32))
     assert code == 2
     err = capsys.readouterr().err
     assert "training diverged" in err and len(err.strip().splitlines()) == 1

@@ -12,6 +12,7 @@ import optuna
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import pretrain_argv
 from torch import Tensor, nn
 
 from fgray.cli import build_parser, main
@@ -125,11 +126,9 @@ def test_a_registered_method_has_its_search_space(toy):
 
 
 def test_a_registered_method_trains_an_epoch(toy, synth_root, tmp_path, capsys):
-    argv = ["pretrain", "--method", "toy", "--dataset", "cub", "--data-root", str(synth_root),
-            "--image-size", "32", "--epochs", "1", "--batch-size", "16", "--workers", "0",
-            "--storage", str(tmp_path / "runs"), "--name", "toy1", "--cache-dir",
-            str(tmp_path / "cache"), "--val-fraction", "0.25", "--device", "cpu",
-            "--set", "method.scale=2", "--set", "train.knn_k=5"]
+    argv = pretrain_argv("toy", synth_root, tmp_path, "method.scale=2", "train.knn_k=5",
+                         name="toy1", backbone=None, val_fraction=0.25,
+                         extra=("--device", "cpu"))
     torch.manual_seed(0)
     assert main(argv) == 0
     assert "epoch 1" in capsys.readouterr().out

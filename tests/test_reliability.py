@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import pretrain_argv
 
 from fgray.cli import main
 from fgray.engine.loop import read_checkpoint
@@ -154,13 +155,8 @@ def test_single_worker_checkpoint_resumes_without_warning(synth_root, tmp_path):
 
 
 def _pretrain_argv(root, tmp_path, storage, *extra) -> list[str]:
-    argv = ["pretrain", "--method", "moco", "--dataset", "cub", "--data-root", str(root),
-            "--backbone", "test_resnet", "--image-size", "32", "--epochs", "1",
-            "--batch-size", "16", "--storage", str(storage), "--name", "r",
-            "--cache-dir", str(tmp_path / "cache"), "--val-fraction", "0.25"]
-    for kv in ("queue_size=64", "mlp_hidden=64", "dim=32", "knn_k=10", *extra):
-        argv += ["--set", kv]
-    return argv
+    return pretrain_argv("moco", root, tmp_path, "queue_size=64", "mlp_hidden=64", "dim=32",
+                         "knn_k=10", *extra, name="r", storage=storage, val_fraction=0.25)
 
 
 def _tree(path: Path) -> list[str]:

@@ -502,7 +502,8 @@ def test_default_leaderboard_fits_100_columns(with_outcomes):
 def test_asha_rung_correlations(tmp_path):
     from scipy import stats as st
 
-    from fgray.results.report import rung_correlations, rung_lines
+    from fgray.results.ranking import rung_correlations
+    from fgray.results.rendering import rung_lines
 
     path = str(tmp_path / "asha")
     rng = np.random.default_rng(1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_SDF, pretrain_argv
 
 from fgray.cli import main
 from fgray.errors import UserError
@@ -184,12 +185,8 @@ def test_decoded_pair_for_tensorboard():
 
 
 def test_pretrain_cli_sdf(synth_root, tmp_path):
-    rc = main(["pretrain", "--method", "sdf", "--dataset", "cub", "--data-root", str(synth_root),
-               "--backbone", "test_resnet", "--image-size", "32", "--epochs", "1",
-               "--batch-size", "32", "--workers", "0", "--storage", str(tmp_path / "runs"),
-               "--cache-dir", str(tmp_path / "cache"), "--name", "sdf-run",
-               "--set", "queue_size=64", "--set", "mlp_hidden=64", "--set", "decoder_size=16",
-               "--set", "method.warmup_epochs=0", "--set", "knn_k=10"])
+    rc = main(pretrain_argv("sdf", synth_root, tmp_path, *TINY_SDF, name="sdf-run",
+                            batch_size=32))
     assert rc == 0
     lines = (tmp_path / "runs" / "sdf-run" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 1

@@ -10,6 +10,7 @@ import os
 import shutil
 
 import pytest
+from conftest import pretrain_argv
 
 from fgray import storage
 from fgray.cli import main
@@ -28,14 +29,10 @@ from fgray.storage import (
 )
 
 
-def _pretrain(root, cache, storage, *extra: str, epochs: int = 1) -> list[str]:
-    argv = ["pretrain", "--method", "moco", "--dataset", "cub", "--data-root", str(root),
-            "--backbone", "test_resnet", "--image-size", "32", "--epochs", str(epochs),
-            "--batch-size", "16", "--storage", storage, "--name", "w0",
-            "--cache-dir", str(cache), "--val-fraction", "0.25", *extra]
-    for kv in ("queue_size=64", "mlp_hidden=64", "dim=32", "knn_k=10"):
-        argv += ["--set", kv]
-    return argv
+def _pretrain(root, tmp, storage, *, epochs: int = 1, workers: int = 0) -> list[str]:
+    return pretrain_argv("moco", root, tmp, "queue_size=64", "mlp_hidden=64", "dim=32",
+                         "knn_k=10", name="w0", storage=storage, epochs=epochs,
+                         workers=workers, val_fraction=0.25)
 
 
 def test_locations_keep_a_uris_query_at_its_end():
@@ -61,7 +58,7 @@ def test_pretrain_in_process_writes_every_artifact_to_the_bucket_and_resumes_fro
     work.mkdir()
     monkeypatch.chdir(work)
     storage = f"s3://{bucket}/runs"
-    assert main(_pretrain(synth_root, tmp_path / "cache", storage)) == 0
+    assert main(_pretrain(synth_root, tmp_path, storage)) == 0
     out = capsys.readouterr().out
     assert f"run folder: s3://{bucket}/runs/w0" in out
     keys = server.keys(bucket, "runs/w0/")
@@ -72,7 +69,7 @@ def test_pretrain_in_process_writes_every_artifact_to_the_bucket_and_resumes_fro
     # The results tables and TensorBoard are in the same bucket, one trial row.
     assert any(k.startswith("runs/tables/trials/") for k in server.keys(bucket))
     # Two more epochs continue the run from the bucket's checkpoint: one metrics line each.
-    assert main(_pretrain(synth_root, tmp_path / "cache", storage, epochs=3)) == 0
+    assert main(_pretrain(synth_root, tmp_path, storage, epochs=3)) == 0
     client = server.client()
     lines = client.get_object(Bucket=bucket, Key="runs/w0/metrics.jsonl")["Body"].read()
     epochs = [json.loads(line)["epoch"] for line in lines.decode().splitlines()]
@@ -94,7 +91,7 @@ def test_a_uri_with_pyarrows_query_options_reaches_the_same_store(s3, synth_root
     storage = (f"s3://{bucket}/q?endpoint_override=127.0.0.1:{server.port}&scheme=http"
                "&region=us-east-1")
     monkeypatch.chdir(tmp_path)
-    assert main(_pretrain(synth_root, tmp_path / "cache", storage)) == 0
+    assert main(_pretrain(synth_root, tmp_path, storage)) == 0
     keys = server.keys(bucket, "q/")
     assert "q/w0/checkpoints/epoch-0001/checkpoint.pt" in keys, keys
     assert not (tmp_path / "s3:").exists()
@@ -126,9 +123,9 @@ def test_a_missing_bucket_is_one_line_before_anything_starts(s3, synth_root, tmp
     server, bucket = s3
     monkeypatch.chdir(tmp_path)
     before = set(os.listdir(tmp_path))
-    for workers in ("0", "1"):
-        code = main(_pretrain(synth_root, tmp_path / "cache", "s3://no-such-bucket/runs",
-                              "--workers", workers))
+    for workers in (0, 1):
+        code = main(_pretrain(synth_root, tmp_path, "s3://no-such-bucket/runs",
+                              workers=workers))
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2
         assert len(err) == 1 and "--storage s3://no-such-bucket/runs: cannot write there" \

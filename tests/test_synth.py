@@ -13,8 +13,9 @@ from PIL import Image
 from torch import nn
 
 from fgray.data import synth
+from fgray.data.birds import FACTORS, MAX_CLASSES, PART_NAMES, Rendered, class_combinations
 from fgray.data.formats import load_dataset
-from fgray.data.synth import FACTORS, PART_NAMES, class_combinations, write_synthetic
+from fgray.data.synth import write_synthetic
 from fgray.errors import UserError
 
 TEXT_FILES = ("images.txt", "image_class_labels.txt", "train_test_split.txt", "classes.txt",
@@ -224,7 +225,7 @@ def test_colour_statistics_do_not_separate_classes(small_arrays: tuple[np.ndarra
 
 
 def test_class_combinations_unique_and_spread() -> None:
-    for classes in (2, 8, 50, synth.MAX_CLASSES):
+    for classes in (2, 8, 50, MAX_CLASSES):
         combos = np.array(class_combinations(classes, seed=1))
         assert len({tuple(c) for c in combos}) == classes
         hamming = (combos[:, None] != combos[None]).sum(-1)
@@ -288,7 +289,7 @@ def test_failure_leaves_no_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     real = synth.render_image
     calls = itertools.count()
 
-    def failing(*args: object, **kwargs: object) -> synth.Rendered:
+    def failing(*args: object, **kwargs: object) -> Rendered:
         if next(calls) == 5:
             raise RuntimeError("disk on fire")
         return real(*args, **kwargs)
@@ -303,6 +304,6 @@ def test_failure_leaves_no_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 def test_progress_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     write_synthetic(tmp_path / "out", classes=2, per_class=5, size=32, workers=1)
     err = capsys.readouterr().err
-    assert "synth: 10/10 images (100%)" in err
+    assert "synth: 10/10 images (100.0%)" in err
     write_synthetic(tmp_path / "quiet", classes=2, per_class=5, size=32, progress=False)
     assert capsys.readouterr().err == ""

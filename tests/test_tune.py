@@ -316,7 +316,7 @@ def test_presets_name_their_weights():
         # Every method, LoDisc included (on its CNN location map), on the same lite0 weights.
         assert {preset.backbone_for(m) for m in preset.methods} == {"tf_efficientnet_lite0.in1k"}
     assert (smoke.image_size, smoke.epochs, smoke.trials, smoke.batch_size) == (96, 2, 2, 32)
-    # The calibrated embedded set (README): init kNN 35.7 % at 96 px, chance 10 %.
+    # The calibrated embedded set (docs/configuration.md): init kNN 35.7 % at 96 px, chance 10 %.
     assert smoke.synthetic == {"classes": 10, "per_class": 60, "size": 96}
     assert smoke.settings_for("moco")["train.knn_k"] == 20
     assert smoke.settings_for("lodisc")["method.embed"] == "encoder"

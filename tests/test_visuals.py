@@ -10,6 +10,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_SDF, pretrain_argv
 from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator as ea
 
@@ -45,13 +46,8 @@ def _val_count(root) -> int:
 def lcr_run(synth_root, tmp_path_factory):
     """A 2-epoch in-process LCR run through the CLI: (storage, run name)."""
     tmp = tmp_path_factory.mktemp("lcr-visuals")
-    args = ["pretrain", "--method", "lcr", "--dataset", "cub", "--data-root", str(synth_root),
-            "--backbone", "test_resnet", "--image-size", str(SIZE), "--epochs", "2",
-            "--batch-size", "16", "--workers", "0", "--storage", str(tmp / "runs"),
-            "--name", "lcr-vis", "--cache-dir", str(tmp / "cache")]
-    for kv in LCR_SETS:
-        args += ["--set", kv]
-    assert main(args) == 0
+    assert main(pretrain_argv("lcr", synth_root, tmp, *LCR_SETS, name="lcr-vis",
+                              image_size=SIZE, epochs=2)) == 0
     return tmp / "runs", "lcr-vis", tmp / "cache"
 
 
@@ -71,12 +67,8 @@ def test_lcr_rationale_maps_every_epoch(lcr_run, synth_root):
 
 
 def test_sdf_decoded_pairs(synth_root, tmp_path):
-    rc = main(["pretrain", "--method", "sdf", "--dataset", "cub", "--data-root", str(synth_root),
-               "--backbone", "test_resnet", "--image-size", "32", "--epochs", "1",
-               "--batch-size", "32", "--workers", "0", "--storage", str(tmp_path / "runs"),
-               "--cache-dir", str(tmp_path / "cache"), "--name", "sdf-vis",
-               "--set", "queue_size=64", "--set", "mlp_hidden=64", "--set", "decoder_size=16",
-               "--set", "method.warmup_epochs=0", "--set", "knn_k=10"])
+    rc = main(pretrain_argv("sdf", synth_root, tmp_path, *TINY_SDF, name="sdf-vis",
+                            batch_size=32))
     assert rc == 0
     acc = _accumulator(tmp_path / "runs" / "tensorboard" / "sdf" / "sdf-vis")
     assert acc.Tags()["images"] == ["pairs/decoded"]  # SDF has no spatial map of its own

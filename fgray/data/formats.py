@@ -14,20 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
+from fgray.data.sample import Sample
 from fgray.data.splits import carve_val
 from fgray.errors import UserError
 
 FORMATS = ("cub", "cars", "aircraft", "folder")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
-
-
-@dataclass(frozen=True)
-class Sample:
-    image_id: int
-    path: Path
-    label: int
-    split: str  # "train" | "val" | "test"
-    box: tuple[float, float, float, float] | None = None  # x, y, width, height in pixels
 
 
 @dataclass

@@ -13,8 +13,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 from fgray.data.augment import AugmentConfig
-from fgray.data.formats import Sample
 from fgray.data.images import load_rgb
+from fgray.data.sample import Sample
 
 
 def pil_view_transform(cfg: AugmentConfig, which: int) -> T.Compose:

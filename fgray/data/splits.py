@@ -6,14 +6,11 @@ Model selection uses this split; the test split is evaluated once per final mode
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fgray.config import check_range
-
-if TYPE_CHECKING:
-    from fgray.data.formats import Sample
+from fgray.data.sample import Sample
 
 
 def val_count(n: int, fraction: float) -> int:

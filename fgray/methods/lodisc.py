@@ -172,13 +172,11 @@ def mask_images(images: Tensor, mask: Tensor) -> Tensor:
 
 @register("lodisc")
 class LoDisc(MoCoV3):
+    # Backbone, augmentation preset and sync BN are MoCoV3's.
     Config = LoDiscConfig
-    default_backbone = "vit_base_patch16_224"
-    augment_preset = "byol"
     # LoDisc's README command: AdamW, lr 1e-3 (x bs/256), wd 0.5, no warm-up.
     optim_defaults = {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.5,
                       "warmup_epochs": 0.0}
-    sync_bn = True
     structural = ("sampling",)  # topk or stochastic: whether sample_temperature is searched
 
     @staticmethod

@@ -74,7 +74,7 @@ class PPSSLConfig(MoCoV2Config):
     smooth: int = 2  # saliency box filter half-width, pixels
     # Which pixels IADM's input Grad-CAM keeps: "lowers_loss" = ReLU(-sum_rgb x * dL/dx), the
     # evidence for the positive pair; "raises_loss" = ReLU(sum_rgb x * dL/dx), the form used
-    # before. benchmarks/iadm_sign.py measured both (README, PP-SSL).
+    # before. benchmarks/iadm_sign.py measured both (docs/methods.md, PP-SSL).
     saliency_sign: Literal["lowers_loss", "raises_loss"] = "lowers_loss"
     corpus_path: str | None = None
     corpus_size: int = 0  # 0: every text of the corpus

@@ -41,7 +41,7 @@ from fgray.errors import UserError
 
 # A trial's fixed cost (its wall time less its epochs: process or worker-group start, building
 # the model, the first checkpoint), measured by benchmarks/run.py's study benchmark on the
-# 2-core CPU machine (README, "Performance"); a benchmark JSON's own `study` figures win.
+# 2-core CPU machine (docs/performance.md); a benchmark JSON's own `study` figures win.
 FIXED_S = {"in_trial": 0.9, "ray_train": 39.0}
 # A test evaluation job's fixed cost besides its forward passes (loading the checkpoint and
 # the caches, fitting the linear probe): an assumption, not a measurement.
@@ -61,7 +61,7 @@ ASSUMPTIONS = (
     f"{EVAL_FIXED_S:g} s fixed (assumed)",
     "several workers per trial: ideal scaling (communication not modelled)",
     "wall time: the work spread evenly over the concurrent slots (a measured study ran "
-    "1.04-1.26x that, README 'Performance')",
+    "1.04-1.26x that, docs/performance.md)",
 )
 
 
@@ -403,7 +403,7 @@ def estimate(study, counts: PlanCounts, sizes: Sizes, speed: Throughput, *, gpu:
     fixed_s = fixed.get(path, FIXED_S[path])
     fixed_source = ("measured by the benchmark JSON's study benchmark" if path in fixed
                     else f"assumed: the {'--workers 0' if path == 'in_trial' else 'Ray Train'}"
-                         f" trial's fixed cost measured on CPU (README 'Performance')")
+                         f" trial's fixed cost measured on CPU (docs/performance.md)")
     steps = sizes.train // study.batch_size  # the loader drops the last partial batch
     worst = expected = evaluation = 0.0
     for m in counts.methods:

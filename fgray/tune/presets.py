@@ -96,9 +96,10 @@ PRESETS: dict[str, Preset] = {
         cnn_backbone=LITE0, vit_backbone=LITE0, image_size=96, epochs=2, trials=2,
         batch_size=32, methods=ALL_METHODS, grace_period=1, reduction_factor=2,
         init="imagenet", workers=0, seeds=3, val_fraction=0.25,
-        # The calibrated embedded set (README, "The embedded fine-grained dataset"): the
-        # untrained lite0 features reach 35.7 % test kNN top-1 at 96 px, chance 10 %. A quarter
-        # of train for validation: 75 images, so one image moves val kNN by 1.3 points.
+        # The calibrated embedded set (docs/configuration.md, "The embedded fine-grained
+        # dataset"): the untrained lite0 features reach 35.7 % test kNN top-1 at 96 px, chance
+        # 10 %. A quarter of train for validation: 75 images, so one image moves val kNN by
+        # 1.3 points.
         synthetic={"classes": 10, "per_class": 60, "size": 96},
         # A queue and projector sized for lite0's 1280-d feature and 225 train images; SDF's
         # synthesized pairs start after one epoch instead of five.
@@ -111,7 +112,7 @@ PRESETS: dict[str, Preset] = {
         batch_size=64, methods=ALL_METHODS, grace_period=2, reduction_factor=2,
         init="imagenet", workers=0, seeds=3, val_fraction=0.2,
         # Twice the classes of smoke at the same per-class budget: chance 5 %, the untrained
-        # lite0 features ~20 % (README's calibration table).
+        # lite0 features ~20 % (docs/configuration.md's calibration table).
         synthetic={"classes": 20, "per_class": 80, "size": 128},
         method_settings={"queue_size": 4096, "mlp_hidden": 1024, "warmup_epochs": 2},
         train_settings={"knn_k": 50},
