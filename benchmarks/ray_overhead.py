@@ -9,6 +9,24 @@ table, first epoch left out; start-up cost is the Ray run's wall time minus the 
 run's, with the time to start the local Ray cluster itself given apart. The worker is given
 every core (`--cpus-per-worker`), as the in-process run has them: Ray limits a worker's
 torch threads to its CPUs.
+
+Where the Ray run's time goes (`phases`), from the clocks the tables already hold -- the
+trial row's `start_time`/`end_time` (the driver's recorder, once Ray is up and before the run
+starts / after it ends), each epoch row's `session_start_time` (the worker entering the loop),
+`epoch_end_time` and `epoch_wall_s` -- and this harness's own clock around the process:
+
+    launch     process start to the recorder: imports, the local Ray's start, the spec
+    start      to the worker's loop: Train's controller, placement group, worker process,
+               its imports (`worker_imports_s`, timed apart in a fresh process) and the
+               torch process group
+    build      the loop's set-up: the data stream, the model, the optimiser
+    epochs     Σ epoch_wall_s: training, val kNN, visuals, the checkpoint write
+    reports    between epochs: each report, the checkpoint persisted, the epoch rows
+    finish     the last report to the trial row: Train's controller and worker group ending
+    exit       the trial row to the process's exit
+
+The in-process run's rows carry no worker clocks: its `launch` and `exit` are measured the
+same way, and the rest is one `run` (the trial row's end minus its start).
 """
 
 from __future__ import annotations
@@ -58,6 +76,44 @@ def epoch_times(storage: Path, trial_id: str) -> list[float]:
     return [float(r["epoch_time_s"]) for r in rows]
 
 
+PHASES = ("launch", "start", "build", "epochs", "reports", "finish", "exit")  # a Ray run's
+
+
+def phases(storage: Path, trial_id: str, launched: float, exited: float) -> dict[str, float]:
+    """Seconds of each phase of one run (module docstring), from its rows and the harness's
+    wall clock around its process (`launched`, `exited`: `time.time()`); they add up to the
+    process's wall time."""
+    from fgray.results.tables import latest_trials, load
+
+    (trial,) = [r for r in latest_trials(load(str(storage), "trials").to_pylist())
+                if r["trial_id"] == trial_id]
+    rows = sorted((r for r in load(str(storage), "epochs").to_pylist()
+                   if r["trial_id"] == trial_id), key=lambda r: r["epoch"])
+    ends = {"launch": trial["start_time"] - launched, "exit": exited - trial["end_time"]}
+    if rows[0].get("session_start_time") is None:  # in-process: no worker clocks
+        return {**ends, "run": trial["end_time"] - trial["start_time"]}
+    starts = [r["epoch_end_time"] - r["epoch_wall_s"] for r in rows]
+    loop = rows[0]["session_start_time"]
+    return {
+        "launch": ends["launch"],
+        "start": loop - trial["start_time"],
+        "build": starts[0] - loop,
+        "epochs": sum(r["epoch_wall_s"] for r in rows),
+        "reports": sum(b - a["epoch_end_time"] for a, b in zip(rows, starts[1:])),
+        "finish": trial["end_time"] - rows[-1]["epoch_end_time"],
+        "exit": ends["exit"],
+    }
+
+
+def import_seconds(module: str, env: dict[str, str]) -> float:
+    """Seconds a fresh process takes to import `module` (what each Ray Train worker pays)."""
+    code = (f"import time; t = time.perf_counter(); import {module}; "
+            "print(time.perf_counter() - t)")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout
+    return float(out.strip().splitlines()[-1])
+
+
 def warm_cache(case: Case, data_root: Path, cache_dir: Path, val_fraction: float = 0.1) -> None:
     """Decode the caches first, so what is measured never pays for it."""
     from fgray.engine.run import load_splits
@@ -82,14 +138,17 @@ def run(preset: Preset, workdir: Path, data_root: Path, device: torch.device) ->
     temp = tempfile.mkdtemp(prefix="r", dir="/tmp")
     env = {**os.environ, NUM_CPUS_ENV: str(cores), TEMP_DIR_ENV: temp}
 
+    clocks: dict[str, tuple[float, float]] = {}
+
     def fgray_pretrain(name: str, extra: list[str]) -> float:
         """`fgray pretrain ...` in a fresh process, as a user runs it; its wall time."""
-        start = time.perf_counter()
+        launched, start = time.time(), time.perf_counter()
         proc = subprocess.run([sys.executable, "-m", "fgray.cli", *flags, "--name", name,
                                *extra], env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"fgray pretrain ({name}) exited {proc.returncode}:\n"
                                f"{proc.stderr[-3000:]}")
+        clocks[name] = (launched, time.time())
         return time.perf_counter() - start
 
     local_flags = ["--workers", "0", "--device", str(device)]
@@ -107,6 +166,18 @@ def run(preset: Preset, workdir: Path, data_root: Path, device: torch.device) ->
         ray_init_s = time.perf_counter() - start
     shutil.rmtree(temp, ignore_errors=True)
 
+    worker_imports = import_seconds("fgray.train.trainer", env)
+    by_run = {name: phases(storage, name, *clocks[name]) for name in clocks}
+    ray_phases = by_run["ray-1-worker"]
+    # In-process: the mean of the runs before and after the Ray run.
+    local_phases = {k: (by_run["in-process-a"][k] + by_run["in-process-b"][k]) / 2
+                    for k in by_run["in-process-a"]}
+    print("[ray] where the Ray run's time goes: "
+          + ", ".join(f"{k} {ray_phases[k]:.1f} s" for k in PHASES)
+          + f" (in-process: launch {local_phases['launch']:.1f} s, run"
+          f" {local_phases['run']:.1f} s, exit {local_phases['exit']:.1f} s); a fresh"
+          f" process imports fgray.train.trainer in {worker_imports:.1f} s", flush=True)
+
     local = epoch_times(storage, "in-process-a")[1:] + epoch_times(storage, "in-process-b")[1:]
     remote = epoch_times(storage, "ray-1-worker")[1:]
     local_wall = (wall_a + wall_b) / 2
@@ -123,6 +194,8 @@ def run(preset: Preset, workdir: Path, data_root: Path, device: torch.device) ->
         "in_process": {"wall_s": [wall_a, wall_b], "epoch_s_after_first": local},
         "ray": {"wall_s": ray_wall, "epoch_s_after_first": remote},
         "ray_init_s": ray_init_s,
+        "phases": {"in_process": local_phases, "ray": ray_phases, "runs": by_run},
+        "worker_imports_s": worker_imports,
         "steady_state_ratio": ratio, "steady_state_ratio_best": ratio_best,
         "startup_s": startup,
         "target_steady_state_ratio": TARGET_STEADY_RATIO,

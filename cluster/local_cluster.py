@@ -32,7 +32,9 @@ Private by construction:
 
 What each node carries (the environment of its `ray start`, which all its processes inherit,
 the drivers and workers of jobs included): RAY_AUTH_MODE=token,
-RAY_AUTH_TOKEN_PATH=DIR/auth_token, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, the two metrics ports
+RAY_AUTH_TOKEN_PATH=DIR/auth_token, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0,
+RAY_worker_niceness=0 (unless the caller set it: Ray's default, 15, would let every daemon
+preempt the training), the two metrics ports
 above, and with `--s3` the bucket's AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY
 (testing/testing), AWS_DEFAULT_REGION/AWS_REGION (us-east-1) and
 AWS_EC2_METADATA_DISABLED=true, so a job reaches `s3://fgray/...` from every node; otherwise
@@ -80,6 +82,7 @@ DEFAULT_DIR = "/tmp/fgray-cluster"
 STATE = "cluster.json"
 LOOPBACK = "127.0.0.1"
 LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+NICENESS = "RAY_worker_niceness"  # read by each raylet at start
 BUCKET = "fgray"
 REGION = "us-east-1"
 # Ray's unix sockets live at DIR/rayN/session_<date>_<time>_<pid>/sockets/<name>: up to 75
@@ -408,7 +411,9 @@ class Cluster:
         os.chmod(self.token_path, 0o600)
 
         node_env = {LOOPBACK_SWITCH: "0", "RAY_AUTH_MODE": "token",
-                    "RAY_AUTH_TOKEN_PATH": str(self.token_path)}
+                    "RAY_AUTH_TOKEN_PATH": str(self.token_path),
+                    # workers (the training) at niceness 0, not Ray's default 15
+                    NICENESS: os.environ.get(NICENESS, "0")}
         if moto:
             s3_port = ports.one()
             endpoint = f"http://{LOOPBACK}:{s3_port}"

@@ -297,6 +297,17 @@ def write_bytes(location: str | os.PathLike, data: bytes) -> None:
     put(fs, path, data)
 
 
+# What one read of an object asks for. pyarrow's S3 and GCS streams send one ranged GET per
+# read call, and shutil's default 64 KiB reads made a 48 MB checkpoint 768 requests (32 s
+# against a local S3 server, 0.25 s in 16 MiB reads; on a real bucket each costs a round trip).
+READ_CHUNK = 16 * 2**20
+
+
+def copy_stream(src, out) -> None:
+    """Copy an open pyarrow input stream (or any file object) into `out` in READ_CHUNK reads."""
+    shutil.copyfileobj(src, out, READ_CHUNK)
+
+
 def read_bytes(location: str | os.PathLike) -> bytes | None:
     """The contents of the file at `location`, or None when there is no such file."""
     import pyarrow.fs as pafs
@@ -365,7 +376,7 @@ def download_tree(location: str | os.PathLike, local: str | os.PathLike) -> int:
         target = local / info.path[len(root):].lstrip("/")
         target.parent.mkdir(parents=True, exist_ok=True)
         with fs.open_input_stream(info.path) as src, open(target, "wb") as out:
-            shutil.copyfileobj(src, out)
+            copy_stream(src, out)
         count += 1
     return count
 
@@ -386,7 +397,7 @@ def local_copy(location: str | os.PathLike) -> Iterator[Path]:
         if kind == pafs.FileType.File:
             target = scratch / path.rsplit("/", 1)[-1]
             with fs.open_input_stream(path) as src, open(target, "wb") as out:
-                shutil.copyfileobj(src, out)
+                copy_stream(src, out)
             yield target
         else:
             download_tree(location, scratch)

@@ -49,7 +49,8 @@ class S3Server:
         env = dict(os.environ)
         if auth:
             env["INITIAL_NO_AUTH_ACTION_COUNT"] = str(setup_actions)
-        self._log = open(log_dir / f"moto-{self.port}.log", "wb")
+        self.log_path = log_dir / f"moto-{self.port}.log"
+        self._log = open(self.log_path, "wb")
         self._proc = subprocess.Popen([_moto_server(), "-H", "127.0.0.1", "-p", str(self.port)],
                                       stdout=self._log, stderr=subprocess.STDOUT, env=env,
                                       start_new_session=True)
@@ -89,6 +90,12 @@ class S3Server:
             Bucket=bucket, Prefix=prefix)
         return sorted(o["Key"] for page in pages for o in page.get("Contents", [])
                       if markers or not o["Key"].endswith("/"))
+
+    def gets(self, bucket: str, key: str) -> int:
+        """How many GET requests for `bucket/key` the server has answered (from its log)."""
+        self._log.flush()
+        needle = f"GET /{bucket}/{key} HTTP".encode()
+        return self.log_path.read_bytes().count(needle)
 
     def user(self, name: str, actions: list[str], bucket: str) -> dict[str, str]:
         """An IAM user allowed `actions` on `bucket` only; its keys as AWS_* variables."""

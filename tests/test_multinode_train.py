@@ -16,7 +16,8 @@ from fgray.engine.run import load_splits
 from fgray.engine.spec import DataSpec, build_spec
 from fgray.results import load
 from fgray.storage import join, read_json
-from fgray.train.trainer import RANKS_DIR, ray_pretrain
+from fgray.train.recording import RANKS_DIR
+from fgray.train.trainer import ray_pretrain
 
 EPOCHS = 3
 HOLD_AT = 2  # the worker node is removed while its rank is in epoch 2: epoch 1 is in the bucket

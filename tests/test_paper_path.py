@@ -22,7 +22,8 @@ from fgray.engine.optim import OptimConfig
 from fgray.engine.spec import DataSpec, build_spec
 from fgray.methods import method_class
 from fgray.results.tables import latest_trials, load
-from fgray.train.trainer import best_checkpoint_dir, ray_pretrain
+from fgray.train.checkpoints import best_checkpoint_dir
+from fgray.train.trainer import ray_pretrain
 from fgray.tune.presets import PRESETS
 
 PAPER = PRESETS["paper"]

@@ -1,6 +1,8 @@
 """A local Ray is private: every process that `ray_session()` starts (GCS, raylet, workers,
 agents, the driver's own core worker, the dashboard) listens on the loopback address only;
-with FGRAY_RAY_DASHBOARD=0 there is no dashboard at all.
+with FGRAY_RAY_DASHBOARD=0 there is no dashboard at all. Its workers run at niceness 0
+(Ray's default, 15, let every daemon preempt the training), or at the user's
+RAY_worker_niceness.
 
 The session runs in a child process, so that its Ray processes are exactly the child's
 descendants (other Rays may run on this machine) and `ray` is imported before the session
@@ -28,16 +30,17 @@ import ray  # imported before the session: Ray reads some settings once, at impo
 
 from fgray.train.cluster import ray_session
 
-KEYS = ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+KEYS = ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER",
+        "RAY_worker_niceness")
 before = {k: os.environ.get(k) for k in KEYS}
 with ray_session(num_cpus=1, temp_dir=sys.argv[1], log_to_driver=False):
     address = os.environ["RAY_ADDRESS"]
 
     @ray.remote
     def worker_pid():
-        return os.getpid()
+        return os.getpid(), os.nice(0)
 
-    worker = ray.get(worker_pid.remote())
+    worker, niceness = ray.get(worker_pid.remote())
     # Where Ray tells clients (the state and job APIs) its dashboard's HTTP server is.
     from ray._private import ray_constants
     from ray.experimental.internal_kv import _internal_kv_get
@@ -56,8 +59,8 @@ with ray_session(num_cpus=1, temp_dir=sys.argv[1], log_to_driver=False):
         listening += [[proc.pid, s.laddr.ip, s.laddr.port]
                       for s in sockets if s.status == psutil.CONN_LISTEN]
 after = {k: os.environ.get(k) for k in KEYS}
-print(json.dumps({"address": address, "worker": worker, "api_server": api_server.decode(),
-                  "processes": processes,
+print(json.dumps({"address": address, "worker": worker, "niceness": niceness,
+                  "api_server": api_server.decode(), "processes": processes,
                   "listening": listening, "before": before, "after": after}))
 """
 
@@ -69,12 +72,15 @@ def _loopback(ip: str) -> bool:
     return addr.is_loopback
 
 
-def _run_session(dashboard: bool) -> dict:
+def _run_session(dashboard: bool, niceness: str | None = None) -> dict:
     temp_dir = tempfile.mkdtemp(prefix="r", dir="/tmp")  # Ray's socket paths stay short
     env = {k: v for k, v in os.environ.items()
-           if k not in ("RAY_ADDRESS", "FGRAY_RAY_DASHBOARD", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+           if k not in ("RAY_ADDRESS", "FGRAY_RAY_DASHBOARD", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER",
+                        "RAY_worker_niceness")}
     if not dashboard:
         env["FGRAY_RAY_DASHBOARD"] = "0"
+    if niceness is not None:
+        env["RAY_worker_niceness"] = niceness
     child = subprocess.Popen([sys.executable, "-c", SESSION, temp_dir], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              start_new_session=True)
@@ -125,6 +131,7 @@ def _dashboard_port(session: dict) -> int:
 def test_a_local_ray_without_dashboard_listens_on_loopback_only():
     session = _run_session(dashboard=False)
     _check_private(session)
+    assert session["niceness"] == 0  # not Ray's default 15
     # Ray still starts its API server process (with its metrics port) and publishes a
     # dashboard address, but nothing serves HTTP there: not ours, and not another Ray's.
     port = _dashboard_port(session)
@@ -135,7 +142,8 @@ def test_a_local_ray_without_dashboard_listens_on_loopback_only():
 
 @pytest.mark.slow
 def test_a_local_ray_and_its_dashboard_listen_on_loopback_only():
-    session = _run_session(dashboard=True)
+    session = _run_session(dashboard=True, niceness="7")
+    assert session["niceness"] == 7  # the user's choice is kept
     kinds = _check_private(session)
     port = _dashboard_port(session)
     assert port in {p for _, _, p in kinds.get("dashboard.py", [])}, kinds

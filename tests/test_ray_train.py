@@ -14,14 +14,10 @@ from fgray.engine.spec import DataSpec, build_spec
 from fgray.errors import UserError
 from fgray.results.tables import latest_trials, load
 from fgray.storage import absolute
-from fgray.train.trainer import (
-    RANKS_DIR,
-    WorkerResources,
-    best_checkpoint_dir,
-    check_epoch_hooks,
-    load_epoch_hook,
-    resolve_resources,
-)
+from fgray.train.checkpoints import best_checkpoint_dir
+from fgray.train.hooks import check_epoch_hooks, load_epoch_hook
+from fgray.train.recording import RANKS_DIR
+from fgray.train.resources import WorkerResources, resolve_resources
 
 EPOCHS = 3
 FAIL_AT = 2

@@ -259,7 +259,9 @@ def test_ray_train_worker_restart_reproduces_the_uninterrupted_run(synth_root, t
                                                                    local_ray, exit_once):
     """2 Ray Train workers: rank 1 dies after training epoch 2 (before reporting it), the group
     restarts from epoch 1's checkpoint; epochs 2 and 3 match an uninterrupted run exactly."""
-    from fgray.train.trainer import RANKS_DIR, WorkerResources, build_trainer, run_trainer
+    from fgray.train.recording import RANKS_DIR
+    from fgray.train.resources import WorkerResources
+    from fgray.train.trainer import build_trainer, run_trainer
 
     spec = _spec(synth_root, tmp_path, epochs=3)
     load_splits(spec.data, spec.train.decoded_size, progress=False)

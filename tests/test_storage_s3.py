@@ -118,6 +118,22 @@ def test_mirror_uploads_changes_and_deletes_what_the_folder_lost(s3, tmp_path):
     assert not folder.exists()
 
 
+def test_a_large_object_comes_down_in_a_few_requests(s3, tmp_path):
+    """pyarrow's S3 stream sends one ranged GET per read: read in 64 KiB pieces, a 20 MiB
+    checkpoint was 320 requests (a round trip each on a real bucket)."""
+    server, bucket = s3
+    data = os.urandom(20 * 2**20)
+    fs, path = resolve(f"s3://{bucket}/run/checkpoint.pt")
+    with fs.open_output_stream(path) as out:
+        out.write(data)
+    with local_copy(f"s3://{bucket}/run/checkpoint.pt") as copy:
+        assert copy.read_bytes() == data
+    assert server.gets(bucket, "run/checkpoint.pt") <= 2
+    assert Mirror(tmp_path / "pulled", f"s3://{bucket}/run").pull() == 1
+    assert (tmp_path / "pulled" / "checkpoint.pt").read_bytes() == data
+    assert server.gets(bucket, "run/checkpoint.pt") <= 4
+
+
 def test_a_missing_bucket_is_one_line_before_anything_starts(s3, synth_root, tmp_path,
                                                              monkeypatch, capsys):
     server, bucket = s3

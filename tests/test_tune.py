@@ -16,7 +16,7 @@ from fgray.engine.spec import TrainConfig
 from fgray.errors import UserError
 from fgray.methods import method_class, method_names
 from fgray.train.cluster import ClusterResources
-from fgray.train.trainer import WorkerResources
+from fgray.train.resources import WorkerResources
 from fgray.tune.cli import _fixed, _methods, build_parser, study_from_args
 from fgray.tune.presets import PRESETS
 from fgray.tune.spaces import SHARED_KNOBS, Space, space_for

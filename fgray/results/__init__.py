@@ -2,11 +2,20 @@
 and per-trial records a run writes into them (`fgray.results.records`).
 
 `load`, `append` and `write_trials` need only pyarrow; TensorBoard writers (torch) live in
-`fgray.results.tensorboard` and are imported on use.
+`fgray.results.tensorboard`. The names below are imported on first use (PEP 562): a training
+worker imports `fgray.results.records` and should not pay for the report's scipy and
+matplotlib (about 2.5 s per Ray Train worker start).
 """
 
-from fgray.results.report import leaderboard, plots, render, results_command
-from fgray.results.tables import append, load, write_trials
+from importlib import import_module
 
-__all__ = ["append", "leaderboard", "load", "plots", "render", "results_command",
-           "write_trials"]
+_HOME = {"leaderboard": "report", "plots": "report", "render": "report",
+         "results_command": "report", "append": "tables", "load": "tables",
+         "write_trials": "tables"}
+__all__ = sorted(_HOME)
+
+
+def __getattr__(name: str):
+    if name not in _HOME:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f"fgray.results.{_HOME[name]}"), name)

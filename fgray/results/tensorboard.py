@@ -54,7 +54,7 @@ from torchvision.utils import make_grid
 from fgray.errors import UserError
 from fgray.results.schema import TEST_METRICS
 from fgray.results.tables import latest_trials
-from fgray.storage import as_location, is_local, put, resolve
+from fgray.storage import as_location, copy_stream, is_local, put, resolve
 
 # Sorts before every SummaryWriter file of the run (their names carry the Unix time).
 HPARAMS_FILE = "events.out.tfevents.0000000000.fgray.hparams"
@@ -535,7 +535,7 @@ def latest_images(study_dir: str, run: str, prefixes: tuple[str, ...] = ("maps/"
             if info.type == pafs.FileType.File and "tfevents" in info.base_name:
                 with fs.open_input_stream(info.path) as src, \
                         open(os.path.join(staging, info.base_name), "wb") as out:
-                    shutil.copyfileobj(src, out)
+                    copy_stream(src, out)
         path = staging
     try:
         # Image reservoirs of size 1 keep the latest image; nothing else is kept.

@@ -4,8 +4,9 @@ for the duration of a command.
 Under `ray job submit` the job's environment carries RAY_ADDRESS, so the same script joins
 the cluster it was submitted to; run directly, it starts local Ray and shuts it down at exit.
 A local Ray is private: every process of it listens on 127.0.0.1 only (its dashboard too,
-which also asks for Ray's token), so nothing on the network reaches it. The dashboard stays on
-by default because Ray Train needs the state API it serves (see `ray_session`);
+which also asks for Ray's token), so nothing on the network reaches it. Its workers run at
+niceness 0, not Ray's default 15 (a RAY_worker_niceness the user set is kept). The dashboard
+stays on by default because Ray Train needs the state API it serves (see `ray_session`);
 FGRAY_RAY_DASHBOARD=0 turns it off.
 """
 
@@ -28,6 +29,11 @@ NUM_CPUS_ENV = "FGRAY_RAY_NUM_CPUS"
 # "0": a local Ray starts no dashboard (by default it has one, on 127.0.0.1).
 DASHBOARD_ENV = "FGRAY_RAY_DASHBOARD"
 LOOPBACK = "127.0.0.1"
+# The niceness of a node's worker processes, read by its raylet at start. Ray's default is 15
+# (its daemons stay responsive under load); fgray's workers are the training itself, and at
+# 15 every Ray daemon, the driver and any other process on the node preempt them: a 1-worker
+# Ray Train epoch ran 18 % slower than the same loop in-process (benchmarks/ray_overhead.py).
+WORKER_NICENESS_ENV = "RAY_worker_niceness"
 # Ray takes a node's IP from this switch: "0" (meant for Windows and macOS) makes it the
 # loopback address instead of the address of the interface with the default route.
 _LOOPBACK_NODE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
@@ -71,8 +77,10 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None,
     temp = temp_dir or os.environ.get(TEMP_DIR_ENV) or None
     if dashboard is None:
         dashboard = os.environ.get(DASHBOARD_ENV, "").strip() != "0"
-    saved = {k: os.environ.get(k)
-             for k in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT", _LOOPBACK_NODE_ENV)}
+    saved = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT",
+                                            _LOOPBACK_NODE_ENV, WORKER_NICENESS_ENV)}
+    # Workers at the driver's priority, unless the user chose another niceness.
+    os.environ.setdefault(WORKER_NICENESS_ENV, "0")
     # Ray's own helpers inside workers (Train's placement-group cleaner uses the state API)
     # find "the" cluster from RAY_ADDRESS, or by scanning for local instances, which fails
     # when another Ray runs on the same machine. So the local head gets a known GCS port and

@@ -24,15 +24,10 @@ writes the epoch's spatial maps and image pairs to the trial's TensorBoard run i
 `FailureConfig(max_failures)` restarts the worker group from the latest checkpoint when a
 worker dies, and a run of the same (storage, name) resumes.
 
-Per-epoch hooks (`epoch_hooks` of `build_trainer`, `run_in_trial` and `ray_pretrain`): every
-rank calls each hook after training an epoch, once the epoch's checkpoint is written and before
-the epoch is reported, as `hook(epoch, rank, run_uri, metrics)` (`metrics`: a copy of what the
-rank is about to report). A hook is given as a callable (picklable: Ray ships it to the
-workers), as a string `package.module:name` that each worker imports, or as a mapping
-`{"hook": "package.module:name", "kwargs": {...}}` (JSON, as a stored study holds it), called
-with those keyword arguments too. Custom logging and alerts use them, and the tests inject
-faults with them (`tests/faults.py`). A hook that raises fails the worker as training would:
-the group restarts from the latest checkpoint; one that cannot be imported is a user error.
+Per-epoch hooks (`epoch_hooks` of `build_trainer`, `run_in_trial` and `ray_pretrain`; see
+`fgray.train.hooks`) run on every rank after each epoch's checkpoint is written and before it
+is reported; one that raises fails the worker as training would. The tests inject faults
+with them (`tests/faults.py`).
 
 Deterministic failures (a non-finite loss, a user error such as a batch larger than the
 split) are not retried: every rank hits them at the same point, so the workers stop cleanly
@@ -55,12 +50,10 @@ controller's `RecordEpochs` records it on the other path.
 
 from __future__ import annotations
 
-import importlib
 import json
 import shutil
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -73,13 +66,12 @@ from ray.train import (
     FailureConfig,
     LoggingConfig,
     RunConfig,
-    ScalingConfig,
     UserCallback,
 )
-from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.torch import TorchTrainer
 
 from fgray.engine.loop import CHECKPOINT_FILE
-from fgray.engine.selection import BEST_METRIC, SELECTION_METRIC, Best, best_of, ranked
+from fgray.engine.selection import BEST_METRIC, SELECTION_METRIC, Best, ranked
 from fgray.engine.spec import RunSpec
 from fgray.errors import UserError
 from fgray.results.records import (
@@ -88,7 +80,6 @@ from fgray.results.records import (
     RESTORED_KEY,
     SESSION_START,
     EpochRecorder,
-    format_epoch,
     trial_history,
     write_visuals,
 )
@@ -104,160 +95,16 @@ from fgray.storage import (
     upload_tree,
     write_json,
 )
+from fgray.train.checkpoints import METRICS_FILE, by_epoch, kept_checkpoints
 from fgray.train.cluster import ray_storage
+from fgray.train.hooks import EpochHook, EpochHookSpec, check_epoch_hooks, load_epoch_hook
+from fgray.train.recording import RecordEpochs, record_epoch
+from fgray.train.resources import WorkerResources, resolve_resources
 
 ERROR_FILE = "fgray_error.json"
-RANKS_DIR = "ranks"
 SPLITS_FILE = "splits.json"
-METRICS_FILE = "metrics.json"  # the epoch's report, next to its checkpoint
-DRIVER_MEMORY = 256 * 2**20  # what a Train-driving trial reserves: it needs no CPU
 # Deterministic: every rank raises them at the same step, so retrying cannot help.
 _NOT_RETRIED = {"FloatingPointError": FloatingPointError, "UserError": UserError}
-
-
-@dataclass(frozen=True)
-class WorkerResources:
-    """What one trial asks for: `workers` Ray Train ranks, each with these CPUs and GPUs, or
-    with `workers=0` the trial's own process with one worker's share (no worker group)."""
-
-    workers: int = 1
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.workers < 0:
-            raise UserError(f"--workers {self.workers}: expected 0 (the engine loop in the "
-                            "trial's own process) or more Ray Train workers")
-        if self.cpus_per_worker <= 0:
-            raise UserError(f"--cpus-per-worker {self.cpus_per_worker}: expected more than 0")
-        if self.gpus_per_worker < 0:
-            raise UserError(f"--gpus-per-worker {self.gpus_per_worker}: expected 0 or more")
-        if self.workers > 1 and 0 < self.gpus_per_worker < 1:
-            raise UserError(f"--gpus-per-worker {self.gpus_per_worker} with {self.workers} "
-                            "workers: NCCL needs a whole GPU per rank; share GPUs between "
-                            "single-worker trials instead")
-
-    @property
-    def in_trial(self) -> bool:
-        """`--workers 0`: the loop runs in the Tune trial itself, no Ray Train."""
-        return self.workers == 0
-
-    @property
-    def use_gpu(self) -> bool:
-        return self.gpus_per_worker > 0
-
-    @property
-    def cpus(self) -> float:
-        return max(self.workers, 1) * self.cpus_per_worker
-
-    @property
-    def gpus(self) -> float:
-        return max(self.workers, 1) * self.gpus_per_worker
-
-    def trial_resources(self) -> dict[str, float]:
-        """What the Tune trial itself reserves: one worker's share when it runs the loop
-        (`--workers 0`); otherwise nothing but a little memory, as it only drives its
-        Train run, whose workers hold the CPUs and GPUs."""
-        if self.in_trial:
-            out = {"cpu": self.cpus_per_worker}
-            if self.use_gpu:
-                out["gpu"] = self.gpus_per_worker
-            return out
-        return {"cpu": 0, "memory": DRIVER_MEMORY}
-
-    def device(self):
-        """The trial's device with `--workers 0`: Ray sets CUDA_VISIBLE_DEVICES to the
-        trial's GPU share, which is then `cuda:0`."""
-        use_cuda = self.use_gpu and torch.cuda.is_available()
-        return torch.device("cuda", 0) if use_cuda else torch.device("cpu")
-
-    def scaling_config(self) -> ScalingConfig:
-        per_worker = {"CPU": self.cpus_per_worker}
-        if self.use_gpu:
-            per_worker["GPU"] = self.gpus_per_worker
-        return ScalingConfig(num_workers=self.workers, use_gpu=self.use_gpu,
-                             resources_per_worker=per_worker)
-
-    def torch_config(self) -> TorchConfig:
-        return TorchConfig(backend="nccl" if self.use_gpu else "gloo")
-
-
-def resolve_resources(workers: int, *, cpus_per_worker: float | None = None,
-                      gpus_per_worker: float | None = None,
-                      cluster_gpus: float | None = None) -> WorkerResources:
-    """Fill unset per-worker resources: one CPU each, and one GPU each when the cluster has
-    GPUs (`cluster_gpus`, read from the connected cluster when not given)."""
-    if gpus_per_worker is None:
-        if cluster_gpus is None:
-            from fgray.train.cluster import ClusterResources
-
-            cluster_gpus = ClusterResources.current().gpus
-        gpus_per_worker = 1.0 if cluster_gpus >= 1 else 0.0
-    return WorkerResources(workers=workers, cpus_per_worker=cpus_per_worker or 1.0,
-                           gpus_per_worker=gpus_per_worker)
-
-
-
-# ---------------------------------------------------------------- epoch hooks
-
-# hook(epoch, rank, run_uri, metrics), called on every rank after each training epoch.
-EpochHook = Callable[[int, int, str, Mapping[str, Any]], None]
-# A hook as `build_trainer` takes it: the callable, "package.module:name", or
-# {"hook": "package.module:name", "kwargs": {...}} (module docstring).
-EpochHookSpec = EpochHook | str | Mapping[str, Any]
-
-
-def _hook_target(spec: EpochHookSpec) -> tuple[str, str, dict[str, Any]] | None:
-    """(module, attribute, keyword arguments) of a hook spec given by name; None for a
-    callable; a malformed spec is a UserError."""
-    if callable(spec):
-        return None
-    if isinstance(spec, str):
-        name, kwargs = spec, {}
-    elif isinstance(spec, Mapping) and isinstance(spec.get("hook"), str) \
-            and set(spec) <= {"hook", "kwargs"} and isinstance(spec.get("kwargs", {}), Mapping):
-        name, kwargs = spec["hook"], dict(spec.get("kwargs", {}))
-    else:
-        raise UserError(f"epoch hook {spec!r}: expected a callable, 'package.module:name' or "
-                        "{'hook': 'package.module:name', 'kwargs': {...}}")
-    module, _, attr = name.partition(":") if ":" in name else name.rpartition(".")
-    if not module or not attr:
-        raise UserError(f"epoch hook {name!r}: expected 'package.module:name'")
-    return module, attr, kwargs
-
-
-def check_epoch_hooks(specs: Sequence[EpochHookSpec]) -> tuple[EpochHookSpec, ...]:
-    """`specs` checked for their form (not imported: the workers import them)."""
-    specs = tuple(specs or ())
-    for spec in specs:
-        _hook_target(spec)
-    return specs
-
-
-def load_epoch_hook(spec: EpochHookSpec) -> EpochHook:
-    """The callable a hook spec names (imported here); a name that does not import or is
-    not callable is a UserError."""
-    target_of = _hook_target(spec)
-    if target_of is None:
-        return spec  # type: ignore[return-value]
-    module, attr, kwargs = target_of
-    name = f"{module}:{attr}"
-    try:
-        target: Any = importlib.import_module(module)
-        for part in attr.split("."):
-            target = getattr(target, part)
-    except (ImportError, AttributeError) as exc:
-        raise UserError(f"epoch hook {name!r}: cannot import it ({exc}); expected an "
-                        "importable 'package.module:name' on every worker") from None
-    if not callable(target):
-        raise UserError(f"epoch hook {name!r}: not callable")
-    if not kwargs:
-        return target
-
-    def hook(epoch: int, rank: int, run_uri: str, metrics: Mapping[str, Any]) -> None:
-        target(epoch, rank, run_uri, metrics, **kwargs)
-
-    return hook
 
 
 # ---------------------------------------------------------------- worker side
@@ -332,7 +179,7 @@ class TuneSession:
         ray.tune.report(metrics)
 
     def _prune(self, latest: str) -> None:
-        kept = _by_epoch(kept_checkpoints(self.run_uri))
+        kept = by_epoch(kept_checkpoints(self.run_uri))
         best = ranked(kept, row=lambda k: k[1])[:self.keep_best]  # the earlier of a tie
         keep = {name for name, _ in best} | {latest}
         fs, root = resolve(self.run_uri)
@@ -348,10 +195,6 @@ class TuneSession:
         raise exc
 
 
-def _by_epoch(kept: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict[str, Any]]]:
-    return sorted(kept, key=lambda k: int(k[1].get("epoch", 0)))
-
-
 def _persist(local: Path, uri: str) -> None:
     """Move a checkpoint folder written locally to `uri` (a path or URI), whole or not at
     all for a reader: on a local filesystem it is renamed into place; on an object store its
@@ -363,23 +206,6 @@ def _persist(local: Path, uri: str) -> None:
         return
     upload_tree(local, uri, last=METRICS_FILE)
     shutil.rmtree(local, ignore_errors=True)
-
-
-def kept_checkpoints(run_uri: str) -> list[tuple[str, dict[str, Any]]]:
-    """The complete checkpoints of a run folder: (folder name, the epoch's metrics) of each
-    sub-folder holding `checkpoint.pt` and `metrics.json`."""
-    import pyarrow.fs as pafs
-
-    fs, root = resolve(run_uri)
-    out = []
-    for info in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
-        if info.type != pafs.FileType.Directory or info.base_name.endswith(".tmp"):
-            continue
-        metrics = read_json(join(run_uri, info.base_name, METRICS_FILE))
-        if metrics is not None and fs.get_file_info(
-                f"{info.path}/{CHECKPOINT_FILE}").type == pafs.FileType.File:
-            out.append((info.base_name, metrics))
-    return out
 
 
 def worker_loop(config: dict[str, Any], session: TrainSession | TuneSession | None = None
@@ -517,46 +343,6 @@ def run_in_trial(spec: RunSpec, *, run_uri: str, resources: WorkerResources,
 # ---------------------------------------------------------------- controller side
 
 
-class RecordEpochs(UserCallback):
-    """Runs on the Train controller after every consolidated report (all ranks reported, the
-    checkpoint registered): records rank 0's metrics once per epoch, however often workers
-    restart, and keeps every rank's metrics under `ranks/`."""
-
-    def __init__(self, run_uri: str, recorder: EpochRecorder | None = None,
-                 echo: bool = False) -> None:
-        self.run_uri = run_uri
-        self.recorder = recorder
-        self.echo = echo
-
-    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
-        record_epoch(self.run_uri, metrics, self.recorder, self.echo)
-
-
-def record_epoch(run_uri: str | None, metrics: list[dict[str, Any]],
-                 recorder: EpochRecorder | None = None, echo: bool = False) -> None:
-    """Record one epoch, reported by every rank (`metrics[r]` is rank r's): every rank's
-    metrics under `run_uri/ranks/`, rank 0's in the tables and TensorBoard (`recorder`).
-
-    The first report after a resume carries the restored history (`RESTORED_KEY`, removed
-    from the reports here, so later callbacks and Tune never see it): its epochs missing from
-    the epochs table are recorded first, once. A report of an epoch that history holds (a run
-    resumed at its end reports its last epoch again) records nothing else."""
-    lead = metrics[0]
-    restored = lead.pop(RESTORED_KEY, None)
-    for report in metrics[1:]:
-        report.pop(RESTORED_KEY, None)
-    epoch = int(lead["epoch"])
-    replay = bool(restored) and epoch <= max(int(r["epoch"]) for r in restored)
-    if run_uri is not None and not replay:
-        write_json(join(run_uri, RANKS_DIR, f"epoch-{epoch:04d}.json"), metrics)
-    if recorder is not None and restored:
-        recorder.record_missing(restored)
-    if recorder is not None and not replay:
-        recorder(lead)
-    if echo:
-        print(format_epoch(lead), flush=True)
-
-
 def build_trainer(spec: RunSpec, *, name: str, storage: str, resources: WorkerResources,
                   recorder: EpochRecorder | None = None,
                   callbacks: Sequence[UserCallback] = (), max_failures: int = 2,
@@ -597,34 +383,6 @@ def run_trainer(trainer: TorchTrainer):
     if failure is not None:
         raise _NOT_RETRIED.get(failure.get("type"), RuntimeError)(failure.get("message", ""))
     return result
-
-
-def best_checkpoint_dir(run_uri: str) -> str | None:
-    """The kept checkpoint with the highest val kNN top-1 (the earliest on ties) of a
-    finished (or interrupted) run, as a path or URI; None when it kept no checkpoint.
-
-    The kept checkpoints are the run folder's sub-folders holding `checkpoint.pt` and the
-    epoch's `metrics.json` (`kept_checkpoints`), for a Train run and a `--workers 0` trial
-    alike. A Train run written before checkpoints carried their metrics is read through
-    Ray's own record of it."""
-    kept = _by_epoch(kept_checkpoints(run_uri))
-    if kept:
-        best, _ = best_of(kept, row=lambda k: k[1])
-        return join(run_uri, (best or kept[0])[0])
-    try:
-        fs, path = resolve(run_uri)
-        result = ray.train.Result.from_path(path, storage_filesystem=fs)
-    except RuntimeError:
-        return None
-    best, _ = best_of(result.best_checkpoints or [], row=lambda cm: cm[1])
-    if best is not None:
-        return _checkpoint_uri(run_uri, best[0])
-    return _checkpoint_uri(run_uri, result.checkpoint) if result.checkpoint else None
-
-
-def _checkpoint_uri(run_uri: str, checkpoint) -> str:
-    name = checkpoint.path.rstrip("/").rsplit("/", 1)[-1]
-    return join(run_uri, name)
 
 
 def ray_pretrain(spec: RunSpec, *, name: str, storage: str, workers: int,

@@ -344,7 +344,7 @@ def _absolute(storage: str) -> str:
 
 def epoch_hooks(values: list[str] | None) -> tuple[Any, ...]:
     """The `--epoch-hook` values: 'pkg.module:function' strings, or JSON objects."""
-    from fgray.train.trainer import check_epoch_hooks
+    from fgray.train.hooks import check_epoch_hooks
 
     hooks: list[Any] = []
     for value in values or []:
@@ -364,7 +364,7 @@ def check_plan_study(study) -> None:
     every method's settings and search space, and the settings against the data."""
     import optuna
 
-    from fgray.train.trainer import WorkerResources
+    from fgray.train.resources import WorkerResources
     from fgray.tune.study import TrialSetup, check_data
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)

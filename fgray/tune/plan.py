@@ -129,7 +129,7 @@ class PlanCounts:
 
 def plan_counts(study) -> PlanCounts:
     """What `run_study(study)` runs (the module docstring), per method."""
-    from fgray.train.trainer import WorkerResources
+    from fgray.train.resources import WorkerResources
     from fgray.tune.study import TrialSetup, init_targets
 
     setup = TrialSetup(study, WorkerResources())
@@ -325,7 +325,7 @@ def probe(study, method: str, device) -> Figure:
     from fgray.data.cache import CachedSplit
     from fgray.engine.loop import Pretrainer
     from fgray.methods import build_method
-    from fgray.train.trainer import WorkerResources
+    from fgray.train.resources import WorkerResources
     from fgray.tune.study import TrialSetup
 
     spec = TrialSetup(study, WorkerResources()).spec_for({"method": method})

@@ -86,16 +86,11 @@ from fgray.results.records import (
     weights_name,
 )
 from fgray.storage import join, local_copy, read_text, resolve, write_text
+from fgray.train.checkpoints import best_checkpoint_dir
 from fgray.train.cluster import ClusterResources, ray_storage
-from fgray.train.trainer import (
-    EpochHookSpec,
-    WorkerResources,
-    best_checkpoint_dir,
-    build_trainer,
-    resolve_resources,
-    run_in_trial,
-    run_trainer,
-)
+from fgray.train.hooks import EpochHookSpec
+from fgray.train.resources import WorkerResources, resolve_resources
+from fgray.train.trainer import build_trainer, run_in_trial, run_trainer
 from fgray.tune.actor_memory import release_memory
 from fgray.tune.journal import Journal
 from fgray.tune.spaces import Space, space_for
