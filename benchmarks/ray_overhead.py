@@ -89,18 +89,21 @@ def phases(storage: Path, trial_id: str, launched: float, exited: float) -> dict
                 if r["trial_id"] == trial_id]
     rows = sorted((r for r in load(str(storage), "epochs").to_pylist()
                    if r["trial_id"] == trial_id), key=lambda r: r["epoch"])
-    ends = {"launch": trial["start_time"] - launched, "exit": exited - trial["end_time"]}
+    # The trials table stores its clocks as timestamps (datetimes here), the epochs table as
+    # Unix seconds.
+    began, ended = (trial[k].timestamp() for k in ("start_time", "end_time"))
+    ends = {"launch": began - launched, "exit": exited - ended}
     if rows[0].get("session_start_time") is None:  # in-process: no worker clocks
-        return {**ends, "run": trial["end_time"] - trial["start_time"]}
+        return {**ends, "run": ended - began}
     starts = [r["epoch_end_time"] - r["epoch_wall_s"] for r in rows]
     loop = rows[0]["session_start_time"]
     return {
         "launch": ends["launch"],
-        "start": loop - trial["start_time"],
+        "start": loop - began,
         "build": starts[0] - loop,
         "epochs": sum(r["epoch_wall_s"] for r in rows),
         "reports": sum(b - a["epoch_end_time"] for a, b in zip(rows, starts[1:])),
-        "finish": trial["end_time"] - rows[-1]["epoch_end_time"],
+        "finish": ended - rows[-1]["epoch_end_time"],
         "exit": ends["exit"],
     }
 
