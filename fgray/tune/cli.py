@@ -365,12 +365,12 @@ def check_plan_study(study) -> None:
     import optuna
 
     from fgray.train.trainer import WorkerResources
-    from fgray.tune.study import TrialSetup, check_data
+    from fgray.tune.study import TrialSetup, check_data, recipe
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     for method in study.methods:
         study.space(method, validate=True)
-        TrialSetup(study, WorkerResources()).spec_for({"method": method})
+        TrialSetup(study, WorkerResources()).spec_for(recipe(method))
     check_data(study)
 
 

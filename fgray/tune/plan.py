@@ -130,7 +130,7 @@ class PlanCounts:
 def plan_counts(study) -> PlanCounts:
     """What `run_study(study)` runs (the module docstring), per method."""
     from fgray.train.trainer import WorkerResources
-    from fgray.tune.study import TrialSetup, init_targets
+    from fgray.tune.study import TrialSetup, init_targets, recipe
 
     setup = TrialSetup(study, WorkerResources())
     rows = []
@@ -141,7 +141,7 @@ def plan_counts(study) -> PlanCounts:
                                            study.reduction_factor) if search
                  else float(study.epochs))
     for method in study.methods:
-        spec = setup.spec_for({"method": method})
+        spec = setup.spec_for(recipe(method))
         trials = study.trials if search else study.seeds
         retrains = study.seeds - 1 if search else 0
         rows.append(MethodCounts(
@@ -326,9 +326,9 @@ def probe(study, method: str, device) -> Figure:
     from fgray.engine.loop import Pretrainer
     from fgray.methods import build_method
     from fgray.train.trainer import WorkerResources
-    from fgray.tune.study import TrialSetup
+    from fgray.tune.study import TrialSetup, recipe
 
-    spec = TrialSetup(study, WorkerResources()).spec_for({"method": method})
+    spec = TrialSetup(study, WorkerResources()).spec_for(recipe(method))
     batch = spec.train.batch_size if device.type == "cuda" else min(spec.train.batch_size,
                                                                     PROBE_CPU_BATCH)
     cfg = replace(spec.train, batch_size=batch, epochs=3, knn_k=min(spec.train.knn_k, batch))
