@@ -17,7 +17,7 @@ from fgray.engine.spec import DataSpec, build_spec
 from fgray.results import leaderboard, load
 from fgray.results.ranking import eval_column
 from fgray.results.records import record_test
-from fgray.results.tables import write_trials
+from fgray.results.trials import write_trials
 
 PROTOCOLS = ["retrieval", "knn", "linear", "localisation"]
 SEED = 3

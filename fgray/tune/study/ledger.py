@@ -111,11 +111,10 @@ def close_lost_trials(study: StudyConfig) -> list[dict[str, Any]]:
     after the last snapshot Tune took before its driver was killed. The restored experiment
     does not know them (the searcher asks for their configuration again), so nothing will
     ever finish them; they are recorded as failed with `LOST` as their error."""
-    from fgray.results.tables import append
+    from fgray.results.trials import write_trials
 
     lost = [dict(r, status="failed", error=LOST, end_time=time.time())
             for r in latest_rows(study.study_dir)
             if r.get("status") == "running" and r["method"] in study.methods]
-    if lost:
-        append(study.study_dir, "trials", lost)
+    write_trials(study.study_dir, lost)
     return lost
