@@ -1,3 +1,6 @@
+# Why one file (over ~450 lines): a trial's records -- its epoch rows, its trials row, its
+# test and init rows -- are built by one `EpochRecorder` and the functions beside it from the
+# same keys and columns (`keys`, `trial_row`, `eval_rows`); apart they would each restate them.
 """The bridge from per-epoch metrics to the results layer (Parquet tables + TensorBoard).
 
 `EpochRecorder` is one trial's recorder: calling it with an epoch's metrics appends a row to

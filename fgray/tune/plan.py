@@ -1,3 +1,6 @@
+# Why one file (over ~450 lines): the plan is one computation read top to bottom -- counts,
+# data sizes, throughput, the estimate, what is printed -- each section feeding the next
+# and used nowhere else; `--plan` and the plan-versus-actual lines both need all of it.
 """A study's cost plan, before anything runs (`studies/*.py ... --plan`), and the plan beside
 what the study cost once it has run.
 
