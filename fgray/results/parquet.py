@@ -21,7 +21,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from fgray.results.schema import ALLOWED_VALUES, PARTITION_COLUMN, dynamic_type, schema_for
-from fgray.storage import atomic_path, is_local
+from fgray.storage import put
 
 PARTITIONING = ds.partitioning(pa.schema([(PARTITION_COLUMN, pa.string())]), flavor="hive")
 LEGACY_PREFIX = "part-"  # the append-only files of every table but trials
@@ -136,17 +136,14 @@ def to_arrow(table: str, rows: list[dict[str, Any]]) -> pa.Table:
 
 
 def write_file(fs: pafs.FileSystem, directory: str, data: pa.Table,
-                name: str | None = None) -> str:
-    """Write `data` as `directory/name` (default a new unique `part-<uuid>.parquet`) so that
-    readers see the old file or the whole new one (module docstring)."""
+               name: str | None = None) -> str:
+    """Write `data` as `directory/name` (default a new unique `part-<uuid>.parquet`) whole,
+    with `fgray.storage.put` (readers see the old file or the whole new one)."""
     name = name or f"{LEGACY_PREFIX}{uuid.uuid4().hex}.parquet"
     final = f"{directory}/{name}"
-    if not is_local(fs):
-        fs.create_dir(directory, recursive=True)
-        pq.write_table(data, final, filesystem=fs)
-        return final
-    with atomic_path(final) as tmp:  # fsync'ed, then renamed over `final`
-        pq.write_table(data, str(tmp))
+    buffer = pa.BufferOutputStream()
+    pq.write_table(data, buffer)
+    put(fs, final, buffer.getvalue().to_pybytes())
     return final
 
 

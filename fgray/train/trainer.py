@@ -94,14 +94,12 @@ from fgray.results.records import (
 )
 from fgray.storage import (
     absolute,
-    atomic_path,
     delete_file,
-    is_local,
     join,
+    move_tree,
     read_json,
     resolve,
     scratch_folder,
-    upload_tree,
     write_json,
 )
 from fgray.train.cluster import ray_storage
@@ -327,7 +325,9 @@ class TuneSession:
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, name: str) -> None:
         record_epoch(self.run_uri, [metrics], self.recorder, self.echo)
         if checkpoint_dir is not None:
-            _persist(checkpoint_dir, join(self.run_uri, name))
+            # Whole or not at all for a reader; metrics.json, which marks a kept
+            # checkpoint, goes last on an object store.
+            move_tree(checkpoint_dir, join(self.run_uri, name), last=METRICS_FILE)
             self._prune(name)
         ray.tune.report(metrics)
 
@@ -350,19 +350,6 @@ class TuneSession:
 
 def _by_epoch(kept: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict[str, Any]]]:
     return sorted(kept, key=lambda k: int(k[1].get("epoch", 0)))
-
-
-def _persist(local: Path, uri: str) -> None:
-    """Move a checkpoint folder written locally to `uri` (a path or URI), whole or not at
-    all for a reader: on a local filesystem it is renamed into place; on an object store its
-    `metrics.json`, which marks a kept checkpoint, is written last."""
-    fs, target = resolve(uri)
-    if is_local(fs):
-        with atomic_path(target) as staging:
-            shutil.move(str(local), staging)
-        return
-    upload_tree(local, uri, last=METRICS_FILE)
-    shutil.rmtree(local, ignore_errors=True)
 
 
 def kept_checkpoints(run_uri: str) -> list[tuple[str, dict[str, Any]]]:

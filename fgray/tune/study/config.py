@@ -11,7 +11,7 @@ from typing import Any, Literal
 from fgray.engine.selection import BEST_METRIC
 from fgray.engine.spec import DataSpec
 from fgray.errors import UserError
-from fgray.storage import join
+from fgray.storage import Location
 from fgray.tune.spaces import Space, space_for
 
 STUDY_FILE = "study.json"
@@ -54,6 +54,8 @@ class StudyConfig:
     points: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # extra first points
 
     def __post_init__(self) -> None:
+        # Resolved once (made absolute) and passed as it is everywhere (`study_dir`).
+        self.storage = Location(self.storage)
         if not self.methods:
             raise UserError("no methods to study: expected --methods with at least one")
         if self.mode not in ("search", "compare"):
@@ -75,8 +77,8 @@ class StudyConfig:
                             f"{', '.join(PROTOCOLS)}, linear-paper")
 
     @property
-    def study_dir(self) -> str:
-        return join(self.storage, self.name)
+    def study_dir(self) -> Location:
+        return self.storage.child(self.name)
 
     @property
     def data_spec(self) -> DataSpec:
