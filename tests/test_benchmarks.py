@@ -19,16 +19,22 @@ from benchmarks import scaling  # noqa: E402
 from benchmarks.common import Case  # noqa: E402
 
 
-def test_datapath_smoke_run_writes_its_json(tmp_path):
-    # Without --out the JSON goes to the current folder, never into the repository.
+def _tiny_run(tmp_path, name: str) -> tuple[subprocess.CompletedProcess, Path]:
+    """`benchmarks/run.py --preset cpu --only NAME --tiny` from `tmp_path`: its output and
+    its JSON, which without --out goes to the current folder, never into the repository."""
     out = tmp_path / "results-cpu.json"
     proc = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "run.py"), "--preset", "cpu", "--only",
-         "datapath", "--tiny", "--workdir", str(tmp_path / "work")],
+         name, "--tiny", "--workdir", str(tmp_path / "work")],
         capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"wrote {out}" in proc.stdout
     assert not (REPO / "benchmarks" / "results-cpu.json").exists()
+    return proc, out
+
+
+def test_datapath_smoke_run_writes_its_json(tmp_path):
+    proc, out = _tiny_run(tmp_path, "datapath")
     assert "full/ceiling" in proc.stdout
     report = json.loads(out.read_text())
     assert report["preset"] == "cpu" and report["tiny"] is True
@@ -174,13 +180,7 @@ def test_driver_benchmark_runs_the_study_machinery_at_tiny_sizes(tmp_path):
     """`--only driver --tiny`: studies of 4 and 8 search trials through the real searcher,
     scheduler, recorder and console; every trial recorded, its JSON and its RESULTS.md
     table written, nothing into the repository."""
-    out = tmp_path / "results-cpu.json"
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "run.py"), "--preset", "cpu", "--only",
-         "driver", "--tiny", "--workdir", str(tmp_path / "work")],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert not (REPO / "benchmarks" / "results-cpu.json").exists()
+    _, out = _tiny_run(tmp_path, "driver")
     result = json.loads(out.read_text())["benchmarks"]["driver"]
     assert [s["size"] for s in result["sizes"]] == [4, 8]
     for size in result["sizes"]:
