@@ -60,6 +60,7 @@ first file's schema and may miss such late columns; `load` is the faithful reade
 from __future__ import annotations
 
 import datetime as dt
+import os
 import uuid
 from collections.abc import Iterable
 from typing import Any
@@ -79,7 +80,7 @@ from fgray.results.parquet import (
     write_file,
 )
 from fgray.results.schema import PARTITION_COLUMN, TRIAL_STATUSES, schema_for
-from fgray.storage import as_location, join, resolve
+from fgray.storage import as_location, is_local, join, resolve
 
 TRIALS = "trials"
 TRIAL_EVENTS = "trial_events"
@@ -202,18 +203,30 @@ def _load_files(fs: pafs.FileSystem, directory: str, table: str, declared: pa.Sc
     return latest if expr is None else latest.filter(expr)
 
 
+def file_names(fs: pafs.FileSystem, directory: str) -> list[str]:
+    """The names in `directory` (none when it does not exist). On a local disk names only,
+    no stat per entry: a driver lists a partition at every trial's end, and a partition of a
+    large study holds thousands of files."""
+    if is_local(fs):
+        try:
+            return os.listdir(directory)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+    selector = pafs.FileSelector(directory, allow_not_found=True)
+    return [info.base_name for info in fs.get_file_info(selector)
+            if info.type == pafs.FileType.File]
+
+
 def load_trial(study_dir: str, table: str, method: str, trial_id: str) -> pa.Table:
     """One trial's rows of append-only `table`, read from its own files (`file_name`) and
     any file not tagged with one trial -- not from every file of the table."""
     declared = schema_for(table)
     fs, root = resolve(study_dir)
     directory = f"{root}/tables/{table}"
-    own = quote(trial_id, safe="")
-    selector = pafs.FileSelector(_partition(root, table, method), allow_not_found=True)
-    files = [info.path for info in fs.get_file_info(selector)
-             if info.type == pafs.FileType.File and info.base_name.endswith(".parquet")
-             and info.base_name.startswith(LEGACY_PREFIX)
-             and _trial_tag(info.base_name) in (own, None)]
+    own, partition = quote(trial_id, safe=""), _partition(root, table, method)
+    files = [f"{partition}/{name}" for name in file_names(fs, partition)
+             if name.startswith(LEGACY_PREFIX) and name.endswith(".parquet")
+             and _trial_tag(name) in (own, None)]
     return read_files(fs, directory, files, declared,
                       (ds.field(PARTITION_COLUMN) == method) & (ds.field("trial_id") == trial_id))
 

@@ -25,6 +25,7 @@ from fgray.results.tables import (
     _partition,
     _uris,
     append_files,
+    file_names,
     latest_trials,
     load,
 )
@@ -107,10 +108,8 @@ def _remove_stale_temps(fs: pafs.FileSystem, directory: str) -> None:
 
 def _legacy_files(fs: pafs.FileSystem, directory: str) -> list[str]:
     """The old layout's trials files (append-only state rows) in a method's partition."""
-    selector = pafs.FileSelector(directory, allow_not_found=True)
-    return [info.path for info in fs.get_file_info(selector)
-            if info.type == pafs.FileType.File and info.base_name.startswith(LEGACY_PREFIX)
-            and info.base_name.endswith(".parquet")]
+    return [f"{directory}/{name}" for name in file_names(fs, directory)
+            if name.startswith(LEGACY_PREFIX) and name.endswith(".parquet")]
 
 
 def _migrate_partition(fs: pafs.FileSystem, root: str, study_dir: str, method: str) -> None:

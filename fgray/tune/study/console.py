@@ -5,7 +5,7 @@ bar per trial event, with each method's counts, best val kNN top-1 and the study
 from __future__ import annotations
 
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 
 from ray.tune import Callback
@@ -39,7 +39,12 @@ class StudyProgress(Callback):
         self.stream = stream or sys.stdout
         self.started: dict[str, tuple[str, float]] = {}  # trial id -> (method, start time)
         self.ended: set[str] = set()
+        # Kept as trials start and end, not counted from `started` at every event: a
+        # study of thousands of trials would pay for its whole history each time.
+        self.running: dict[str, float] = {}  # trial id -> start time, of those not ended
+        self.per_method: Counter[str] = Counter()  # trials started, per method
         self.durations: list[float] = []
+        self.duration_sum = 0.0
         # per method: trials completed / stopped / failed (a method not in `totals`, e.g. the
         # init row's evaluation job, gets its counters when first seen)
         self.counts: dict[str, dict[str, int]] = defaultdict(
@@ -57,11 +62,11 @@ class StudyProgress(Callback):
         return Job.of(trial.config).method
 
     def _eta(self, now: float) -> str:
-        left = sum(self.totals.values()) - sum(sum(c.values()) for c in self.counts.values())
+        left = sum(self.totals.values()) - len(self.ended)
         if left <= 0 or not self.durations:
             return "-"
-        mean = sum(self.durations) / len(self.durations)
-        running = [now - t for tid, (_, t) in self.started.items() if tid not in self.ended]
+        mean = self.duration_sum / len(self.durations)
+        running = [now - t for t in self.running.values()]
         work = mean * max(left - len(running), 0) + sum(max(mean - e, 0.0) for e in running)
         return f"{work / self.concurrency:.0f} s"
 
@@ -69,7 +74,7 @@ class StudyProgress(Callback):
         c = self.counts[method]
         best = self.best.get(method)
         shown = f"{best.value:.1f}" if best is not None and best.value is not None else "-"
-        started = sum(m == method for m, _ in self.started.values())
+        started = self.per_method[method]
         return (f"{started} of {self.totals.get(method, 0)} started, {c['completed']} "
                 f"completed, {c['stopped']} stopped, {c['failed']} failed; best val kNN "
                 f"{shown}; ETA {self._eta(time.time())}")
@@ -84,7 +89,10 @@ class StudyProgress(Callback):
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         if not Job.of(trial.config).trains:
             return  # a test evaluation job: one line when it ends
-        self.started.setdefault(trial.trial_id, (self.group(trial), time.time()))
+        if trial.trial_id not in self.started:
+            self.started[trial.trial_id] = (self.group(trial), time.time())
+            self.running[trial.trial_id] = self.started[trial.trial_id][1]
+            self.per_method[self.group(trial)] += 1
         self._show(self.group(trial), f"trial {trial.trial_id} started")
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
@@ -111,7 +119,9 @@ class StudyProgress(Callback):
             return
         if trial.trial_id in self.started and trial.trial_id not in self.ended:
             self.durations.append(time.time() - self.started[trial.trial_id][1])
+            self.duration_sum += self.durations[-1]
         self.ended.add(trial.trial_id)
+        self.running.pop(trial.trial_id, None)
         self.counts[method][status] += 1
         if self.bar is not None:
             self.bar.update(1)
