@@ -195,3 +195,15 @@ def test_more_seed_points_extend_each_best_and_skip_completed_seeds(tmp_path):
         Job(RETRAIN, "moco", {"lr": 0.1}, seed=4),
         Job(RETRAIN, "lcr", {"nu": 0.5}, seed=3), Job(RETRAIN, "lcr", {"nu": 0.5}, seed=4)]
     assert more_seed_points(study, best, rows, 0) == []
+
+
+def test_configs_of_an_older_study_read_as_jobs():
+    """Tune's state of a study interrupted under an older fgray holds untyped configs; a
+    resume reads each as the job it was."""
+    assert Job.of({"method": "moco", "lr": 0.1}) == Job(SEARCH, "moco", {"lr": 0.1})
+    assert Job.of({"method": "moco", "seed": 2, "lr": 0.1}) == Job(RETRAIN, "moco", {"lr": 0.1},
+                                                                    seed=2)
+    assert Job.of({"point": {"method": "lcr", "seed": 1}}) == Job(JobKind.POINT, "lcr", seed=1)
+    assert Job.of({"method": "moco", "evaluate": "b", "seed": 0, "project": True}) == Job(
+        EVALUATE, "moco", seed=0, target="b", project=True)
+    assert Job.of({"method": INIT, "evaluate": INIT}).tests_init

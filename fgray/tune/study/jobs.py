@@ -63,10 +63,27 @@ class Job:
 
     @classmethod
     def of(cls, config: dict[str, Any]) -> Job:
-        """The job of a trial config (`config()`)."""
-        job = config[JOB]
+        """The job of a trial config (`config()`), or of a config written before jobs were
+        typed (`_untyped`: Tune's state of a study interrupted under an older fgray)."""
+        job = config.get(JOB)
+        if job is None:
+            return cls._untyped(config)
         return cls(JobKind(job["kind"]), job["method"], dict(job.get("params") or {}),
                    job.get("seed"), job.get("target"), bool(job.get("project")))
+
+    @classmethod
+    def _untyped(cls, config: dict[str, Any]) -> Job:
+        """An older config: a fixed-point grid under "point", an evaluation with an
+        "evaluate" target, a retrain with a "seed", else a searched point -- read once here,
+        so a resumed old study goes on; new configs always carry their kind."""
+        fixed = "point" in config
+        old = dict(config.get("point", config))
+        method, seed = old.pop("method"), old.pop("seed", None)
+        if "evaluate" in old:
+            return cls(JobKind.EVALUATE, method, seed=seed, target=old["evaluate"],
+                       project=bool(old.get("project")))
+        kind = JobKind.POINT if fixed else JobKind.RETRAIN if seed is not None else JobKind.SEARCH
+        return cls(kind, method, old, seed=None if seed is None else int(seed))
 
 
 @dataclass(frozen=True)
