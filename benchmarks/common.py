@@ -73,6 +73,7 @@ class Preset:
     study_seeds: int = 1  # seeds of each method's best (retrains: seeds - 1)
     study_data: SynthData | None = None  # the study's own set (None: `data`)
     study_val_fraction: float = 0.1
+    driver_sizes: tuple[int, ...] = (20, 200, 2000)  # trials of the driver benchmark's studies
 
 
 def study_preset_case(name: str, method: str = "moco") -> Case:
@@ -124,7 +125,7 @@ def presets(tiny: bool = False) -> dict[str, Preset]:
             cpu, data=SynthData(classes=4, per_class=16, size=40), datapath=(small,), epochs=1,
             ray=small, ray_epochs=2, study=small, study_trials=2, study_epochs=1,
             study_methods=("moco",), study_seeds=1, study_fixed=None, study_protocols=("knn",),
-            study_init="random", study_data=None, study_val_fraction=0.1,
+            study_init="random", study_data=None, study_val_fraction=0.1, driver_sizes=(4, 8),
             memory=(dataclasses.replace(small, name="smoke"),), scaling=small, scaling_steps=2,
             pil_workers=min(cores, 2))
     gpu_r50 = Case("moco-resnet50-224px", backbone="resnet50", image_size=224, batch_size=128)

@@ -142,9 +142,22 @@ def scaling(r: dict[str, Any]) -> str:
     return out
 
 
+def driver(r: dict[str, Any]) -> str:
+    lines = ["| trials | driver ms / trial | of which the searcher (Optuna TPE) | trial side"
+             " ms / trial |", "|---:|---:|---:|---:|"]
+    for row in r["sizes"]:
+        lines.append(f"| {row['trials']} | {_f(row['driver_ms_per_trial'], 1)} |"
+                     f" {_f(row['searcher_ms_per_trial'], 1)} |"
+                     f" {_f(row['trial_ms_per_trial'], 1)} |")
+    return ("\n".join(lines) + f"\n\n{', '.join(r['methods'])}, {r['epochs']} epochs per"
+            f" trial, {r['concurrency']} at a time; driver time at the largest size over the"
+            f" smallest: {_f(r['growth'])}.\n")
+
+
 SECTIONS = {"datapath": ("Data path vs ceiling", datapath), "ray": ("Ray overhead", ray),
             "study": ("Study overhead", study), "memory": ("Memory", memory),
-            "scaling": ("Scaling, on paper", scaling)}
+            "scaling": ("Scaling, on paper", scaling),
+            "driver": ("The study driver's cost per trial", driver)}
 
 
 def render(report: dict[str, Any]) -> str:

@@ -13,8 +13,10 @@ Benchmarks: datapath (cached on-device path vs compute ceiling vs PIL reference)
 (1-worker TorchTrainer vs in-process), study (study wall time vs trial time / concurrency and
 each trial's fixed cost, with trials in their own process and as 1-worker Ray Train runs),
 memory (peak host RSS and device memory per worker), scaling (a DDP efficiency model from
-the measured step time and collective payload). Each prints its ratios as it goes; the JSON
-holds every measured number, the machine and the load average before and after.
+the measured step time and collective payload), driver (the study driver's own time per
+trial at 20, 200 and 2,000 trials, with a trivial trainable: it must stay flat). Each prints
+its ratios as it goes; the JSON holds every measured number, the machine and the load
+average before and after.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-NAMES = ("datapath", "ray", "study", "memory", "scaling")
+NAMES = ("datapath", "ray", "study", "memory", "scaling", "driver")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -151,6 +153,10 @@ def run_one(name: str, args, preset, workdir: Path, data_root: Path, device,
         from benchmarks import memory
 
         return memory.run(preset, workdir, data_root, device)
+    if name == "driver":
+        from benchmarks import driver
+
+        return driver.run(preset.driver_sizes, workdir)
     from benchmarks import scaling
 
     return scaling.run(preset, workdir, data_root, device, nvlink_gbps=args.nvlink_gbps,

@@ -13,7 +13,9 @@ import threading
 import psutil
 import pytest
 
-from fgray.tune import actor_memory, study
+from fgray.tune import actor_memory
+from fgray.tune.study import Job, JobKind
+from fgray.tune.study import trial as study
 
 MIB = 2**20
 
@@ -52,5 +54,5 @@ def test_every_job_of_a_trial_actor_ends_by_releasing_memory(monkeypatch):
 
     monkeypatch.setattr(study, "_run_job", fails)
     with pytest.raises(FloatingPointError):
-        study.train_trial({"method": "moco"}, setup=None)
+        study.train_trial(Job(JobKind.SEARCH, "moco").config(), setup=None)
     assert calls == ["ran", "released"]

@@ -19,16 +19,22 @@ from benchmarks import scaling  # noqa: E402
 from benchmarks.common import Case  # noqa: E402
 
 
-def test_datapath_smoke_run_writes_its_json(tmp_path):
-    # Without --out the JSON goes to the current folder, never into the repository.
+def _tiny_run(tmp_path, name: str) -> tuple[subprocess.CompletedProcess, Path]:
+    """`benchmarks/run.py --preset cpu --only NAME --tiny` from `tmp_path`: its output and
+    its JSON, which without --out goes to the current folder, never into the repository."""
     out = tmp_path / "results-cpu.json"
     proc = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "run.py"), "--preset", "cpu", "--only",
-         "datapath", "--tiny", "--workdir", str(tmp_path / "work")],
+         name, "--tiny", "--workdir", str(tmp_path / "work")],
         capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"wrote {out}" in proc.stdout
     assert not (REPO / "benchmarks" / "results-cpu.json").exists()
+    return proc, out
+
+
+def test_datapath_smoke_run_writes_its_json(tmp_path):
+    proc, out = _tiny_run(tmp_path, "datapath")
     assert "full/ceiling" in proc.stdout
     report = json.loads(out.read_text())
     assert report["preset"] == "cpu" and report["tiny"] is True
@@ -168,3 +174,24 @@ def test_study_section_shows_both_paths_side_by_side():
     assert "| ratio (target <= 1.1) | 1.11 | 1.30 |" in md
     assert ("| (Σ trial + Σ test evaluation wall time) / concurrency | (80.0 + 10.0) s / 2 ="
             " 45.0 s |") in md
+
+
+def test_driver_benchmark_runs_the_study_machinery_at_tiny_sizes(tmp_path):
+    """`--only driver --tiny`: studies of 4 and 8 search trials through the real searcher,
+    scheduler, recorder and console; every trial recorded, its JSON and its RESULTS.md
+    table written, nothing into the repository."""
+    _, out = _tiny_run(tmp_path, "driver")
+    result = json.loads(out.read_text())["benchmarks"]["driver"]
+    assert [s["size"] for s in result["sizes"]] == [4, 8]
+    for size in result["sizes"]:
+        # Every search trial ran to its end (2 methods x size / 2), plus the evaluations.
+        assert size["trials"] == size["size"] and size["jobs"] > size["trials"]
+        assert 0 < size["searcher_ms_per_trial"] < size["driver_ms_per_trial"]
+        assert set(size["seconds"]) == {"searcher", "scheduler", "recorder", "console", "trial"}
+    study = tmp_path / "work" / "size-8" / "driver-8"
+    from fgray.results.tables import latest_trials, load
+
+    rows = latest_trials(load(str(study), "trials").to_pylist())
+    assert len([r for r in rows if r["status"] in ("completed", "stopped")]) == 8
+    md = bench_report.render(json.loads(out.read_text()))
+    assert "### The study driver's cost per trial" in md and "\n| 8 | " in md

@@ -7,17 +7,17 @@ import logging
 from types import SimpleNamespace
 
 from fgray.tune.cli import ray_log_file
-from fgray.tune.study import StudyProgress
+from fgray.tune.study import Job, JobKind, StudyProgress
 
 
-def _trial(tid: str, epoch: int = 0, **config):
+def _trial(tid: str, epoch: int = 0, method: str = "moco"):
     return SimpleNamespace(trial_id=tid, last_result={"epoch": epoch},
-                           config={"method": "moco", **config})
+                           config=Job(JobKind.SEARCH, method).config())
 
 
 def test_plain_lines_count_trials_best_and_eta(monkeypatch):
     clock = iter([100.0, 100.0, 100.0, 130.0, 130.0, 160.0, 160.0, 160.0, 175.0])
-    monkeypatch.setattr("fgray.tune.study.time.time", lambda: next(clock))
+    monkeypatch.setattr("fgray.tune.study.console.time.time", lambda: next(clock))
     out = io.StringIO()  # not a terminal: plain lines, no bar
     progress = StudyProgress({"moco": 3, "lcr": 1}, epochs=3, concurrency=1, stream=out)
     a, b = _trial("a", 3), _trial("b", 1)
@@ -46,8 +46,8 @@ def test_eta_moves_between_trial_events(monkeypatch):
     printed for heartbeat_s, with the ETA recomputed at that time."""
     wall = iter([0.0, 0.0, 10.0, 10.0, 40.0, 40.0, 70.0])
     mono = iter([0.0, 0.0, 10.0, 10.0, 20.0, 45.0, 45.0])
-    monkeypatch.setattr("fgray.tune.study.time.time", lambda: next(wall))
-    monkeypatch.setattr("fgray.tune.study.time.monotonic", lambda: next(mono))
+    monkeypatch.setattr("fgray.tune.study.console.time.time", lambda: next(wall))
+    monkeypatch.setattr("fgray.tune.study.console.time.monotonic", lambda: next(mono))
     out = io.StringIO()
     progress = StudyProgress({"moco": 3}, epochs=2, concurrency=1, stream=out,
                              heartbeat_s=30.0)  # mono 0
@@ -69,7 +69,7 @@ def test_evaluation_jobs_are_one_line_and_not_counted():
     out = io.StringIO()
     progress = StudyProgress({"moco": 1}, epochs=3, concurrency=1, stream=out)
     job = SimpleNamespace(trial_id="j", last_result={"evaluation_s": 4.2},
-                          config={"method": "moco", "evaluate": "a"})
+                          config=Job(JobKind.EVALUATE, "moco", target="a").config())
     progress.on_trial_start(0, [], job)
     progress.on_trial_complete(0, [], job)
     assert out.getvalue().splitlines() == ["[moco] test evaluation of the trial a done in 4 s"]

@@ -20,9 +20,9 @@ from fgray.results.records import (
     trial_history,
 )
 from fgray.results.tables import load
-from fgray.storage import join
+from fgray.storage import join, move_tree
 from fgray.train import trainer as trainer_module
-from fgray.train.trainer import TuneSession, _persist, worker_loop
+from fgray.train.trainer import METRICS_FILE, TuneSession, worker_loop
 
 EPOCHS = 3
 GAP = 50_000.0  # seconds the (simulated) driver stays dead before the trial resumes
@@ -41,7 +41,7 @@ class CrashingSession(TuneSession):
 
     def report(self, metrics, checkpoint_dir, name) -> None:
         if int(metrics["epoch"]) == self.crash_at:
-            _persist(checkpoint_dir, join(self.run_uri, name))
+            move_tree(checkpoint_dir, join(self.run_uri, name), last=METRICS_FILE)
             raise Crash(name)
         super().report(metrics, checkpoint_dir, name)
 

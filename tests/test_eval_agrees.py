@@ -17,7 +17,7 @@ from fgray.engine.spec import DataSpec, build_spec
 from fgray.results import leaderboard, load
 from fgray.results.ranking import eval_column
 from fgray.results.records import record_test
-from fgray.results.tables import write_trials
+from fgray.results.trials import write_trials
 
 PROTOCOLS = ["retrieval", "knn", "linear", "localisation"]
 SEED = 3
@@ -27,8 +27,8 @@ SEED = 3
 def trained(synth_root, tmp_path_factory):
     """A 1-epoch MoCo run with a validation fraction (0.5) and a seed (3) that are not the
     CLI's defaults, its best checkpoint evaluated the way a study's final evaluation does
-    (`fgray.tune.study._evaluate_checkpoint` + `record_test`)."""
-    from fgray.tune.study import _evaluate_checkpoint
+    (`fgray.tune.study.evaluation._evaluate_checkpoint` + `record_test`)."""
+    from fgray.tune.study.evaluation import _evaluate_checkpoint
 
     tmp = tmp_path_factory.mktemp("agree")
     data = DataSpec(format="cub", root=str(synth_root), val_fraction=0.5,

@@ -27,6 +27,9 @@ BASE = frozenset({"fgray", "errors", "config", "storage", "eval_mode", "cliutil"
 RAY_LAYERS = frozenset({"train", "tune"})
 
 RANK = {unit: rank for rank, peers in enumerate(LAYERS) for unit in peers}
+# Packages whose modules import in one direction, each only the ones listed before it (the
+# order docs/development.md states); the package's __init__ re-exports and is not checked.
+ORDERED = ("fgray/tune/study",)
 
 
 def imports(source: str) -> list[tuple[int, str, int]]:
@@ -156,7 +159,7 @@ def f():
     # The known Ray modules are found, so the Ray check is not vacuous.
     ray_users = {module_name(p) for p in sources()
                  if any(n == "ray" or n.startswith("ray.") for _, n, _ in imports(p.read_text()))}
-    assert "fgray.tune.study" in ray_users and "fgray.train.trainer" in ray_users
+    assert "fgray.tune.study.trial" in ray_users and "fgray.train.trainer" in ray_users
 
 
 def test_the_docs_state_these_layers():
@@ -167,5 +170,38 @@ def test_the_docs_state_these_layers():
                                                 for u in peers) for peers in LAYERS)])
     assert chain in flat, f"docs/development.md's Layers paragraph should state: {chain}"
     for base in sorted(BASE - {"fgray"}):
-        assert f"fgray/{base}.py" in flat, (
-            f"docs/development.md's Layers paragraph should name fgray/{base}.py")
+        named = f"fgray/{base}/" if (PACKAGE / base).is_dir() else f"fgray/{base}.py"
+        assert named in flat, f"docs/development.md's Layers paragraph should name {named}"
+
+
+def stated_order(package: str) -> list[str]:
+    """The module order docs/development.md states for `package` ("Inside fgray/x/ each
+    module imports only the ones before it: a, b, c.")."""
+    text = re.sub(r"\s+", " ", (REPO / "docs" / "development.md").read_text().replace("`", ""))
+    found = re.search(rf"Inside {re.escape(package)}/ each module imports only the ones "
+                      r"before it: ([a-z_, ]+)\.", text)
+    assert found, f"docs/development.md should state the module order of {package}/"
+    return [m.strip() for m in found.group(1).split(",")]
+
+
+def test_ordered_packages_import_in_one_direction():
+    problems = []
+    for package in ORDERED:
+        order = stated_order(package)
+        folder = REPO / package
+        modules = sorted(p.stem for p in folder.glob("*.py") if p.stem != "__init__")
+        assert sorted(order) == modules, f"{package}/: the docs list {order}, it has {modules}"
+        dotted = package.replace("/", ".")
+        for rank, name in enumerate(order):
+            path = folder / f"{name}.py"
+            for line, target, level in imports(path.read_text()):
+                target = absolute(target, level, path)
+                if target == dotted:
+                    problems.append(f"{where(path, line)}: imports its own package's __init__")
+                if not target.startswith(dotted + "."):
+                    continue
+                imported = target[len(dotted) + 1:].split(".")[0]
+                if imported in order and order.index(imported) >= rank:
+                    problems.append(f"{where(path, line)}: {name} imports {imported}, which "
+                                    f"comes after it in {package}/")
+    assert not problems, "imports against the stated order:\n" + "\n".join(problems)

@@ -199,7 +199,7 @@ def test_check_writable_names_the_folder_and_creates_nothing(tmp_path, monkeypat
     def read_only(*_args, **_kwargs):
         raise OSError(30, "Read-only file system")
 
-    monkeypatch.setattr(storage.tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(storage.checks.tempfile, "mkstemp", read_only)
     with pytest.raises(UserError, match=r"--storage .*deep: not writable \(nearest existing "
                                         r"folder .*\): Read-only file system"):
         storage.check_writable(tmp_path / "new" / "deep", "--storage")

@@ -19,7 +19,8 @@ import pytest
 from fgray.errors import UserError
 from fgray.results import append, load
 from fgray.results.schema import EPOCHS, EVALS, TRIALS, param_fields
-from fgray.results.tables import append_files, latest_trials
+from fgray.results.tables import append_files, latest_trials, load_trial
+from fgray.results.trials import write_trials
 
 UTC = dt.timezone.utc
 
@@ -99,7 +100,9 @@ def test_rows_spanning_methods_write_one_file_per_method(tmp_path):
 def test_trials_append_writes_one_file_per_trial(tmp_path):
     rows = [{"trial_id": "a", "method": "moco"}, {"trial_id": "b", "method": "lcr"},
             {"trial_id": "a", "method": "moco", "status": "completed"}]
-    files = append_files(str(tmp_path), "trials", rows)
+    with pytest.raises(UserError, match="write_trials"):
+        append_files(str(tmp_path), "trials", rows)  # states, not appended rows
+    files = write_trials(str(tmp_path), rows)
     assert sorted(f.split("/tables/trials/")[1] for f in files) == [
         "method=lcr/trial-b.parquet", "method=moco/trial-a.parquet"]
     assert append(str(tmp_path), "trials", rows[:1]).endswith("method=moco/trial-a.parquet")
@@ -108,6 +111,26 @@ def test_trials_append_writes_one_file_per_trial(tmp_path):
     assert dict(zip(loaded.column("trial_id").to_pylist(),
                     loaded.column("status").to_pylist())) == {"a": "completed", "b": None}
     assert load(str(tmp_path), "trial_events").num_rows == 4
+
+
+def test_one_trials_rows_come_from_its_own_files(tmp_path, monkeypatch):
+    """A file of one trial's rows is named after it; `load_trial` reads those and the files
+    of several trials (or of the layout before the tag), never another trial's own."""
+    import pyarrow.parquet as pq
+
+    study = str(tmp_path)
+    own = append(study, "epochs", [{"trial_id": "a/1", "method": "moco", "epoch": 1}])
+    assert own.endswith("-a%2F1.parquet")
+    other = append(study, "epochs", [{"trial_id": "b", "method": "moco", "epoch": 1}])
+    append(study, "epochs", [{"trial_id": "a/1", "method": "moco", "epoch": 2},
+                             {"trial_id": "b", "method": "moco", "epoch": 2}])
+    read = []
+    real = pq.read_schema
+    monkeypatch.setattr(pq, "read_schema", lambda f, **kw: read.append(f) or real(f, **kw))
+    rows = load_trial(study, "epochs", "moco", "a/1").to_pylist()
+    assert sorted(r["epoch"] for r in rows) == [1, 2] and {r["trial_id"] for r in rows} == {"a/1"}
+    assert other not in read and len(read) == 2
+    assert load_trial(study, "epochs", "lcr", "a/1").num_rows == 0
 
 
 def test_column_added_later_is_kept_and_earlier_rows_are_null(tmp_path):

@@ -22,16 +22,10 @@ import pytest
 
 from fgray.engine.spec import DataSpec, build_spec
 from fgray.results import load
+from fgray.results.parquet import LEGACY_PREFIX, to_arrow, write_file
 from fgray.results.records import EpochRecorder, latest_trial_row, record_init, record_test
 from fgray.results.report import leaderboard
-from fgray.results.tables import (
-    LEGACY_PREFIX,
-    STALE_TEMP_S,
-    _write_file,
-    read_trial,
-    to_arrow,
-    write_trials,
-)
+from fgray.results.trials import STALE_TEMP_S, read_trial, write_trials
 
 UTC = dt.timezone.utc
 ROOT = Path(__file__).resolve().parents[1]
@@ -162,7 +156,7 @@ def test_concurrent_threads_same_and_different_trials(tmp_path):
 
 _FINISHER = textwrap.dedent("""
     import sys, time
-    from fgray.results.tables import write_trials
+    from fgray.results.trials import write_trials
     study, worker, start_at = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
     while time.time() < start_at:  # every process writes at the same moment
         time.sleep(0.001)
@@ -189,18 +183,18 @@ def test_trials_finishing_at_the_same_moment_lose_nothing(tmp_path):
 
 _WRITER = textwrap.dedent("""
     import hashlib, os, signal, sys, time
-    import fgray.results.tables as tables
+    import fgray.results.trials as trials
     study, mode, size = sys.argv[1], sys.argv[2], int(sys.argv[3])
     if mode == "crash-before-rename":
         # Killed between writing the temp file and renaming it over the trial's file.
         def killed(src, dst):
             os.kill(os.getpid(), signal.SIGKILL)
-        tables.os.replace = killed
+        trials.os.replace = killed
     i = 0
     while True:
         i += 1
         blob = os.urandom(size).hex()  # incompressible: the write takes a while
-        tables.write_trials(study, [{
+        trials.write_trials(study, [{
             "trial_id": "big", "method": "moco", "status": "completed", "epochs_run": i,
             "end_time": time.time(), "error": blob,
             "config_hash": hashlib.sha256(blob.encode()).hexdigest()}])
@@ -286,7 +280,7 @@ def _legacy_append(study: str, rows: list[dict]) -> None:
 
     for row in rows:
         data = to_arrow("trials", [row]).drop_columns(["method"])
-        _write_file(pafs.LocalFileSystem(), f"{study}/tables/trials/method={row['method']}",
+        write_file(pafs.LocalFileSystem(), f"{study}/tables/trials/method={row['method']}",
                     data)
 
 

@@ -103,3 +103,34 @@ def test_selection_best_of_a_history_and_so_far():
     assert best.value == 30.0
     pairs = [("a", {"x": 1.0}), ("b", {"x": 2.0})]
     assert best_of(pairs, "x", row=lambda p: p[1]) == (("b", {"x": 2.0}), 2.0)
+
+
+def test_a_location_is_resolved_once_and_joins_to_locations(tmp_path, monkeypatch):
+    from fgray.storage import Location
+
+    monkeypatch.chdir(tmp_path)
+    here = Location("studies")
+    assert here == str(tmp_path / "studies") and isinstance(here, str)
+    assert Location(here) is here  # already resolved: passed as it is
+    child = here.child("s", "tables")
+    assert isinstance(child, Location) and child == str(tmp_path / "studies" / "s" / "tables")
+    remote = Location("s3://bucket/x/?endpoint_override=h:9000")
+    assert remote.child("s") == "s3://bucket/x/s?endpoint_override=h:9000"
+    assert remote.shown == "s3://bucket/x"
+
+
+def test_move_tree_puts_a_local_folder_in_place_whole(tmp_path):
+    from fgray.storage import move_tree
+
+    src = tmp_path / "scratch" / "epoch-0001"
+    (src / "sub").mkdir(parents=True)
+    (src / "metrics.json").write_text("{}")
+    (src / "sub" / "checkpoint.pt").write_bytes(b"x")
+    target = tmp_path / "run" / "epoch-0001"
+    target.mkdir(parents=True)
+    (target / "stale").write_text("old")  # an older copy is replaced, not merged
+    move_tree(src, str(target), last="metrics.json")
+    assert not src.exists()
+    assert sorted(p.relative_to(target).as_posix() for p in target.rglob("*")) == [
+        "metrics.json", "sub", "sub/checkpoint.pt"]
+    assert not [p for p in target.parent.iterdir() if p.name.endswith(".tmp")]

@@ -195,13 +195,13 @@ def test_credentials_and_permissions_are_checked_before_anything_is_written(s3_a
                            "AWS_SECRET_ACCESS_KEY": "wrong"}, "unknown key")):
         for key, value in server.env(**keys).items():
             monkeypatch.setenv(key, value)
-        storage._filesystem.cache_clear()  # new credentials, new client
+        storage.location._filesystem.cache_clear()  # new credentials, new client
         with pytest.raises(UserError, match=r"--storage s3://.*/study: cannot write there "
                                             r"\(.*\); expected an existing bucket and "
                                             r"credentials allowed to write") as err:
             check_writable(location, "--storage")
         assert "\n" not in str(err.value), reason
-    storage._filesystem.cache_clear()
+    storage.location._filesystem.cache_clear()
     for key, value in server.env(**writer).items():
         monkeypatch.setenv(key, value)
     assert read_json(join(location, "missing.json")) is None

@@ -22,6 +22,8 @@ from fgray.tune.presets import PRESETS
 from fgray.tune.spaces import SHARED_KNOBS, Space, space_for
 from fgray.tune.study import (
     SEARCH_METRIC,
+    Job,
+    JobKind,
     StudyConfig,
     TrialSetup,
     concurrency_for,
@@ -84,14 +86,14 @@ def test_defaults_are_the_config_defaults(method):
 def test_sampled_points_build_valid_runs(tmp_path, method):
     study = _study(tmp_path, methods=[method], shared=["lr", "temperature", "momentum"],
                    fixed={method: {}}, backbones={method: None})
-    setup = TrialSetup(study, WorkerResources(), method)
+    setup = TrialSetup(study, WorkerResources())
     space = study.space(method)
     ot = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
     for _ in range(8):
         trial = ot.ask()
         space(trial)
         params = trial.params
-        spec = setup.spec_for(params)  # raises on a value the Config rejects
+        spec = setup.spec_for(Job(JobKind.SEARCH, method, params))  # raises on a bad value
         for key, value in space.settings(params).items():
             section, name = key.split(".")
             got = getattr(spec.method_config if section == "method" else spec.optim, name)
@@ -187,15 +189,17 @@ def test_scheduler_stops_on_per_epoch_val_at_its_rungs(tmp_path):
 
 def test_trial_spec_from_params(tmp_path):
     study = _study(tmp_path, methods=["lcr"], seed=5)
-    setup = TrialSetup(study, WorkerResources(), "lcr")
-    spec = setup.spec_for({"capacity": 8, "lr": 0.1, "nu": 0.02})
+    setup = TrialSetup(study, WorkerResources())
+    spec = setup.spec_for(Job(JobKind.SEARCH, "lcr", {"capacity": 8, "lr": 0.1, "nu": 0.02}))
     assert spec.method == "lcr" and spec.backbone == "test_resnet"
     assert spec.method_config.capacity == 8 and spec.optim.lr == 0.1
     assert spec.method_config.queue_size == 64
     assert spec.train.seed == 5 and spec.train.eval_every == 1 and spec.train.epochs == 4
-    other = TrialSetup(study, WorkerResources()).spec_for({"method": "moco", "seed": 2})
-    assert other.method == "moco" and other.train.seed == 2
-    assert setup.params_of({"method": "moco", "seed": 2}) == {"seed": 2}
+    retrain = Job(JobKind.RETRAIN, "moco", {"lr": 0.2}, seed=2)
+    other = setup.spec_for(retrain)
+    assert other.method == "moco" and other.train.seed == 2 and other.optim.lr == 0.2
+    assert retrain.recorded_params() == {"seed": 2, "lr": 0.2}
+    assert Job.of(retrain.config()) == retrain  # what a trial's config carries
 
 
 def test_in_trial_resources():

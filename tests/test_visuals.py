@@ -143,7 +143,8 @@ def test_evaluate_method_returns_features(lcr_run, synth_root):
 
 def test_study_evaluation_writes_embeddings(lcr_run, synth_root, tmp_path):
     """The study's final-evaluation task, called directly (no Ray cluster needed)."""
-    from fgray.tune.study import _evaluate_checkpoint, best_per_method
+    from fgray.tune.study import best_per_method
+    from fgray.tune.study.evaluation import _evaluate_checkpoint
 
     storage, name, cache = lcr_run
     data = dataclasses.asdict(DataSpec(root=str(synth_root), cache_dir=str(cache)))

@@ -1,3 +1,6 @@
+# Why one file (over ~450 lines): a trial's records -- its epoch rows, its trials row, its
+# test and init rows -- are built by one `EpochRecorder` and the functions beside it from the
+# same keys and columns (`keys`, `trial_row`, `eval_rows`); apart they would each restate them.
 """The bridge from per-epoch metrics to the results layer (Parquet tables + TensorBoard).
 
 `EpochRecorder` is one trial's recorder: calling it with an epoch's metrics appends a row to
@@ -9,7 +12,7 @@ initial weights (method `init`, the study's no-SSL baseline). No Ray here: `fgra
 
 The trials table holds one row per trial, its current state: each state (`running`, then a
 terminal state, then the same state with test metrics) replaces the trial's file
-(`fgray.results.tables.write_trials`; a terminal state is never replaced by `running`), and
+(`fgray.results.trials.write_trials`; a terminal state is never replaced by `running`), and
 every state is also appended to `trial_events`, the trial's history.
 """
 
@@ -35,7 +38,8 @@ from fgray.results.schema import (
     TEST_METRICS,
     param_fields,
 )
-from fgray.results.tables import append, load, read_trial, update_trial, write_trials
+from fgray.results.tables import append, load_trial
+from fgray.results.trials import read_trial, update_trial, write_trials
 from fgray.storage import resolve
 
 # The key under which rank 0's first report after a resume carries the restored history (every
@@ -349,7 +353,7 @@ def trial_history(study_dir: str, method: str, trial_id: str) -> list[dict[str, 
     should a restart have recorded it twice)."""
     if not has_tables(study_dir):
         return []
-    table = load(study_dir, "epochs", filter={PARTITION_COLUMN: method, "trial_id": trial_id})
+    table = load_trial(study_dir, "epochs", method, trial_id)  # its own files only
     by_epoch: dict[int, dict[str, Any]] = {}
     for row in table.to_pylist():
         if row.get("epoch") is not None:

@@ -19,6 +19,7 @@ import pyarrow.fs as pafs
 
 from fgray.errors import UserError
 from fgray.results.figures import write_plots
+from fgray.results.layout import OPTUNA_JOURNAL
 from fgray.results.ranking import (
     COMPARISONS_FILE,
     leaderboard,
@@ -29,7 +30,6 @@ from fgray.results.rendering import CSS, FORMATS, json_safe, leaderboard_html, r
 from fgray.results.tables import load
 from fgray.storage import absolute, join, read_bytes, resolve, write_text
 
-OPTUNA_JOURNAL = "optuna/journal.log"
 REPORT_FILE = "report/index.html"
 MAP_PREFIXES = ("maps/", "pairs/")  # the TensorBoard image tags the report shows
 

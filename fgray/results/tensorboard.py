@@ -1,3 +1,8 @@
+# Why one file (over ~450 lines): everything here writes or reads one run folder's TensorBoard
+# files with the same event-file and staging rules (`_LogDir`, `_event_file`, the file-name
+# order TensorBoard's loader needs); the scalars, the HParams session and the projector are
+# three views of one run, and splitting them would spread those rules over three modules
+# that must agree on them.
 """TensorBoard logs of a study under `STUDY_DIR/tensorboard/`: one run per trial.
 
 TensorBoard makes a run of every folder that directly holds an event file, so everything a

@@ -85,14 +85,12 @@ from fgray.results.records import (
 )
 from fgray.storage import (
     absolute,
-    atomic_path,
     delete_file,
-    is_local,
     join,
+    move_tree,
     read_json,
     resolve,
     scratch_folder,
-    upload_tree,
     write_json,
 )
 from fgray.train.checkpoints import METRICS_FILE, by_epoch, kept_checkpoints
@@ -174,7 +172,9 @@ class TuneSession:
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, name: str) -> None:
         record_epoch(self.run_uri, [metrics], self.recorder, self.echo)
         if checkpoint_dir is not None:
-            _persist(checkpoint_dir, join(self.run_uri, name))
+            # Whole or not at all for a reader; metrics.json, which marks a kept
+            # checkpoint, goes last on an object store.
+            move_tree(checkpoint_dir, join(self.run_uri, name), last=METRICS_FILE)
             self._prune(name)
         ray.tune.report(metrics)
 
@@ -193,19 +193,6 @@ class TuneSession:
         write_json(join(run_uri, ERROR_FILE), {"type": type(exc).__name__,
                                                "message": str(exc)})
         raise exc
-
-
-def _persist(local: Path, uri: str) -> None:
-    """Move a checkpoint folder written locally to `uri` (a path or URI), whole or not at
-    all for a reader: on a local filesystem it is renamed into place; on an object store its
-    `metrics.json`, which marks a kept checkpoint, is written last."""
-    fs, target = resolve(uri)
-    if is_local(fs):
-        with atomic_path(target) as staging:
-            shutil.move(str(local), staging)
-        return
-    upload_tree(local, uri, last=METRICS_FILE)
-    shutil.rmtree(local, ignore_errors=True)
 
 
 def worker_loop(config: dict[str, Any], session: TrainSession | TuneSession | None = None

@@ -189,7 +189,7 @@ def synthetic_root(preset: Preset, *, write: bool = True) -> str:
 
 
 def study_from_args(args, *, dataset: str, mode: str, default_name: str, write: bool = True):
-    from fgray.storage import join
+    from fgray.storage import Location
     from fgray.tune.study import StudyConfig, load_study
 
     preset = get_preset(args.preset)
@@ -197,7 +197,7 @@ def study_from_args(args, *, dataset: str, mode: str, default_name: str, write: 
         # The stored study.json decides everything else; only where it lives (and how it
         # runs: --address, --concurrency, --verbose) may be given again, and a setting given
         # again must equal the stored one -- a resume never silently ignores a flag.
-        stored = load_study(join(_absolute(args.storage), args.name or default_name))
+        stored = load_study(Location(args.storage).child(args.name or default_name))
         stored.fixed = {m: _upgrade_fixed(m, f) for m, f in stored.fixed.items()}
         check_resume_flags(args, stored)
         return stored
@@ -213,7 +213,7 @@ def study_from_args(args, *, dataset: str, mode: str, default_name: str, write: 
         shared = [s.strip() for s in args.search_shared.split(",") if s.strip()]
     cache_dir = str(Path(args.cache_dir).expanduser().resolve()) if args.cache_dir else None
     return StudyConfig(
-        name=args.name or default_name, storage=_absolute(args.storage),
+        name=args.name or default_name, storage=Location(args.storage),
         data={"format": fmt, "root": root,
               "val_fraction": (args.val_fraction if args.val_fraction is not None
                                else preset.val_fraction),
@@ -336,12 +336,6 @@ def quiet_token_notice():
         logger.removeFilter(notice)
 
 
-def _absolute(storage: str) -> str:
-    from fgray.storage import absolute
-
-    return absolute(storage)
-
-
 def epoch_hooks(values: list[str] | None) -> tuple[Any, ...]:
     """The `--epoch-hook` values: 'pkg.module:function' strings, or JSON objects."""
     from fgray.train.hooks import check_epoch_hooks
@@ -365,12 +359,12 @@ def check_plan_study(study) -> None:
     import optuna
 
     from fgray.train.resources import WorkerResources
-    from fgray.tune.study import TrialSetup, check_data
+    from fgray.tune.study import TrialSetup, check_data, recipe
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     for method in study.methods:
         study.space(method, validate=True)
-        TrialSetup(study, WorkerResources()).spec_for({"method": method})
+        TrialSetup(study, WorkerResources()).spec_for(recipe(method))
     check_data(study)
 
 

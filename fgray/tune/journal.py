@@ -16,7 +16,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 from fgray.data.cache import default_cache_dir
-from fgray.results.report import OPTUNA_JOURNAL
+from fgray.results.layout import OPTUNA_JOURNAL
 from fgray.storage import is_local, put, resolve
 
 

@@ -1,3 +1,6 @@
+# Why one file (over ~450 lines): the plan is one computation read top to bottom -- counts,
+# data sizes, throughput, the estimate, what is printed -- each section feeding the next
+# and used nowhere else; `--plan` and the plan-versus-actual lines both need all of it.
 """A study's cost plan, before anything runs (`studies/*.py ... --plan`), and the plan beside
 what the study cost once it has run.
 
@@ -130,7 +133,7 @@ class PlanCounts:
 def plan_counts(study) -> PlanCounts:
     """What `run_study(study)` runs (the module docstring), per method."""
     from fgray.train.resources import WorkerResources
-    from fgray.tune.study import TrialSetup, init_targets
+    from fgray.tune.study import TrialSetup, init_targets, recipe
 
     setup = TrialSetup(study, WorkerResources())
     rows = []
@@ -141,7 +144,7 @@ def plan_counts(study) -> PlanCounts:
                                            study.reduction_factor) if search
                  else float(study.epochs))
     for method in study.methods:
-        spec = setup.spec_for({"method": method})
+        spec = setup.spec_for(recipe(method))
         trials = study.trials if search else study.seeds
         retrains = study.seeds - 1 if search else 0
         rows.append(MethodCounts(
@@ -326,9 +329,9 @@ def probe(study, method: str, device) -> Figure:
     from fgray.engine.loop import Pretrainer
     from fgray.methods import build_method
     from fgray.train.resources import WorkerResources
-    from fgray.tune.study import TrialSetup
+    from fgray.tune.study import TrialSetup, recipe
 
-    spec = TrialSetup(study, WorkerResources()).spec_for({"method": method})
+    spec = TrialSetup(study, WorkerResources()).spec_for(recipe(method))
     batch = spec.train.batch_size if device.type == "cuda" else min(spec.train.batch_size,
                                                                     PROBE_CPU_BATCH)
     cfg = replace(spec.train, batch_size=batch, epochs=3, knn_k=min(spec.train.knn_k, batch))
