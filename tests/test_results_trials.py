@@ -25,7 +25,7 @@ from fgray.results import load
 from fgray.results.parquet import LEGACY_PREFIX, to_arrow, write_file
 from fgray.results.records import EpochRecorder, latest_trial_row, record_init, record_test
 from fgray.results.report import leaderboard
-from fgray.results.trials import STALE_TEMP_S, read_trial, write_trials
+from fgray.results.trials import STALE_TEMP_S, read_trial, restore_events, write_trials
 
 UTC = dt.timezone.utc
 ROOT = Path(__file__).resolve().parents[1]
@@ -247,6 +247,40 @@ def test_writer_killed_between_temp_write_and_rename(tmp_path):
                           "epochs_run": 7, "error": "7",
                           "config_hash": hashlib.sha256(b"7").hexdigest()}])
     assert _check_big_row(study) == 7 and not temp_path.exists()
+
+
+def test_a_writer_killed_before_the_event_leaves_a_history_resume_restores(tmp_path,
+                                                                           monkeypatch):
+    """`write_trials` writes the state, then its event: a driver killed in between leaves
+    trial_events one state short (the multinode study's CI run did), and `restore_events`
+    (what --resume runs) appends exactly the missing states, once."""
+    import fgray.results.trials as trials
+
+    study = str(tmp_path)
+    running = {"trial_id": "a", "method": "moco", "status": "running", "epochs_run": 0}
+    write_trials(study, [running, {**running, "trial_id": "b", "method": "lcr"}])
+    done = {**running, "status": "completed", "epochs_run": 3, "best_val_knn_top1": 41.5,
+            "test_knn_top1": float("nan")}
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed between the state and its event")
+
+    monkeypatch.setattr(trials, "append_files", killed)
+    with pytest.raises(KeyboardInterrupt):
+        write_trials(study, [done])
+    monkeypatch.undo()
+
+    def history() -> list[tuple[str, str]]:
+        return sorted((r["trial_id"], r["status"]) for r in load(study, "trial_events")
+                      .to_pylist())
+
+    assert read_trial(study, "moco", "a")["status"] == "completed"
+    assert history() == [("a", "running"), ("b", "running")]
+    restored = restore_events(study)
+    assert [(r["trial_id"], r["status"], r["epochs_run"]) for r in restored] == [
+        ("a", "completed", 3)]
+    assert history() == [("a", "completed"), ("a", "running"), ("b", "running")]
+    assert restore_events(study) == []  # NaN metrics compare equal: nothing appended twice
 
 
 @pytest.mark.slow

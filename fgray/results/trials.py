@@ -167,6 +167,25 @@ def write_trials(study_dir: str, rows: list[dict[str, Any]]) -> list[str]:
     return _uris(study_dir, list(paths.values()))
 
 
+def _event_key(row: dict[str, Any]) -> tuple:
+    """A state as a comparable value (NaN equal to NaN, the partition column included)."""
+    return tuple(sorted((k, "nan" if isinstance(v, float) and v != v else repr(v))
+                        for k, v in row.items()))
+
+
+def restore_events(study_dir: str) -> list[dict[str, Any]]:
+    """Append to `trial_events` every trial's current state it lacks: a writer killed between
+    a trial's new state and its event (`write_trials`) leaves the history one event short,
+    and a resumed study restores it. Returns the states appended."""
+    fs, root = resolve(study_dir)
+    if fs.get_file_info(f"{root}/tables").type != pafs.FileType.Directory:
+        return []
+    known = {_event_key(r) for r in load(study_dir, TRIAL_EVENTS).to_pylist()}
+    missing = [r for r in load(study_dir, TRIALS).to_pylist() if _event_key(r) not in known]
+    append_files(study_dir, TRIAL_EVENTS, missing)
+    return missing
+
+
 def read_trial(study_dir: str, method: str, trial_id: str) -> dict[str, Any] | None:
     """A trial's current row (its `method` included), or None when it has none."""
     fs, root = resolve(study_dir)

@@ -26,6 +26,7 @@ from fgray.tune.study.ledger import (
     close_lost_trials,
     latest_rows,
     more_seed_points,
+    restore_history,
     same_config,
 )
 
@@ -46,7 +47,6 @@ def concurrency_for(resources: WorkerResources, cluster: ClusterResources,
                         "expected fewer --workers or fewer CPUs/GPUs per worker (on an "
                         "autoscaling cluster, pass --concurrency N)")
     return fits
-
 
 
 def load_study(study_dir: str) -> StudyConfig:
@@ -98,7 +98,6 @@ def check_data(study: StudyConfig) -> None:
                         "--val-fraction or more train images per class")
 
 
-
 @dataclass
 class StudySummary:
     study_dir: str
@@ -137,7 +136,9 @@ def run_study(study: StudyConfig, *, resume: bool = False, verbose: bool = True,
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     start = time.time()
-    if not resume:
+    if resume:
+        restore_history(study)
+    else:
         prepare(study)
     cluster = ClusterResources.current()
     resources = resolve_resources(study.workers, cpus_per_worker=study.cpus_per_worker,

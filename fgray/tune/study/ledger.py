@@ -1,7 +1,8 @@
 """What a study has done, read from its tables in one place: which trials ended and how,
 which final models and init rows were tested, each method's best trial and the trials that
-re-ran it, the retrains still owed, and closing the trials a killed driver lost. Every
-resume decision (a job not repeated, a trial not trained again) asks this module."""
+re-ran it, the retrains still owed, and, after a killed driver, the history events it did
+not write and the trials it lost. Every resume decision (a job not repeated, a trial not
+trained again) asks this module."""
 
 from __future__ import annotations
 
@@ -104,6 +105,14 @@ def more_seed_points(study: StudyConfig, best: list[dict[str, Any]],
             if (b["method"], b.get("config_hash"), seed) not in done:
                 points.append(Job(JobKind.RETRAIN, b["method"], searched(b), seed=seed))
     return points
+
+
+def restore_history(study: StudyConfig) -> list[dict[str, Any]]:
+    """On resume: the trial states whose `trial_events` row a killed driver never wrote
+    (`fgray.results.trials.restore_events`), appended now."""
+    from fgray.results.trials import restore_events
+
+    return restore_events(study.study_dir)
 
 
 def close_lost_trials(study: StudyConfig) -> list[dict[str, Any]]:
