@@ -76,6 +76,23 @@ def epoch_times(storage: Path, trial_id: str) -> list[float]:
     return [float(r["epoch_time_s"]) for r in rows]
 
 
+def inside(storage: Path, trial_id: str) -> dict[str, Any]:
+    """What the run's epochs recorded about its process (threads, CPUs, niceness: the last
+    epoch's) and where its step time went (`fgray.engine.stepclock`, FGRAY_STEP_CLOCK=1):
+    each phase's median seconds per epoch over the epochs after the first."""
+    from fgray.engine.stepclock import PHASES as STEP_PHASES
+    from fgray.results.tables import load
+
+    rows = sorted((r for r in load(str(storage), "epochs").to_pylist()
+                   if r["trial_id"] == trial_id), key=lambda r: r["epoch"])
+    facts = {k: rows[-1].get(k) for k in ("torch_threads", "torch_interop_threads",
+                                          "cpus_visible", "niceness")}
+    steady = rows[1:] or rows
+    split = {p: median([float(r[f"step_{p}_s"]) for r in steady])
+             for p in STEP_PHASES if steady[0].get(f"step_{p}_s") is not None}
+    return {"process": facts, "step_s": split}
+
+
 PHASES = ("launch", "start", "build", "epochs", "reports", "finish", "exit")  # a Ray run's
 
 
@@ -130,6 +147,7 @@ def run(preset: Preset, workdir: Path, data_root: Path, device: torch.device) ->
     if note:
         print(f"[ray] {note}", flush=True)
         return {"skipped": note}
+    from fgray.engine.stepclock import STEP_CLOCK_ENV
     from fgray.train.cluster import NUM_CPUS_ENV, TEMP_DIR_ENV, ray_session
 
     case, epochs = preset.ray, preset.ray_epochs
@@ -139,7 +157,9 @@ def run(preset: Preset, workdir: Path, data_root: Path, device: torch.device) ->
     flags = pretrain_flags(case, data_root, cache_dir, storage, epochs, device)
     # A short temp root: Ray's socket paths must stay under ~107 characters.
     temp = tempfile.mkdtemp(prefix="r", dir="/tmp")
-    env = {**os.environ, NUM_CPUS_ENV: str(cores), TEMP_DIR_ENV: temp}
+    # Both runs time their steps' phases (a CPU-only cost of 4 clock reads per step, the same
+    # on both sides); the Ray workers inherit it from the local Ray this process starts.
+    env = {**os.environ, NUM_CPUS_ENV: str(cores), TEMP_DIR_ENV: temp, STEP_CLOCK_ENV: "1"}
 
     clocks: dict[str, tuple[float, float]] = {}
 
@@ -181,6 +201,12 @@ def run(preset: Preset, workdir: Path, data_root: Path, device: torch.device) ->
           f" {local_phases['run']:.1f} s, exit {local_phases['exit']:.1f} s); a fresh"
           f" process imports fgray.train.trainer in {worker_imports:.1f} s", flush=True)
 
+    seen = {name: inside(storage, name) for name in clocks}
+    for name, found in seen.items():
+        split = ", ".join(f"{p} {v:.2f}" for p, v in found["step_s"].items())
+        facts = ", ".join(f"{k} {v}" for k, v in found["process"].items())
+        print(f"[ray] inside {name}: {facts}; seconds per epoch: {split}", flush=True)
+
     local = epoch_times(storage, "in-process-a")[1:] + epoch_times(storage, "in-process-b")[1:]
     remote = epoch_times(storage, "ray-1-worker")[1:]
     local_wall = (wall_a + wall_b) / 2
@@ -199,6 +225,7 @@ def run(preset: Preset, workdir: Path, data_root: Path, device: torch.device) ->
         "ray_init_s": ray_init_s,
         "phases": {"in_process": local_phases, "ray": ray_phases, "runs": by_run},
         "worker_imports_s": worker_imports,
+        "inside": seen,
         "steady_state_ratio": ratio, "steady_state_ratio_best": ratio_best,
         "startup_s": startup,
         "target_steady_state_ratio": TARGET_STEADY_RATIO,

@@ -158,6 +158,49 @@ def test_study_benchmark_splits_trial_time_into_epochs_and_fixed_cost():
     assert figures["b"]["fixed_s"] == pytest.approx(0.75) and figures["b"]["status"] == "stopped"
 
 
+def test_ray_benchmark_splits_a_run_into_phases_that_add_up_to_its_wall_time(tmp_path):
+    """`ray_overhead.phases` and `inside` on tables written with known clocks: each phase is
+    the difference its docstring names, and together they are the process's wall time."""
+    import datetime as dt
+
+    from benchmarks.ray_overhead import PHASES, inside, phases
+    from fgray.results import append
+
+    study = str(tmp_path)
+    t0 = 1_800_000_000.0
+
+    def at(seconds: float) -> dt.datetime:
+        return dt.datetime.fromtimestamp(t0 + seconds, dt.timezone.utc)
+
+    # The Ray run: launched at 0, recorder at 5, worker loop at 12, epochs of 3 s starting at
+    # 13, 17 and 21 (reports of 1 s between), the trial row at 25, the process gone at 27.
+    append(study, "trials", [{"method": "moco", "trial_id": "ray", "status": "completed",
+                              "start_time": at(5), "end_time": at(25)}])
+    facts = {"torch_threads": 2, "torch_interop_threads": 2, "cpus_visible": 2, "niceness": 0}
+    append(study, "epochs", [
+        {"method": "moco", "trial_id": "ray", "epoch": e, "session_start_time": t0 + 12,
+         "epoch_end_time": t0 + end, "epoch_wall_s": 3.0, "epoch_time_s": 2.5,
+         "step_data_s": 0.1 * e, "step_augment_s": 0.5, "step_compute_s": 1.5,
+         "step_optimizer_s": 0.25, **facts} for e, end in ((1, 16.0), (2, 20.0), (3, 24.0))])
+    got = phases(tmp_path, "ray", t0, t0 + 27)
+    assert list(got) == list(PHASES)
+    assert got == pytest.approx({"launch": 5.0, "start": 7.0, "build": 1.0, "epochs": 9.0,
+                                 "reports": 2.0, "finish": 1.0, "exit": 2.0})
+    assert sum(got.values()) == pytest.approx(27.0)
+    seen = inside(tmp_path, "ray")
+    assert seen["process"] == facts
+    assert seen["step_s"] == pytest.approx({"data": 0.25, "augment": 0.5, "compute": 1.5,
+                                            "optimizer": 0.25})  # epochs 2-3: median of .2, .3
+    # In-process rows carry no worker clocks: launch, run, exit.
+    append(study, "trials", [{"method": "moco", "trial_id": "local", "status": "completed",
+                              "start_time": at(2), "end_time": at(10)}])
+    append(study, "epochs", [{"method": "moco", "trial_id": "local", "epoch": 1,
+                              "epoch_time_s": 2.0, "epoch_wall_s": 3.0}])
+    assert phases(tmp_path, "local", t0, t0 + 11) == pytest.approx(
+        {"launch": 2.0, "exit": 1.0, "run": 8.0})
+    assert inside(tmp_path, "local")["step_s"] == {}
+
+
 def test_study_section_shows_both_paths_side_by_side():
     side = {"wall_time_s": 50.0, "trial_time_s": 80.0, "evaluation_time_s": 10.0,
             "concurrency": 2, "ideal_s": 45.0,

@@ -37,6 +37,7 @@ from fgray.engine.features import embed_split
 from fgray.engine.optim import OptimConfig, build_optimizer, clip_gradients, lr_factor, set_lr
 from fgray.engine.selection import SELECTION_METRIC
 from fgray.engine.spec import TrainConfig
+from fgray.engine.stepclock import StepClock, process_facts
 from fgray.errors import UserError
 from fgray.eval.knn import knn_classify
 from fgray.eval_mode import eval_mode
@@ -149,6 +150,7 @@ class Pretrainer:
         self.warmup_steps = int(round(optim_cfg.warmup_epochs * self.steps_per_epoch))
         self.epoch = 0  # epochs completed
         self.history: list[dict[str, Any]] = []
+        self.step_clock = StepClock(self.device)  # off unless FGRAY_STEP_CLOCK=1 (stepclock)
 
     # -- checkpoints --------------------------------------------------------------------------
 
@@ -247,8 +249,11 @@ class Pretrainer:
         steps, lr = 0, 0.0
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+        clock = self.step_clock
         start = time.perf_counter()
+        clock.start()
         for images, _, regions in self.loader:
+            clock.lap("data")
             step = self.epoch * self.steps_per_epoch + steps
             lr = set_lr(self.optimizer, lr_factor(step, self.total_steps, self.warmup_steps,
                                                   self.optim_cfg.min_lr_ratio))
@@ -258,13 +263,16 @@ class Pretrainer:
             if self.channels_last:
                 view1 = view1.contiguous(memory_format=torch.channels_last)
                 view2 = view2.contiguous(memory_format=torch.channels_last)
+            clock.lap("augment")
             with autocast_for(self.device, self.cfg.precision):
                 terms = self.model(view1, view2, info)
             self.optimizer.zero_grad(set_to_none=True)
             terms["loss"].backward()
+            clock.lap("compute")
             clip_gradients(self.method, self.optim_cfg.grad_clip)
             self.optimizer.step()
             self.method.momentum_update((step + 1) / self.total_steps)
+            clock.lap("optimizer")
             for name, value in terms.items():
                 value = value.detach().float()
                 sums[name] = sums[name] + value if name in sums else value
@@ -283,7 +291,7 @@ class Pretrainer:
         out = {("loss" if n == "loss" else f"loss_{n}"): v for n, v in values.items()}
         out.update(lr=lr, epoch_time_s=seconds,
                    images_per_s=steps * self.cfg.batch_size / max(seconds, 1e-9),
-                   peak_mem_mb=peak_memory_mb(self.device))
+                   peak_mem_mb=peak_memory_mb(self.device), **process_facts(), **clock.report())
         return out
 
     @torch.no_grad()
