@@ -2,7 +2,8 @@
 agents, the driver's own core worker, the dashboard) listens on the loopback address only;
 with FGRAY_RAY_DASHBOARD=0 there is no dashboard at all. Its workers run at niceness 0
 (Ray's default, 15, let every daemon preempt the training), or at the user's
-RAY_worker_niceness.
+RAY_worker_niceness, and Ray Train's controller polls every 0.25 s (or the user's
+RAY_TRAIN_HEALTH_CHECK_INTERVAL_S).
 
 The session runs in a child process, so that its Ray processes are exactly the child's
 descendants (other Rays may run on this machine) and `ray` is imported before the session
@@ -31,16 +32,16 @@ import ray  # imported before the session: Ray reads some settings once, at impo
 from fgray.train.cluster import ray_session
 
 KEYS = ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER",
-        "RAY_worker_niceness")
+        "RAY_worker_niceness", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
 before = {k: os.environ.get(k) for k in KEYS}
 with ray_session(num_cpus=1, temp_dir=sys.argv[1], log_to_driver=False):
     address = os.environ["RAY_ADDRESS"]
 
     @ray.remote
     def worker_pid():
-        return os.getpid(), os.nice(0)
+        return os.getpid(), os.nice(0), os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
 
-    worker, niceness = ray.get(worker_pid.remote())
+    worker, niceness, poll = ray.get(worker_pid.remote())
     # Where Ray tells clients (the state and job APIs) its dashboard's HTTP server is.
     from ray._private import ray_constants
     from ray.experimental.internal_kv import _internal_kv_get
@@ -59,7 +60,7 @@ with ray_session(num_cpus=1, temp_dir=sys.argv[1], log_to_driver=False):
         listening += [[proc.pid, s.laddr.ip, s.laddr.port]
                       for s in sockets if s.status == psutil.CONN_LISTEN]
 after = {k: os.environ.get(k) for k in KEYS}
-print(json.dumps({"address": address, "worker": worker, "niceness": niceness,
+print(json.dumps({"address": address, "worker": worker, "niceness": niceness, "poll": poll,
                   "api_server": api_server.decode(), "processes": processes,
                   "listening": listening, "before": before, "after": after}))
 """
@@ -72,15 +73,18 @@ def _loopback(ip: str) -> bool:
     return addr.is_loopback
 
 
-def _run_session(dashboard: bool, niceness: str | None = None) -> dict:
+def _run_session(dashboard: bool, niceness: str | None = None, poll: str | None = None
+                 ) -> dict:
     temp_dir = tempfile.mkdtemp(prefix="r", dir="/tmp")  # Ray's socket paths stay short
     env = {k: v for k, v in os.environ.items()
            if k not in ("RAY_ADDRESS", "FGRAY_RAY_DASHBOARD", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER",
-                        "RAY_worker_niceness")}
+                        "RAY_worker_niceness", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")}
     if not dashboard:
         env["FGRAY_RAY_DASHBOARD"] = "0"
     if niceness is not None:
         env["RAY_worker_niceness"] = niceness
+    if poll is not None:
+        env["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = poll
     child = subprocess.Popen([sys.executable, "-c", SESSION, temp_dir], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              start_new_session=True)
@@ -132,6 +136,8 @@ def test_a_local_ray_without_dashboard_listens_on_loopback_only():
     session = _run_session(dashboard=False)
     _check_private(session)
     assert session["niceness"] == 0  # not Ray's default 15
+    # What Ray Train's controller reads: every 0.25 s, not Ray's default 2 s.
+    assert session["poll"] == "0.25"
     # Ray still starts its API server process (with its metrics port) and publishes a
     # dashboard address, but nothing serves HTTP there: not ours, and not another Ray's.
     port = _dashboard_port(session)
@@ -142,8 +148,28 @@ def test_a_local_ray_without_dashboard_listens_on_loopback_only():
 
 @pytest.mark.slow
 def test_a_local_ray_and_its_dashboard_listen_on_loopback_only():
-    session = _run_session(dashboard=True, niceness="7")
-    assert session["niceness"] == 7  # the user's choice is kept
+    session = _run_session(dashboard=True, niceness="7", poll="1.5")
+    assert session["niceness"] == 7 and session["poll"] == "1.5"  # the user's choices kept
     kinds = _check_private(session)
     port = _dashboard_port(session)
     assert port in {p for _, _, p in kinds.get("dashboard.py", [])}, kinds
+
+
+def test_a_driver_joining_a_cluster_hands_its_job_the_storage_and_poll_settings(monkeypatch):
+    """`job_env`: what `ray_session(address)` puts in its job's runtime_env -- the storage
+    variables and Train's poll interval (0.25 s, or this process's), never a variable the
+    submitted job's own runtime_env sets (Ray refuses to merge the two)."""
+    from fgray.train.cluster import job_env
+
+    for key in [k for k in os.environ if k.startswith(("AWS_", "GOOGLE_"))]:
+        monkeypatch.delenv(key)
+    monkeypatch.delenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", raising=False)
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
+    assert job_env() == {"AWS_ENDPOINT_URL": "http://127.0.0.1:9000",
+                         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "1")
+    assert job_env()["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "1"
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {"env_vars": {
+        "AWS_ENDPOINT_URL": "x", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "3"}}}))
+    assert job_env() == {}

@@ -5,7 +5,9 @@ Under `ray job submit` the job's environment carries RAY_ADDRESS, so the same sc
 the cluster it was submitted to; run directly, it starts local Ray and shuts it down at exit.
 A local Ray is private: every process of it listens on 127.0.0.1 only (its dashboard too,
 which also asks for Ray's token), so nothing on the network reaches it. Its workers run at
-niceness 0, not Ray's default 15 (a RAY_worker_niceness the user set is kept). The dashboard
+niceness 0, not Ray's default 15, and Ray Train's controller polls its workers every 0.25 s,
+not 2 s (a RAY_worker_niceness or RAY_TRAIN_HEALTH_CHECK_INTERVAL_S the user set is kept; a
+driver joining a cluster hands the poll interval to its job's processes). The dashboard
 stays on by default because Ray Train needs the state API it serves (see `ray_session`);
 FGRAY_RAY_DASHBOARD=0 turns it off.
 """
@@ -34,6 +36,13 @@ LOOPBACK = "127.0.0.1"
 # 15 every Ray daemon, the driver and any other process on the node preempt them: a 1-worker
 # Ray Train epoch ran 18 % slower than the same loop in-process (benchmarks/ray_overhead.py).
 WORKER_NICENESS_ENV = "RAY_worker_niceness"
+# How often Ray Train's controller polls its workers (Ray's default 2 s). A worker's report
+# waits until the controller has taken the one before it (Train's result queue holds one),
+# and the end of a run is noticed at a poll: with the default, a run of short epochs lost up
+# to 2 s per epoch and 2 s at its end (benchmarks/ray_overhead.py, the "reports" and
+# "finish" phases). A poll is one small actor call per worker.
+TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+TRAIN_POLL_S = "0.25"
 # Ray takes a node's IP from this switch: "0" (meant for Windows and macOS) makes it the
 # loopback address instead of the address of the interface with the default route.
 _LOOPBACK_NODE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
@@ -59,7 +68,7 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None,
     address = address or os.environ.get("RAY_ADDRESS") or None
     kwargs: dict = {"logging_level": logging.WARNING, "log_to_driver": log_to_driver}
     if address:
-        forwarded = storage_env()
+        forwarded = job_env()
         if forwarded:
             kwargs["runtime_env"] = {"env_vars": forwarded}
         try:
@@ -78,9 +87,12 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None,
     if dashboard is None:
         dashboard = os.environ.get(DASHBOARD_ENV, "").strip() != "0"
     saved = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT",
-                                            _LOOPBACK_NODE_ENV, WORKER_NICENESS_ENV)}
-    # Workers at the driver's priority, unless the user chose another niceness.
+                                            _LOOPBACK_NODE_ENV, WORKER_NICENESS_ENV,
+                                            TRAIN_POLL_ENV)}
+    # Workers at the driver's priority, and Train's controller polling every TRAIN_POLL_S,
+    # unless the user chose otherwise (every Ray process inherits this environment).
     os.environ.setdefault(WORKER_NICENESS_ENV, "0")
+    os.environ.setdefault(TRAIN_POLL_ENV, TRAIN_POLL_S)
     # Ray's own helpers inside workers (Train's placement-group cleaner uses the state API)
     # find "the" cluster from RAY_ADDRESS, or by scanning for local instances, which fails
     # when another Ray runs on the same machine. So the local head gets a known GCS port and
@@ -126,18 +138,35 @@ STORAGE_ENV_PREFIXES = ("AWS_", "GOOGLE_")
 STORAGE_ENV_NAMES = ("CLOUD_STORAGE_EMULATOR_ENDPOINT",)
 
 
+def _job_runtime_env_vars() -> set[str]:
+    """The variables the submitted job's own runtime_env sets (Ray refuses to merge a
+    driver's env_vars with them)."""
+    job = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    try:
+        return set(((json.loads(job) if job else {}).get("runtime_env") or {})
+                   .get("env_vars") or {})
+    except (ValueError, AttributeError):
+        return set()
+
+
+def job_env() -> dict[str, str]:
+    """What a driver joining a cluster hands to every task and actor of its job (runtime_env
+    env_vars): its storage variables (`storage_env`) and Train's poll interval
+    (TRAIN_POLL_ENV: this process's value, else TRAIN_POLL_S), each unless the submitted
+    job's runtime_env sets it already."""
+    out = storage_env()
+    if TRAIN_POLL_ENV not in _job_runtime_env_vars():
+        out[TRAIN_POLL_ENV] = os.environ.get(TRAIN_POLL_ENV, TRAIN_POLL_S)
+    return out
+
+
 def storage_env() -> dict[str, str]:
     """The storage variables of this process (endpoint, region, credentials: `AWS_*`,
     `GOOGLE_*`) that a job on a cluster hands to every task and actor it starts, through its
     runtime_env: a bucket this driver reaches is then reached by every trial and worker, on
     any node, whatever environment that node was started with. A variable the submitted
     job's own runtime_env already sets is left to it (Ray refuses to merge the two)."""
-    job = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
-    try:
-        taken = set(((json.loads(job) if job else {}).get("runtime_env") or {})
-                    .get("env_vars") or {})
-    except (ValueError, AttributeError):
-        taken = set()
+    taken = _job_runtime_env_vars()
     return {k: v for k, v in os.environ.items()
             if (k.startswith(STORAGE_ENV_PREFIXES) or k in STORAGE_ENV_NAMES) and k not in taken}
 
