@@ -6,7 +6,8 @@ and tables. The in-process run is done before and after the Ray run, so drifting
 other processes falls on both sides. Steady-state step time is the per-epoch
 `epoch_time_s` (the engine's own clock inside the worker) read back from the study's epochs
 table, first epoch left out; start-up cost is the Ray run's wall time minus the in-process
-run's, with the time to start the local Ray cluster itself given apart. The worker is given
+run's. The Ray run joins a local Ray this harness started just before it (as a run submitted
+to a running cluster does), whose start is given apart (`ray_init_s`). The worker is given
 every core (`--cpus-per-worker`), as the in-process run has them: Ray limits a worker's
 torch threads to its CPUs.
 
@@ -15,10 +16,10 @@ trial row's `start_time`/`end_time` (the driver's recorder, once Ray is up and b
 starts / after it ends), each epoch row's `session_start_time` (the worker entering the loop),
 `epoch_end_time` and `epoch_wall_s` -- and this harness's own clock around the process:
 
-    launch     process start to the recorder: imports, the local Ray's start, the spec
+    launch     process start to the recorder: imports, joining the Ray, the spec
     start      to the worker's loop: Train's controller, placement group, worker process,
-               its imports (`worker_imports_s`, timed apart in a fresh process) and the
-               torch process group
+               its imports and the torch process group, each given apart from Ray's own
+               task events (`train_start_up`, `benchmarks/ray_timeline.py`)
     build      the loop's set-up: the data stream, the model, the optimiser
     epochs     Σ epoch_wall_s: training, val kNN, visuals, the checkpoint write
     reports    between epochs: each report, the checkpoint persisted, the epoch rows
@@ -44,6 +45,8 @@ from typing import Any
 import torch
 
 from benchmarks.common import Case, Preset, make_spec, median
+from benchmarks.ray_timeline import describe, start_up
+from benchmarks.ray_timeline import summary as timeline_summary
 
 TARGET_STEADY_RATIO = 1.05
 
@@ -159,12 +162,16 @@ def run(preset: Preset, workdir: Path, data_root: Path, device: torch.device) ->
     temp = tempfile.mkdtemp(prefix="r", dir="/tmp")
     # Both runs time their steps' phases (a CPU-only cost of 4 clock reads per step, the same
     # on both sides); the Ray workers inherit it from the local Ray this process starts.
-    env = {**os.environ, NUM_CPUS_ENV: str(cores), TEMP_DIR_ENV: temp, STEP_CLOCK_ENV: "1"}
+    saved = os.environ.get(STEP_CLOCK_ENV)
+    os.environ[STEP_CLOCK_ENV] = "1"
 
     clocks: dict[str, tuple[float, float]] = {}
 
     def fgray_pretrain(name: str, extra: list[str]) -> float:
-        """`fgray pretrain ...` in a fresh process, as a user runs it; its wall time."""
+        """`fgray pretrain ...` in a fresh process, as a user runs it; its wall time. It
+        joins the local Ray this process holds, if any (RAY_ADDRESS), as a run submitted to
+        a running cluster does."""
+        env = {**os.environ, NUM_CPUS_ENV: str(cores), TEMP_DIR_ENV: temp}
         launched, start = time.time(), time.perf_counter()
         proc = subprocess.run([sys.executable, "-m", "fgray.cli", *flags, "--name", name,
                                *extra], env=env, capture_output=True, text=True)
@@ -178,18 +185,29 @@ def run(preset: Preset, workdir: Path, data_root: Path, device: torch.device) ->
     ray_flags = ["--workers", "1", "--cpus-per-worker", str(cores)]
     if device.type == "cuda":
         ray_flags += ["--gpus-per-worker", "1"]
-    print(f"[ray] {case.name}: in-process run, {epochs} epochs ...", flush=True)
-    wall_a = fgray_pretrain("in-process-a", local_flags)
-    print(f"[ray] {case.name}: 1-worker TorchTrainer run (fresh local Ray) ...", flush=True)
-    ray_wall = fgray_pretrain("ray-1-worker", ray_flags)
-    print(f"[ray] {case.name}: in-process run again ...", flush=True)
-    wall_b = fgray_pretrain("in-process-b", local_flags)
-    start = time.perf_counter()
-    with ray_session(num_cpus=cores, temp_dir=temp):
-        ray_init_s = time.perf_counter() - start
-    shutil.rmtree(temp, ignore_errors=True)
+    try:
+        print(f"[ray] {case.name}: in-process run, {epochs} epochs ...", flush=True)
+        wall_a = fgray_pretrain("in-process-a", local_flags)
+        print(f"[ray] {case.name}: 1-worker TorchTrainer run on a fresh local Ray ...",
+              flush=True)
+        # The Ray is started here and the run joins it, so its task events (where Train's
+        # start-up goes) can be read after the run's process has ended.
+        start = time.perf_counter()
+        with ray_session(num_cpus=cores, temp_dir=temp):
+            ray_init_s = time.perf_counter() - start
+            ray_wall = fgray_pretrain("ray-1-worker", ray_flags)
+            train_start = timeline_summary(start_up())
+        print(f"[ray] {case.name}: in-process run again ...", flush=True)
+        wall_b = fgray_pretrain("in-process-b", local_flags)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+        if saved is None:
+            os.environ.pop(STEP_CLOCK_ENV, None)
+        else:
+            os.environ[STEP_CLOCK_ENV] = saved
+    print(f"[ray] Train's start-up, step by step: {describe(train_start)}", flush=True)
 
-    worker_imports = import_seconds("fgray.train.trainer", env)
+    worker_imports = import_seconds("fgray.train.trainer", dict(os.environ))
     by_run = {name: phases(storage, name, *clocks[name]) for name in clocks}
     ray_phases = by_run["ray-1-worker"]
     # In-process: the mean of the runs before and after the Ray run.
@@ -216,8 +234,8 @@ def run(preset: Preset, workdir: Path, data_root: Path, device: torch.device) ->
     startup = ray_wall - local_wall
     print(f"[ray] steady-state epoch time Ray / in-process {ratio:.3f} (best epochs"
           f" {ratio_best:.3f}; target <= {TARGET_STEADY_RATIO}); start-up {startup:.1f} s"
-          f" over the in-process run, of which about {ray_init_s:.1f} s start the local Ray",
-          flush=True)
+          f" over the in-process run (starting the local Ray, {ray_init_s:.1f} s, not"
+          " included)", flush=True)
     return {
         "case": case.describe(), "epochs": epochs, "cpus_per_worker": cores,
         "in_process": {"wall_s": [wall_a, wall_b], "epoch_s_after_first": local},
@@ -225,10 +243,12 @@ def run(preset: Preset, workdir: Path, data_root: Path, device: torch.device) ->
         "ray_init_s": ray_init_s,
         "phases": {"in_process": local_phases, "ray": ray_phases, "runs": by_run},
         "worker_imports_s": worker_imports,
+        "train_start_up": train_start,
         "inside": seen,
         "steady_state_ratio": ratio, "steady_state_ratio_best": ratio_best,
         "startup_s": startup,
         "target_steady_state_ratio": TARGET_STEADY_RATIO,
         "note": "wall times are whole `fgray pretrain` processes (imports, caches warm,"
-                " evaluation and checkpoints included); startup_s = Ray wall - in-process wall",
+                " evaluation and checkpoints included); startup_s = Ray wall - in-process wall, the"
+                " Ray run joining a local Ray started before it (ray_init_s)",
     }

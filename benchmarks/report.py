@@ -78,9 +78,19 @@ def ray(r: dict[str, Any]) -> str:
             f" {', '.join(_f(x, 1) for x in r['in_process']['wall_s'])} s |\n"
             f"| `fgray pretrain --workers 1` wall | {_f(r['ray']['wall_s'], 1)} s |\n"
             f"| start-up cost (Ray wall - in-process wall) | {_f(r['startup_s'], 1)} s |\n"
-            f"| of which starting a local Ray (measured apart) | {_f(r['ray_init_s'], 1)} s |\n"
+            f"| starting the local Ray the run joins (not in the start-up cost) |"
+            f" {_f(r['ray_init_s'], 1)} s |\n"
             f"\n{r['epochs']} epochs of {r['case']['name']}, the first left out;"
-            f" {r['cpus_per_worker']} CPUs per worker.\n")
+            f" {r['cpus_per_worker']} CPUs per worker.\n" + _start_up(r))
+
+
+def _start_up(r: dict[str, Any]) -> str:
+    """Train's start-up step by step (`benchmarks/ray_timeline.py`), where the run has it."""
+    if "train_start_up" not in r:  # a result from before the breakdown
+        return ""
+    from benchmarks.ray_timeline import describe
+
+    return f"\nTrain's start-up: {describe(r['train_start_up'])}.\n"
 
 
 def study(r: dict[str, Any]) -> str:
@@ -110,7 +120,16 @@ def study(r: dict[str, Any]) -> str:
     return out + (f"\n{first['trials']} trials per side ({first['mode']}, {first['epochs']} epochs"
                   f" each) of {r['case']['name']}; stopped early / failed: "
                   + ", ".join(f"{x.get('stopped')} / {x.get('failed')}" for _, _, x in sides)
-                  + ".\n")
+                  + ".\n" + "".join(_trial_start_up(label, x) for _, label, x in sides))
+
+
+def _trial_start_up(label: str, x: dict[str, Any]) -> str:
+    """Ray's start-up per trial of one side, where the study has it."""
+    if "start_up" not in x:
+        return ""
+    from benchmarks.ray_timeline import describe
+
+    return f"\nRay's start-up per trial, {label}: {describe(x['start_up'])}.\n"
 
 
 def memory(r: dict[str, Any]) -> str:

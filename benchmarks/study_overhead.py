@@ -57,6 +57,9 @@ import torch
 
 from benchmarks.common import Case, Preset
 from benchmarks.ray_overhead import missing, warm_cache
+from benchmarks.ray_timeline import describe
+from benchmarks.ray_timeline import start_up as ray_start_up
+from benchmarks.ray_timeline import summary as timeline_summary
 
 TARGET_RATIO = 1.10  # study wall / (Σ trial time / concurrency)
 TARGET_FIXED_S = 3.0  # a trial's fixed cost on CPU
@@ -126,6 +129,7 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
         with ray_session(num_cpus=max(cores, concurrency) + job["trials"] + 1, temp_dir=temp):
             start = time.time()  # run_study's own clock starts here too
             summary = run_study(study)
+            start_up = timeline_summary(ray_start_up())  # per trial, from Ray's task events
     finally:
         shutil.rmtree(temp, ignore_errors=True)
     per_trial = trial_figures(load(summary.study_dir, "trials").to_pylist(),
@@ -149,6 +153,7 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
         "fixed_s_median": fixed[len(fixed) // 2] if fixed else float("nan"),
         "fixed_s_max": fixed[-1] if fixed else float("nan"),
         "per_trial": per_trial,
+        "start_up": start_up,
         "target_ratio": TARGET_RATIO, "target_fixed_s": TARGET_FIXED_S,
     }
 
@@ -194,6 +199,8 @@ def run(preset: Preset, workdir: Path, data_root: Path, device: torch.device, *,
               f" {r['fixed_s_median']:.2f} s, max {r['fixed_s_max']:.2f} s (target <="
               f" {TARGET_FIXED_S:g} s); first trial started after"
               f" {r['first_trial_start_s']:.1f} s", flush=True)
+        print(f"[study] --workers {workers}, Ray's start-up per trial: "
+              f"{describe(r['start_up'])}", flush=True)
     return out
 
 
