@@ -136,6 +136,42 @@ def test_a_restored_searcher_goes_on_from_its_snapshot(tmp_path, best_rows):
     assert [_job(restored.suggest(t)).target for t in ("e", "f")] == [INIT, "b"]
 
 
+def test_a_restored_searcher_adopts_trials_that_ended_after_its_snapshot(tmp_path, best_rows):
+    """A trial that completed after Tune's last snapshot (the driver killed before the next)
+    is in the trials table but not in the restored searcher: its work is adopted, not asked
+    for again -- a search trial's slot, a retrain's seed (whose test evaluation is queued)."""
+    from fgray.results.trials import write_trials
+
+    study = _study(tmp_path, methods=["moco"], trials=3, seeds=3)
+    searcher = StudySearcher(study)
+    as_pickled = pickle.dumps(searcher)
+    [_job(searcher.suggest(t)) for t in ("a", "b")]
+    searcher.on_trial_complete("a", {SEARCH_METRIC: 20.0})
+    search_snapshot = tmp_path / "search.pkl"
+    searcher.save(str(search_snapshot))
+    late = _job(searcher.suggest("c"))  # asked after the snapshot; it completes, then the kill
+    row = {"study": "s", "method": "moco", "status": "completed"}
+    write_trials(study.study_dir, [{**row, "trial_id": "c",
+                                    **{f"param.{k}": v for k, v in late.params.items()}}])
+    restored = pickle.loads(as_pickled)
+    restored.restore(str(search_snapshot))
+    assert _job(restored.suggest("x")).tests_init  # no fourth search trial: c took the third
+    assert restored.suggest("y") is None  # b (restored by Tune) still runs
+    restored.on_trial_complete("b", {SEARCH_METRIC: 25.0})
+    best_rows["moco"] = {"trial_id": "b", "method": "moco", "seed": 0, "param.lr": 0.1}
+    assert _job(restored.suggest("r1")) == Job(RETRAIN, "moco", {"lr": 0.1}, seed=1)
+    retrain_snapshot = tmp_path / "retrain.pkl"
+    restored.save(str(retrain_snapshot))  # seed 2 still owed here; then it runs and completes
+    assert _job(restored.suggest("r2")) == Job(RETRAIN, "moco", {"lr": 0.1}, seed=2)
+    write_trials(study.study_dir, [{**row, "trial_id": "r2", "param.lr": 0.1, "param.seed": 2}])
+    again = pickle.loads(as_pickled)
+    again.restore(str(retrain_snapshot))
+    rest = [_job(again.suggest(t)) for t in ("e1", "e2")]
+    assert rest == [Job(EVALUATE, "moco", seed=0, target="b", project=True),
+                    Job(EVALUATE, "moco", seed=2, target="r2")]  # seed 2 not trained again
+    assert again.suggest("e3") is None  # r1 (restored by Tune) still runs
+
+
 def _trial(tid: str, job: Job):
     return SimpleNamespace(trial_id=tid, config=job.config())
 

@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 from fgray.engine.selection import BEST_METRIC, best_of
-from fgray.results.records import latest_trial_row
+from fgray.results.records import has_tables, latest_trial_row
 from fgray.tune.study.config import StudyConfig
 from fgray.tune.study.jobs import Job, JobKind
 
@@ -113,6 +113,19 @@ def restore_history(study: StudyConfig) -> list[dict[str, Any]]:
     from fgray.results.trials import restore_events
 
     return restore_events(study.study_dir)
+
+
+def ended_unknown(study: StudyConfig, known: set[str]) -> list[dict[str, Any]]:
+    """On resume: the rows of trials that ended -- completed, stopped, or failed of their own
+    error -- whose ids `known` (the trials a restored searcher handed out) lacks: they ended
+    after the last snapshot Tune took before its driver was killed. Their work is done; the
+    searcher adopts them (`StudySearcher.restore`) instead of asking for it again."""
+    if not has_tables(study.study_dir):
+        return []  # killed before any trial wrote a row
+    return [r for r in latest_rows(study.study_dir)
+            if r["method"] in study.methods and r["trial_id"] not in known
+            and (r.get("status") in FINISHED
+                 or (r.get("status") == "failed" and r.get("error") != LOST))]
 
 
 def close_lost_trials(study: StudyConfig) -> list[dict[str, Any]]:

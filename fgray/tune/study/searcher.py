@@ -13,11 +13,12 @@ from typing import Any
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from fgray.results.schema import PARAM_PREFIX
 from fgray.tune.journal import Journal
 from fgray.tune.study.config import SEARCH_METRIC, StudyConfig
 from fgray.tune.study.evaluation import final_model_job, init_jobs
 from fgray.tune.study.jobs import Job, JobKind
-from fgray.tune.study.ledger import best_trials, searched
+from fgray.tune.study.ledger import best_trials, ended_unknown, searched
 
 
 class ResumableOptunaSearch(OptunaSearch):
@@ -224,4 +225,27 @@ class StudySearcher(Searcher):
         for method, saved in searches.items():
             self.searches[method].__dict__.update(saved)
             self.searches[method].resumed()
+        self._adopt(ended_unknown(self.study, set(self.search_trials) | set(self.training)))
+
+    def _adopt(self, rows: list[dict[str, Any]]) -> None:
+        """Trials that ended after the snapshot this searcher was restored from (`rows`, see
+        `ledger.ended_unknown`) count as asked and ended, so their work is not asked for
+        again: a search trial takes its method's slot (Optuna has its result: the journal
+        is uploaded as a trial is told), a retrain its seed (its test evaluation queued).
+        Without this a study resumed after a trial completed unsnapshotted ran one search
+        trial more than asked."""
+        for row in rows:
+            method, seed = row["method"], row.get(f"{PARAM_PREFIX}seed")
+            if seed is None:  # a search trial: retrains record their own seed
+                self.search_trials[row["trial_id"]] = method
+                self.ended[method] += 1
+                continue
+            owed = next((j for j in self.retrains if j.method == method and j.seed == seed),
+                        None)
+            if owed is None:
+                continue  # handed out before the snapshot: Tune restores and closes it
+            self.retrains.remove(owed)
+            if row.get("status") == "completed":
+                self.jobs.append(Job(JobKind.EVALUATE, method, seed=int(seed),
+                                     target=row["trial_id"]))
 
