@@ -17,6 +17,10 @@ def test_train_start_up_steps_are_read_once_each_and_fit_inside_the_run(local_ra
     from ray.train.torch import TorchTrainer
 
     def loop(config):
+        # A worker sends its task events about once a second (RAY_task_events_report_interval_ms)
+        # and dies with the run: a loop that ends at once can take the process group's events
+        # with it (CI saw that step missing). A real run's epochs last far longer.
+        time.sleep(3)
         ray.train.report({"x": 1.0})
 
     trainer = TorchTrainer(loop, scaling_config=ScalingConfig(num_workers=1),
