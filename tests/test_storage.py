@@ -134,3 +134,30 @@ def test_move_tree_puts_a_local_folder_in_place_whole(tmp_path):
     assert sorted(p.relative_to(target).as_posix() for p in target.rglob("*")) == [
         "metrics.json", "sub", "sub/checkpoint.pt"]
     assert not [p for p in target.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_kept_folder_put_in_place_during_the_check_is_not_removed(tmp_path, monkeypatch):
+    """Two ranks build the same cache folder: the one whose `final.exists()` ran just before
+    the other's rename must keep the other's folder, never remove it while it is read."""
+    from pathlib import Path
+
+    from fgray.storage.files import atomic_path
+
+    final = tmp_path / "cache"
+    real_exists = Path.exists
+    seen = []
+
+    def exists(self, *args, **kwargs):
+        if self == final and not seen:  # the check runs, then the other process finishes
+            seen.append(True)
+            final.mkdir()
+            (final / "theirs.npy").write_text("theirs")
+            return False
+        return real_exists(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "exists", exists)
+    with atomic_path(final, keep_existing=True) as tmp:
+        tmp.mkdir()
+        (tmp / "mine.npy").write_text("mine")
+    assert seen and sorted(p.name for p in final.iterdir()) == ["theirs.npy"]
+    assert [p.name for p in tmp_path.iterdir()] == ["cache"]  # our temporary removed

@@ -79,7 +79,10 @@ def atomic_path(final: str | os.PathLike, *, keep_existing: bool = False) -> Ite
         if keep_existing and final.exists():
             _remove(tmp)
             return
-        if tmp.is_dir() and final.is_dir() and not final.is_symlink():
+        # Never remove a `final` that is to be kept: another process may have put it in place
+        # since the check above (two Ray ranks building the same cache: one removed the
+        # other's finished folder while it read it). The rename then fails and theirs stays.
+        if not keep_existing and tmp.is_dir() and final.is_dir() and not final.is_symlink():
             shutil.rmtree(final)
         try:
             os.replace(tmp, final)
