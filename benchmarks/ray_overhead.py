@@ -28,6 +28,12 @@ starts / after it ends), each epoch row's `session_start_time` (the worker enter
 
 The in-process run's rows carry no worker clocks: its `launch` and `exit` are measured the
 same way, and the rest is one `run` (the trial row's end minus its start).
+
+Where a steady-state gap goes: each run's steps record the CPU seconds the process used
+(`step_cpu_s`, `fgray.engine.stepclock`) and with their time the cores the loop got, and a
+sampler gives every other process's cores while the run trained (`benchmarks/cpu_share.py`).
+The same CPU seconds per epoch on both sides with fewer cores in the worker means the time
+went to other processes (named, with their share), not to the loop.
 """
 
 from __future__ import annotations
@@ -45,6 +51,8 @@ from typing import Any
 import torch
 
 from benchmarks.common import Case, Preset, make_spec, median
+from benchmarks.cpu_share import CpuSampler, share
+from benchmarks.cpu_share import describe as describe_share
 from benchmarks.ray_timeline import describe, start_up
 from benchmarks.ray_timeline import summary as timeline_summary
 
@@ -93,7 +101,14 @@ def inside(storage: Path, trial_id: str) -> dict[str, Any]:
     steady = rows[1:] or rows
     split = {p: median([float(r[f"step_{p}_s"]) for r in steady])
              for p in STEP_PHASES if steady[0].get(f"step_{p}_s") is not None}
-    return {"process": facts, "step_s": split}
+    out: dict[str, Any] = {"process": facts, "step_s": split}
+    if steady[0].get("step_cpu_s") is not None:
+        # The CPU the loop used per epoch, and over its step time the cores it got.
+        out["step_cpu_s"] = median([float(r["step_cpu_s"]) for r in steady])
+        out["cores"] = median([float(r["step_cpu_s"]) / sum(float(r[f"step_{p}_s"])
+                                                           for p in STEP_PHASES)
+                               for r in steady])
+    return out
 
 
 PHASES = ("launch", "start", "build", "epochs", "reports", "finish", "exit")  # a Ray run's
@@ -166,6 +181,7 @@ def run(preset: Preset, workdir: Path, data_root: Path, device: torch.device) ->
     os.environ[STEP_CLOCK_ENV] = "1"
 
     clocks: dict[str, tuple[float, float]] = {}
+    shares: dict[str, dict[str, Any] | None] = {}  # who had the CPU while each run trained
 
     def fgray_pretrain(name: str, extra: list[str]) -> float:
         """`fgray pretrain ...` in a fresh process, as a user runs it; its wall time. It
@@ -173,8 +189,10 @@ def run(preset: Preset, workdir: Path, data_root: Path, device: torch.device) ->
         a running cluster does."""
         env = {**os.environ, NUM_CPUS_ENV: str(cores), TEMP_DIR_ENV: temp}
         launched, start = time.time(), time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "fgray.cli", *flags, "--name", name,
-                               *extra], env=env, capture_output=True, text=True)
+        with CpuSampler() as sampler:
+            proc = subprocess.run([sys.executable, "-m", "fgray.cli", *flags, "--name", name,
+                                   *extra], env=env, capture_output=True, text=True)
+        shares[name] = share(sampler.samples, sampler.threads)
         if proc.returncode != 0:
             raise RuntimeError(f"fgray pretrain ({name}) exited {proc.returncode}:\n"
                                f"{proc.stderr[-3000:]}")
@@ -224,6 +242,10 @@ def run(preset: Preset, workdir: Path, data_root: Path, device: torch.device) ->
         split = ", ".join(f"{p} {v:.2f}" for p, v in found["step_s"].items())
         facts = ", ".join(f"{k} {v}" for k, v in found["process"].items())
         print(f"[ray] inside {name}: {facts}; seconds per epoch: {split}", flush=True)
+        if found.get("cores") is not None:
+            print(f"[ray] {name}'s steps: {found['step_cpu_s']:.2f} CPU s per epoch on"
+                  f" {found['cores']:.2f} cores; while it trained: {describe_share(shares[name])}",
+                  flush=True)
 
     local = epoch_times(storage, "in-process-a")[1:] + epoch_times(storage, "in-process-b")[1:]
     remote = epoch_times(storage, "ray-1-worker")[1:]
@@ -245,6 +267,7 @@ def run(preset: Preset, workdir: Path, data_root: Path, device: torch.device) ->
         "worker_imports_s": worker_imports,
         "train_start_up": train_start,
         "inside": seen,
+        "cpu_share": shares,
         "steady_state_ratio": ratio, "steady_state_ratio_best": ratio_best,
         "startup_s": startup,
         "target_steady_state_ratio": TARGET_STEADY_RATIO,

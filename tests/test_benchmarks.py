@@ -238,3 +238,46 @@ def test_driver_benchmark_runs_the_study_machinery_at_tiny_sizes(tmp_path):
     assert len([r for r in rows if r["status"] in ("completed", "stopped")]) == 8
     md = bench_report.render(json.loads(out.read_text()))
     assert "### The study driver's cost per trial" in md and "\n| 8 | " in md
+
+
+def test_cpu_share_counts_each_process_over_the_training_window():
+    """`cpu_share.share`: the process with the most CPU is the trainer; the window is where it
+    ran above one core; every other process's cores over that window, a process that started
+    inside it counted from zero."""
+    from benchmarks.cpu_share import CpuSampler, _thread_cpu, describe, share
+
+    def at(t, trainer, raylet, extra=None):
+        seen = {10: ("ray::RayTrainWorker", trainer), 20: ("raylet", raylet),
+                21: ("gcs_server", 1.0)}
+        if extra is not None:
+            seen[30] = ("ray::PreemptionWatcher", extra)
+        return (t, seen)
+
+    samples = [at(0.0, 0.0, 0.0), at(1.0, 0.5, 0.0),     # start-up: under one core
+               at(2.0, 2.4, 0.1), at(3.0, 4.3, 0.2, 0.05), at(4.0, 6.2, 0.3, 0.1),
+               at(5.0, 6.4, 0.3, 0.1),                   # the end: under one core again
+               (6.0, {20: ("raylet", 0.3), 21: ("gcs_server", 1.0)})]  # the trainer exited
+    result = share(samples)
+    # The window runs from t=1 (the sample before the first busy step) to t=4.
+    assert result["window_s"] == 3.0
+    assert result["training"] == {"label": "ray::RayTrainWorker", "cores": round(5.7 / 3, 3)}
+    assert result["by_label"] == {"raylet": 0.1, "ray::PreemptionWatcher": round(0.1 / 3, 4)}
+    assert result["others"] == round(0.1 + 0.1 / 3, 3)
+    assert describe(result).startswith("ray::RayTrainWorker 1.90 cores, every other process")
+    # The trainer's threads, from thread samples inside the window (one at t=5 is outside).
+    threads = [(1.0, {10: {"python": 0.5, "ray_core_worker": 0.0}}),
+               (4.0, {10: {"python": 6.0, "ray_core_worker": 0.15}}),
+               (5.0, {10: {"python": 9.0, "ray_core_worker": 0.2}})]
+    assert share(samples, threads)["threads"] == {"python": round(5.5 / 3, 3),
+                                                  "ray_core_worker": 0.05}
+    assert "(its threads: python 1.833, ray_core_worker 0.050)" in describe(
+        share(samples, threads))
+    assert share(samples[:2]) is None and describe(None).startswith("no CPU samples")
+    with CpuSampler(every=0.05) as sampler:  # the real sampler sees this process
+        sum(i * i for i in range(300_000))
+    if sampler.available:
+        import os
+
+        assert any(os.getpid() in seen for _, seen in sampler.samples)
+        mine = _thread_cpu(os.getpid())  # this process's threads by name, from /proc
+        assert mine and all(v >= 0 for v in mine.values()) and sum(mine.values()) > 0

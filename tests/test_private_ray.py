@@ -32,16 +32,18 @@ import ray  # imported before the session: Ray reads some settings once, at impo
 from fgray.train.cluster import ray_session
 
 KEYS = ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER",
-        "RAY_worker_niceness", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
+        "RAY_worker_niceness", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
+        "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")
 before = {k: os.environ.get(k) for k in KEYS}
 with ray_session(num_cpus=1, temp_dir=sys.argv[1], log_to_driver=False):
     address = os.environ["RAY_ADDRESS"]
 
     @ray.remote
     def worker_pid():
-        return os.getpid(), os.nice(0), os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
+        return (os.getpid(), os.nice(0), os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"),
+                os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"))
 
-    worker, niceness, poll = ray.get(worker_pid.remote())
+    worker, niceness, poll, preemption = ray.get(worker_pid.remote())
     # Where Ray tells clients (the state and job APIs) its dashboard's HTTP server is.
     from ray._private import ray_constants
     from ray.experimental.internal_kv import _internal_kv_get
@@ -61,6 +63,7 @@ with ray_session(num_cpus=1, temp_dir=sys.argv[1], log_to_driver=False):
                       for s in sockets if s.status == psutil.CONN_LISTEN]
 after = {k: os.environ.get(k) for k in KEYS}
 print(json.dumps({"address": address, "worker": worker, "niceness": niceness, "poll": poll,
+                  "preemption": preemption,
                   "api_server": api_server.decode(), "processes": processes,
                   "listening": listening, "before": before, "after": after}))
 """
@@ -78,7 +81,8 @@ def _run_session(dashboard: bool, niceness: str | None = None, poll: str | None 
     temp_dir = tempfile.mkdtemp(prefix="r", dir="/tmp")  # Ray's socket paths stay short
     env = {k: v for k, v in os.environ.items()
            if k not in ("RAY_ADDRESS", "FGRAY_RAY_DASHBOARD", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER",
-                        "RAY_worker_niceness", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")}
+                        "RAY_worker_niceness", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
+                        "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")}
     if not dashboard:
         env["FGRAY_RAY_DASHBOARD"] = "0"
     if niceness is not None:
@@ -138,6 +142,8 @@ def test_a_local_ray_without_dashboard_listens_on_loopback_only():
     assert session["niceness"] == 0  # not Ray's default 15
     # What Ray Train's controller reads: every 0.25 s, not Ray's default 2 s.
     assert session["poll"] == "0.25"
+    # No preemption watcher on a local Ray: no cloud drains this machine's only node.
+    assert session["preemption"] == "0"
     # Ray still starts its API server process (with its metrics port) and publishes a
     # dashboard address, but nothing serves HTTP there: not ours, and not another Ray's.
     port = _dashboard_port(session)

@@ -155,6 +155,31 @@ def test_recorder_pickles_without_its_writer(tmp_path):
     assert [r["epoch"] for r in trial_history(str(tmp_path), "moco", "t1")] == [1, 2]
 
 
+def test_the_controllers_callback_unpickles_and_records_without_torch(tmp_path):
+    """Ray Train's controller unpickles `RecordEpochs` in a fresh process: it must not import
+    torch there (4-5 s of every Train run's start-up), and it must still record the epoch."""
+    import subprocess
+    import sys
+
+    from fgray.train.recording import RecordEpochs
+
+    callback = RecordEpochs(str(tmp_path / "run"), EpochRecorder(str(tmp_path), "t1", _spec(),
+                                                                 study="s1"))
+    (tmp_path / "callback.pkl").write_bytes(pickle.dumps(callback))
+    code = (
+        "import pickle, sys\n"
+        f"callback = pickle.loads(open({str(tmp_path / 'callback.pkl')!r}, 'rb').read())\n"
+        "heavy = sorted(m for m in ('torch', 'timm', 'torchvision') if m in sys.modules)\n"
+        f"callback.after_report(None, [{_metrics(1, 10.0)!r}], None)\n"
+        "print(','.join(heavy) or 'none')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "none"
+    [row] = trial_history(str(tmp_path), "moco", "t1")
+    assert row["epoch"] == 1 and row["val_knn_top1"] == 10.0
+
+
 def test_trial_history_keeps_one_row_per_epoch(tmp_path):
     recorder = EpochRecorder(str(tmp_path), "t1", _spec())
     for epoch, val in ((1, 10.0), (2, 11.0), (2, 11.0), (3, 12.0)):

@@ -36,6 +36,9 @@ def test_an_epoch_row_splits_its_step_time_and_names_its_process(synth_root, tmp
     assert row["torch_interop_threads"] == torch.get_num_interop_threads()
     assert row["cpus_visible"] == len(os.sched_getaffinity(0))
     assert row["niceness"] == os.nice(0)
+    # The CPU the process used over the steps: at least the main thread's share of them, at
+    # most every visible core for the whole epoch.
+    assert 0.5 * sum(split) < row["step_cpu_s"] <= row["cpus_visible"] * row["epoch_time_s"] * 1.05
     # The next epoch starts from zero: its totals are its own.
     again = trainer.train_epoch()
     assert sum(again[f"step_{p}_s"] for p in PHASES) <= again["epoch_time_s"]
@@ -51,11 +54,14 @@ def test_the_step_clock_is_off_by_default(synth_root, tmp_path, monkeypatch):
 
 def test_a_lap_counts_the_time_since_the_previous_one(monkeypatch):
     ticks = iter([10.0, 10.5, 12.0, 12.25])
+    cpu = iter([100.0, 103.5])
     monkeypatch.setattr("fgray.engine.stepclock.time.perf_counter", lambda: next(ticks))
+    monkeypatch.setattr("fgray.engine.stepclock.time.process_time", lambda: next(cpu))
     clock = StepClock(torch.device("cpu"), enabled=True)
     clock.start()
     clock.lap("data")
     clock.lap("compute")
     clock.lap("data")
     assert clock.report() == {"step_data_s": pytest.approx(0.75), "step_augment_s": 0.0,
-                              "step_compute_s": pytest.approx(1.5), "step_optimizer_s": 0.0}
+                              "step_compute_s": pytest.approx(1.5), "step_optimizer_s": 0.0,
+                              "step_cpu_s": pytest.approx(3.5)}

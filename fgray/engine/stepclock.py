@@ -14,6 +14,12 @@ niceness (Ray starts workers at niceness 15 by default; fgray sets 0, see
     compute    the method's forward and the backward pass
     optimizer  gradient clipping, the optimiser step and the momentum update
 
+and records `step_cpu_s`, the CPU seconds the whole process (every thread: torch's pools,
+and in a Ray worker Ray's own threads) used over the same steps. CPU seconds over step seconds
+is the cores the loop got: the same loop doing the same work uses the same CPU seconds, so
+two runs whose wall times differ while their CPU seconds agree lost the difference to other
+processes on the machine, not to the loop (benchmarks/ray_overhead.py).
+
 Off by default: on a GPU each lap synchronises the device (a host sync per phase, which the
 step otherwise never makes), so the clock costs time where it is measured. On a CPU the work
 is synchronous and the clock costs four `perf_counter` calls per step."""
@@ -46,6 +52,7 @@ class StepClock:
         self.device = device
         self.totals = dict.fromkeys(PHASES, 0.0)
         self._last = 0.0
+        self._cpu_start = 0.0
 
     def _now(self) -> float:
         if self.device.type == "cuda":
@@ -57,6 +64,7 @@ class StepClock:
         if self.enabled:
             self.totals = dict.fromkeys(PHASES, 0.0)
             self._last = self._now()
+            self._cpu_start = time.process_time()
 
     def lap(self, phase: str) -> None:
         """The time since the previous lap (or `start`) goes to `phase`."""
@@ -66,5 +74,9 @@ class StepClock:
             self._last = now
 
     def report(self) -> dict[str, float]:
-        """The epoch's totals as `step_<phase>_s` columns (nothing when disabled)."""
-        return {f"step_{p}_s": v for p, v in self.totals.items()} if self.enabled else {}
+        """The epoch's totals as `step_<phase>_s` columns and the process's CPU seconds since
+        `start` as `step_cpu_s` (nothing when disabled)."""
+        if not self.enabled:
+            return {}
+        return {**{f"step_{p}_s": v for p, v in self.totals.items()},
+                "step_cpu_s": time.process_time() - self._cpu_start}

@@ -23,14 +23,13 @@ import math
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow.fs as pafs
 
 from fgray import __version__
 from fgray.config import to_dict
 from fgray.engine.selection import best_of, score
-from fgray.engine.spec import RunSpec
 from fgray.results.schema import (
     OUTCOME_METRICS,
     OUTCOME_WEIGHTS,
@@ -41,6 +40,9 @@ from fgray.results.schema import (
 from fgray.results.tables import append, load_trial
 from fgray.results.trials import read_trial, update_trial, write_trials
 from fgray.storage import resolve
+
+if TYPE_CHECKING:  # the spec's module imports torch; the Train controller unpickles an
+    from fgray.engine.spec import RunSpec  # EpochWriter and should not pay for it (4-5 s)
 
 # The key under which rank 0's first report after a resume carries the restored history (every
 # finished epoch the checkpoint holds): `record_epoch` pops it and records the epochs missing
@@ -196,32 +198,27 @@ def best_epoch(history: Iterable[Mapping[str, Any]]) -> tuple[float | None, int 
     return best, None if row is None else int(row["epoch"])
 
 
-class EpochRecorder:
-    """Records one trial: an `epochs` row and TensorBoard scalars per epoch, a `trials` row at
-    the end. Picklable until first called (the TensorBoard writer opens lazily), so it can be
-    shipped to the Ray Train controller.
+class EpochWriter:
+    """Writes one trial's epochs: an `epochs` row and TensorBoard scalars per epoch.
 
-    `cpus` and `gpus` are the resources the trial holds (all workers together); with the
-    running time they give the trial's cpu_hours / gpu_hours. `start_time` (Unix seconds)
-    defaults to now; a resumed trial passes its original start (`running_time` leaves out the
-    time it did not run).
+    It knows the trial by its keys only (study folder, study, method, trial id) and imports
+    neither torch nor the method modules, so the Ray Train controller that unpickles it
+    (`fgray.train.recording.RecordEpochs`) starts without importing torch: that import was
+    4-5 s of every Train run's start-up on a 2-core host. Picklable until first called (the
+    TensorBoard writer opens lazily).
     """
 
-    def __init__(self, study_dir: str, trial_id: str, spec: RunSpec, *, study: str | None = None,
-                 params: dict[str, Any] | None = None, cpus: float = 1.0, gpus: float = 0.0,
-                 start_time: float | None = None) -> None:
+    def __init__(self, study_dir: str, trial_id: str, method: str, *,
+                 study: str | None = None) -> None:
         self.study_dir = str(study_dir)
         self.trial_id = trial_id
-        self.spec = spec
+        self.method = method
         self.study = study
-        self.params = dict(params or {})
-        self.cpus, self.gpus = float(cpus), float(gpus)
-        self.start_time = time.time() if start_time is None else float(start_time)
         self._writer = None
 
     @property
     def keys(self) -> dict[str, Any]:
-        return {"study": self.study, "trial_id": self.trial_id, PARTITION_COLUMN: self.spec.method}
+        return {"study": self.study, "trial_id": self.trial_id, PARTITION_COLUMN: self.method}
 
     def epoch_row(self, metrics: Mapping[str, Any]) -> dict[str, Any]:
         row = dict(self.keys)
@@ -239,7 +236,7 @@ class EpochRecorder:
         """The trial's TensorBoard run."""
         from fgray.results.tensorboard import run_name
 
-        return run_name(self.spec.method, self.trial_id)
+        return run_name(self.method, self.trial_id)
 
     def _trial_writer(self):
         if self._writer is None:
@@ -257,7 +254,7 @@ class EpochRecorder:
         row loses the row otherwise -- each once, whatever was recorded before. Returns the
         epochs written."""
         recorded = {int(r["epoch"]) for r in
-                    trial_history(self.study_dir, self.spec.method, self.trial_id)}
+                    trial_history(self.study_dir, self.method, self.trial_id)}
         rows: dict[int, dict[str, Any]] = {}
         for metrics in history:
             if metrics.get("epoch") is None or int(metrics["epoch"]) in recorded:
@@ -284,6 +281,40 @@ class EpochRecorder:
         """The Pretrainer's visuals hook: each spatial map overlaid on its images as
         `maps/<name>`, each image pair side by side as `pairs/<name>`, in the trial's run."""
         write_visuals(self._trial_writer(), epoch, images, maps, pairs)
+
+    def epoch_writer(self) -> EpochWriter:
+        """This trial's epoch writer alone, to ship to another process (the controller)."""
+        return EpochWriter(self.study_dir, self.trial_id, self.method, study=self.study)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_writer"] = None  # an open event file stays with the process that opened it
+        return state
+
+
+class EpochRecorder(EpochWriter):
+    """Records one trial: its epochs (`EpochWriter`) and a `trials` row at the end, which needs
+    the run's spec (its knobs, backbone, seed, config hash).
+
+    `cpus` and `gpus` are the resources the trial holds (all workers together); with the
+    running time they give the trial's cpu_hours / gpu_hours. `start_time` (Unix seconds)
+    defaults to now; a resumed trial passes its original start (`running_time` leaves out the
+    time it did not run).
+    """
+
+    def __init__(self, study_dir: str, trial_id: str, spec: RunSpec, *, study: str | None = None,
+                 params: dict[str, Any] | None = None, cpus: float = 1.0, gpus: float = 0.0,
+                 start_time: float | None = None) -> None:
+        super().__init__(study_dir, trial_id, spec.method, study=study)
+        self.spec = spec
+        self.params = dict(params or {})
+        self.cpus, self.gpus = float(cpus), float(gpus)
+        self.start_time = time.time() if start_time is None else float(start_time)
 
     def trial_row(self, history: list[Mapping[str, Any]], status: str, error: str | None = None,
                   test_metrics: Mapping[str, float] | None = None,
@@ -320,16 +351,6 @@ class EpochRecorder:
         write_trials(self.study_dir, [row])
         self.close()
         return row
-
-    def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_writer"] = None  # an open event file stays with the process that opened it
-        return state
 
 
 def write_visuals(writer, epoch: int, images: Any, maps: Mapping[str, Any],

@@ -6,8 +6,9 @@ the cluster it was submitted to; run directly, it starts local Ray and shuts it 
 A local Ray is private: every process of it listens on 127.0.0.1 only (its dashboard too,
 which also asks for Ray's token), so nothing on the network reaches it. Its workers run at
 niceness 0, not Ray's default 15, and Ray Train's controller polls its workers every 0.25 s,
-not 2 s (a RAY_worker_niceness or RAY_TRAIN_HEALTH_CHECK_INTERVAL_S the user set is kept; a
-driver joining a cluster hands the poll interval to its job's processes). The dashboard
+not 2 s, and Train starts no preemption watcher (a RAY_worker_niceness,
+RAY_TRAIN_HEALTH_CHECK_INTERVAL_S or RAY_TRAIN_ENABLE_PREEMPTION_WATCHER the user set is kept;
+a driver joining a cluster hands the poll interval to its job's processes). The dashboard
 stays on by default because Ray Train needs the state API it serves (see `ray_session`);
 FGRAY_RAY_DASHBOARD=0 turns it off.
 """
@@ -43,6 +44,12 @@ WORKER_NICENESS_ENV = "RAY_worker_niceness"
 # "finish" phases). A poll is one small actor call per worker.
 TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 TRAIN_POLL_S = "0.25"
+# Ray Train's preemption watcher: an actor per run that polls for nodes a cloud is about to
+# take back (spot instances) and logs which ranks they hold. A local Ray is one machine that
+# no cloud drains, so there it only costs a process start during the first epoch and a poll
+# a second through every epoch, on the cores the worker trains on. Off on a local Ray; a
+# cluster keeps Ray's default (on).
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 # Ray takes a node's IP from this switch: "0" (meant for Windows and macOS) makes it the
 # loopback address instead of the address of the interface with the default route.
 _LOOPBACK_NODE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
@@ -88,11 +95,13 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None,
         dashboard = os.environ.get(DASHBOARD_ENV, "").strip() != "0"
     saved = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT",
                                             _LOOPBACK_NODE_ENV, WORKER_NICENESS_ENV,
-                                            TRAIN_POLL_ENV)}
-    # Workers at the driver's priority, and Train's controller polling every TRAIN_POLL_S,
-    # unless the user chose otherwise (every Ray process inherits this environment).
+                                            TRAIN_POLL_ENV, PREEMPTION_WATCHER_ENV)}
+    # Workers at the driver's priority, Train's controller polling every TRAIN_POLL_S and no
+    # preemption watcher, unless the user chose otherwise (every Ray process inherits this
+    # environment).
     os.environ.setdefault(WORKER_NICENESS_ENV, "0")
     os.environ.setdefault(TRAIN_POLL_ENV, TRAIN_POLL_S)
+    os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
     # Ray's own helpers inside workers (Train's placement-group cleaner uses the state API)
     # find "the" cluster from RAY_ADDRESS, or by scanning for local instances, which fails
     # when another Ray runs on the same machine. So the local head gets a known GCS port and

@@ -9,7 +9,7 @@ from typing import Any
 
 from ray.train import UserCallback
 
-from fgray.results.records import RESTORED_KEY, EpochRecorder, format_epoch
+from fgray.results.records import RESTORED_KEY, EpochWriter, format_epoch
 from fgray.storage import join, write_json
 
 RANKS_DIR = "ranks"  # ranks/epoch-XXXX.json: every rank's metrics of the epoch
@@ -20,10 +20,12 @@ class RecordEpochs(UserCallback):
     checkpoint registered): records rank 0's metrics once per epoch, however often workers
     restart, and keeps every rank's metrics under `ranks/`."""
 
-    def __init__(self, run_uri: str, recorder: EpochRecorder | None = None,
+    def __init__(self, run_uri: str, recorder: EpochWriter | None = None,
                  echo: bool = False) -> None:
         self.run_uri = run_uri
-        self.recorder = recorder
+        # The writer alone: the controller unpickles this callback, and a whole recorder
+        # (the run's spec, its method's config class) would import torch there.
+        self.recorder = None if recorder is None else recorder.epoch_writer()
         self.echo = echo
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
@@ -31,7 +33,7 @@ class RecordEpochs(UserCallback):
 
 
 def record_epoch(run_uri: str | None, metrics: list[dict[str, Any]],
-                 recorder: EpochRecorder | None = None, echo: bool = False) -> None:
+                 recorder: EpochWriter | None = None, echo: bool = False) -> None:
     """Record one epoch, reported by every rank (`metrics[r]` is rank r's): every rank's
     metrics under `run_uri/ranks/`, rank 0's in the tables and TensorBoard (`recorder`).
 
