@@ -106,6 +106,8 @@ def study(r: dict[str, Any]) -> str:
         return " | ".join("n/a" if "error" in x else fn(x) for _, _, x in sides)
 
     target = r.get("target_fixed_s")
+    if isinstance(target, dict):  # per side (a number in results before the Ray Train target)
+        target = " / ".join(f"{target[name]:g}" for name, _, _ in sides if name in target)
     out = (f"| | {' | '.join(label for _, label, _ in sides)} |\n"
            f"|---|{'---:|' * len(sides)}\n"
            f"| study wall time | {cells(lambda x: _f(x['wall_time_s'], 1) + ' s')} |\n"

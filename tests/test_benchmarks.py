@@ -217,6 +217,11 @@ def test_study_section_shows_both_paths_side_by_side():
     assert "| ratio (target <= 1.1) | 1.11 | 1.30 |" in md
     assert ("| (Σ trial + Σ test evaluation wall time) / concurrency | (80.0 + 10.0) s / 2 ="
             " 45.0 s |") in md
+    assert "| per-trial fixed cost, median / max (target <= 3.0 s) |" in md
+    per_side = bench_report.study({"case": {"name": "moco-test_resnet-64px"},
+                                   "target_ratio": 1.1, "in_trial": side, "ray_train": slow,
+                                   "target_fixed_s": {"in_trial": 3.0, "ray_train": 10.0}})
+    assert "| per-trial fixed cost, median / max (target <= 3 / 10 s) |" in per_side
 
 
 def test_driver_benchmark_runs_the_study_machinery_at_tiny_sizes(tmp_path):
