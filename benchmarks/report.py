@@ -81,7 +81,28 @@ def ray(r: dict[str, Any]) -> str:
             f"| starting the local Ray the run joins (not in the start-up cost) |"
             f" {_f(r['ray_init_s'], 1)} s |\n"
             f"\n{r['epochs']} epochs of {r['case']['name']}, the first left out;"
-            f" {r['cpus_per_worker']} CPUs per worker.\n" + _start_up(r))
+            f" {r['cpus_per_worker']} CPUs per worker.\n" + _start_up(r) + _gap(r))
+
+
+def _gap(r: dict[str, Any]) -> str:
+    """Where a steady-state gap goes, per run (`benchmarks/cpu_share.py`): the same CPU
+    seconds per epoch with fewer cores means other processes took them."""
+    runs = [(name, seen) for name, seen in (r.get("inside") or {}).items() if "cores" in seen]
+    if not runs:
+        return ""
+    shares = r.get("cpu_share") or {}
+
+    def others(name: str) -> str:
+        share = shares.get(name)
+        if not share:
+            return "n/a"
+        top = ", ".join(f"{k} {v:.3f}" for k, v in list(share["by_label"].items())[:4])
+        return f"{share['others']:.3f} ({top})"
+
+    rows = "".join(f"| {name} | {seen['step_cpu_s']:.2f} | {seen['cores']:.2f} |"
+                   f" {others(name)} |\n" for name, seen in runs)
+    return ("\n| run | CPU s per epoch (steps) | cores the loop got | other processes' cores"
+            " while it trained (largest) |\n|---|---:|---:|---|\n" + rows)
 
 
 def _start_up(r: dict[str, Any]) -> str:
@@ -207,4 +228,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    if __package__ in (None, ""):
+        # Run as a script (as the module docstring says): the start-up sections import
+        # `benchmarks.ray_timeline` from the repository root, as benchmarks/run.py does.
+        sys.path[0] = str(Path(__file__).resolve().parent.parent)
     sys.exit(main())

@@ -181,7 +181,8 @@ def test_ray_benchmark_splits_a_run_into_phases_that_add_up_to_its_wall_time(tmp
         {"method": "moco", "trial_id": "ray", "epoch": e, "session_start_time": t0 + 12,
          "epoch_end_time": t0 + end, "epoch_wall_s": 3.0, "epoch_time_s": 2.5,
          "step_data_s": 0.1 * e, "step_augment_s": 0.5, "step_compute_s": 1.5,
-         "step_optimizer_s": 0.25, **facts} for e, end in ((1, 16.0), (2, 20.0), (3, 24.0))])
+         "step_optimizer_s": 0.25, "step_cpu_s": 2 * (0.1 * e + 2.25), **facts}
+        for e, end in ((1, 16.0), (2, 20.0), (3, 24.0))])
     got = phases(tmp_path, "ray", t0, t0 + 27)
     assert list(got) == list(PHASES)
     assert got == pytest.approx({"launch": 5.0, "start": 7.0, "build": 1.0, "epochs": 9.0,
@@ -191,6 +192,8 @@ def test_ray_benchmark_splits_a_run_into_phases_that_add_up_to_its_wall_time(tmp
     assert seen["process"] == facts
     assert seen["step_s"] == pytest.approx({"data": 0.25, "augment": 0.5, "compute": 1.5,
                                             "optimizer": 0.25})  # epochs 2-3: median of .2, .3
+    # CPU seconds per epoch (median of 4.9 and 5.1) and the cores the steps got (2 in each).
+    assert seen["step_cpu_s"] == pytest.approx(5.0) and seen["cores"] == pytest.approx(2.0)
     # In-process rows carry no worker clocks: launch, run, exit.
     append(study, "trials", [{"method": "moco", "trial_id": "local", "status": "completed",
                               "start_time": at(2), "end_time": at(10)}])
@@ -199,6 +202,27 @@ def test_ray_benchmark_splits_a_run_into_phases_that_add_up_to_its_wall_time(tmp
     assert phases(tmp_path, "local", t0, t0 + 11) == pytest.approx(
         {"launch": 2.0, "exit": 1.0, "run": 8.0})
     assert inside(tmp_path, "local")["step_s"] == {}
+    assert "cores" not in inside(tmp_path, "local")  # no step clock, no CPU split
+
+
+def test_ray_section_shows_where_the_steady_state_gap_goes():
+    """The RESULTS.md ray section: per run, CPU seconds per epoch, the cores the loop got and
+    the other processes' cores while it trained."""
+    r = {"steady_state_ratio": 1.1, "steady_state_ratio_best": 1.15, "startup_s": 12.0,
+         "in_process": {"wall_s": [20.0, 21.0]}, "ray": {"wall_s": 33.0}, "ray_init_s": 4.0,
+         "epochs": 6, "case": {"name": "lite0"}, "cpus_per_worker": 2,
+         "inside": {"in-process-a": {"step_cpu_s": 3.9, "cores": 1.98},
+                    "ray-1-worker": {"step_cpu_s": 4.13, "cores": 1.89}},
+         "cpu_share": {"in-process-a": {"others": 0.009, "by_label": {"run.py": 0.008}},
+                       "ray-1-worker": {"others": 0.091,
+                                        "by_label": {"ray::TrainController.run": 0.014,
+                                                     "dashboard.py": 0.007}}}}
+    md = bench_report.ray(r)
+    assert "| in-process-a | 3.90 | 1.98 | 0.009 (run.py 0.008) |" in md
+    assert ("| ray-1-worker | 4.13 | 1.89 | 0.091 (ray::TrainController.run 0.014,"
+            " dashboard.py 0.007) |") in md
+    del r["cpu_share"], r["inside"]  # results from before the split: no such table
+    assert "cores the loop got" not in bench_report.ray(r)
 
 
 def test_study_section_shows_both_paths_side_by_side():
@@ -286,3 +310,23 @@ def test_cpu_share_counts_each_process_over_the_training_window():
         assert any(os.getpid() in seen for _, seen in sampler.samples)
         mine = _thread_cpu(os.getpid())  # this process's threads by name, from /proc
         assert mine and all(v >= 0 for v in mine.values()) and sum(mine.values()) > 0
+
+
+def test_report_runs_as_the_script_its_docstring_shows(tmp_path):
+    """`python benchmarks/report.py results.json` from any folder, on a ray section with
+    Train's start-up (which imports `benchmarks.ray_timeline`): the markdown, exit 0."""
+    ray = {"steady_state_ratio": 1.1, "steady_state_ratio_best": 1.15, "startup_s": 12.0,
+           "in_process": {"wall_s": [20.0, 21.0]}, "ray": {"wall_s": 33.0}, "ray_init_s": 4.0,
+           "epochs": 6, "case": {"name": "lite0"}, "cpus_per_worker": 2,
+           "train_start_up": {"median_s": {"controller process": 0.6}, "runs": 1,
+                              "chain": ["controller process"], "chain_s": 0.6}}
+    results = tmp_path / "results-cpu.json"
+    results.write_text(json.dumps({
+        "preset": "cpu", "tiny": False, "load_average_before": [0.1, 0.1, 0.1],
+        "hardware": {"date": "2026-12-06", "cpus": 2, "cpu_model": "x", "torch": "2",
+                     "torch_threads": 2, "python": "3.11"},
+        "benchmarks": {"ray": ray}}))
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "report.py"), str(results)],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Train's start-up: controller process 0.60 (sum 0.6 s)" in proc.stdout
