@@ -107,7 +107,7 @@ def presets(tiny: bool = False) -> dict[str, Preset]:
             cpu_case, name="mocov3-test_vit-64px", method="mocov3", backbone="test_vit",
             sets={"mlp_hidden": 256, "dim": 64}),
             hot_path),
-        # The Ray comparison on the main job's hot path too: its ~8-s epochs outlast what the
+        # The Ray comparison on the main job's hot path too: its 2-3-s epochs outlast what the
         # Ray daemons take from a 2-core host now and then (test_resnet's 0.4-s epochs made
         # the ratio swing from 0.96 to 1.11 between two runs).
         epochs=8, ray=hot_path, ray_epochs=6,

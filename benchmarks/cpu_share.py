@@ -169,13 +169,17 @@ def share(samples: list[tuple[float, dict[int, tuple[str, float]]]],
             "threads": by_thread}
 
 
+def largest(cores: dict[str, float], top: int) -> str:
+    """The first `top` entries of a largest-first {name: cores}, over a thousandth of a core."""
+    return ", ".join(f"{k} {v:.3f}" for k, v in list(cores.items())[:top] if v >= 0.001)
+
+
 def describe(result: dict[str, Any] | None, top: int = 6) -> str:
     """One line: the training process's cores, the others' together and the largest of them."""
     if not result:
         return "no CPU samples (psutil missing, or the run never used a core)"
-    parts = ", ".join(f"{k} {v:.3f}" for k, v in list(result["by_label"].items())[:top])
-    threads = ", ".join(f"{k} {v:.3f}" for k, v in list(result.get("threads", {}).items())[:top]
-                        if v >= 0.001)
+    parts = largest(result["by_label"], top)
+    threads = largest(result.get("threads", {}), top)
     return (f"{result['training']['label']} {result['training']['cores']:.2f} cores"
             + (f" (its threads: {threads})" if threads else "")
             + f", every other process {result['others']:.3f} cores ({parts}) over"

@@ -96,8 +96,9 @@ def _gap(r: dict[str, Any]) -> str:
         share = shares.get(name)
         if not share:
             return "n/a"
-        top = ", ".join(f"{k} {v:.3f}" for k, v in list(share["by_label"].items())[:4])
-        return f"{share['others']:.3f} ({top})"
+        from benchmarks.cpu_share import largest
+
+        return f"{share['others']:.3f} ({largest(share['by_label'], 4)})"
 
     rows = "".join(f"| {name} | {seen['step_cpu_s']:.2f} | {seen['cores']:.2f} |"
                    f" {others(name)} |\n" for name, seen in runs)

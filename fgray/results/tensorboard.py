@@ -206,13 +206,13 @@ def overlay_maps(images: torch.Tensor, maps: torch.Tensor, *, alpha: float = 0.5
     return (blended.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
-def _make_grid():
+def _make_grid(images: torch.Tensor, **kwargs: Any) -> torch.Tensor:
     """torchvision's `make_grid`, imported when an image is first written: torchvision imports
     `torch._dynamo` (about 1 s), and the Ray Train controller, which writes scalars only,
     should not pay for it at its first report."""
     from torchvision.utils import make_grid
 
-    return make_grid
+    return make_grid(images, **kwargs)
 
 
 class TrialWriter:
@@ -243,7 +243,7 @@ class TrialWriter:
         """A grid of the first `max_images` images, each with its spatial map overlaid."""
         n = min(self.max_images, images_uint8.shape[0])
         overlaid = overlay_maps(images_uint8[:n], maps[:n], alpha=alpha, cmap=cmap)
-        grid = _make_grid()(overlaid, nrow=min(8, n), padding=2)
+        grid = _make_grid(overlaid, nrow=min(8, n), padding=2)
         self._writer.add_image(tag, grid, epoch, dataformats="CHW")
 
     def image_pairs(self, tag: str, a: torch.Tensor, b: torch.Tensor, epoch: int) -> None:
@@ -255,7 +255,7 @@ class TrialWriter:
             right = F.interpolate(right.float(), size=left.shape[-2:], mode="bilinear",
                                   align_corners=False).round().clamp(0, 255).to(torch.uint8)
         pairs = torch.stack([left, right], dim=1).flatten(0, 1)
-        grid = _make_grid()(pairs, nrow=2, padding=2)
+        grid = _make_grid(pairs, nrow=2, padding=2)
         self._writer.add_image(tag, grid, epoch, dataformats="CHW")
 
     def flush(self) -> None:
