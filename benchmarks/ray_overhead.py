@@ -130,17 +130,61 @@ def phases(storage: Path, trial_id: str, launched: float, exited: float) -> dict
     ends = {"launch": began - launched, "exit": exited - ended}
     if rows[0].get("session_start_time") is None:  # in-process: no worker clocks
         return {**ends, "run": ended - began}
+    return {"launch": ends["launch"], **loop_phases(began, ended, rows), "exit": ends["exit"]}
+
+
+def loop_phases(began: float, ended: float, rows: list[dict[str, Any]]) -> dict[str, float]:
+    """A trial's time from its start to its end (Unix seconds) split by its epoch rows (in
+    epoch order, with the worker's clocks): start (to the worker's loop), build, epochs,
+    reports (between epochs) and finish (after the last epoch)."""
     starts = [r["epoch_end_time"] - r["epoch_wall_s"] for r in rows]
     loop = rows[0]["session_start_time"]
     return {
-        "launch": ends["launch"],
         "start": loop - began,
         "build": starts[0] - loop,
         "epochs": sum(r["epoch_wall_s"] for r in rows),
         "reports": sum(b - a["epoch_end_time"] for a, b in zip(rows, starts[1:])),
         "finish": ended - rows[-1]["epoch_end_time"],
-        "exit": ends["exit"],
     }
+
+
+def spare_core(name: str, cores: int, fgray_pretrain, local_flags: list[str], temp: str
+               ) -> dict[str, Any]:
+    """The same comparison with one core left to everything else on the host: both sides
+    run `cores - 1` torch threads (the in-process run through OMP_NUM_THREADS, the worker
+    through its CPUs). On a 2-core host the saturated comparison charges Ray's daemons to
+    the worker (they take about 4.5 % of the cores); on a GPU node they have cores of their
+    own, which this measures."""
+    from fgray.train.cluster import ray_session
+
+    threads = cores - 1
+    runs = ("spare-in-process-a", "spare-ray-1-worker", "spare-in-process-b")
+    saved = os.environ.get("OMP_NUM_THREADS")
+    print(f"[ray] {name}: the same three runs at {threads} torch thread(s) ...", flush=True)
+    try:
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        fgray_pretrain(runs[0], local_flags)
+        with ray_session(num_cpus=cores, temp_dir=temp):
+            fgray_pretrain(runs[1], ["--workers", "1", "--cpus-per-worker", str(threads)])
+        fgray_pretrain(runs[2], local_flags)
+    finally:
+        if saved is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = saved
+    return {"threads": threads, "runs": list(runs)}
+
+
+def ratios(storage: Path, runs: list[str]) -> dict[str, Any]:
+    """Steady-state epoch time of the Ray run (`runs[1]`) over the in-process runs around
+    it, median and best epochs, with each side's recorded threads."""
+    local = epoch_times(storage, runs[0])[1:] + epoch_times(storage, runs[2])[1:]
+    remote = epoch_times(storage, runs[1])[1:]
+    return {"steady_state_ratio": median(remote) / median(local),
+            # Other processes only ever add time: the shortest epochs are the undisturbed cost.
+            "steady_state_ratio_best": min(remote) / min(local),
+            "epoch_s_after_first": {"in_process": local, "ray": remote},
+            "torch_threads": {r: inside(storage, r)["process"]["torch_threads"] for r in runs}}
 
 
 def import_seconds(module: str, env: dict[str, str]) -> float:
@@ -203,6 +247,7 @@ def run(preset: Preset, workdir: Path, data_root: Path, device: torch.device) ->
     ray_flags = ["--workers", "1", "--cpus-per-worker", str(cores)]
     if device.type == "cuda":
         ray_flags += ["--gpus-per-worker", "1"]
+    spare: dict[str, Any] | None = None
     try:
         print(f"[ray] {case.name}: in-process run, {epochs} epochs ...", flush=True)
         wall_a = fgray_pretrain("in-process-a", local_flags)
@@ -217,6 +262,8 @@ def run(preset: Preset, workdir: Path, data_root: Path, device: torch.device) ->
             train_start = timeline_summary(start_up())
         print(f"[ray] {case.name}: in-process run again ...", flush=True)
         wall_b = fgray_pretrain("in-process-b", local_flags)
+        if cores > 1 and device.type == "cpu":
+            spare = spare_core(case.name, cores, fgray_pretrain, local_flags, temp)
     finally:
         shutil.rmtree(temp, ignore_errors=True)
         if saved is None:
@@ -247,17 +294,22 @@ def run(preset: Preset, workdir: Path, data_root: Path, device: torch.device) ->
                   f" {found['cores']:.2f} cores; while it trained: {describe_share(shares[name])}",
                   flush=True)
 
-    local = epoch_times(storage, "in-process-a")[1:] + epoch_times(storage, "in-process-b")[1:]
-    remote = epoch_times(storage, "ray-1-worker")[1:]
+    main = ratios(storage, ["in-process-a", "ray-1-worker", "in-process-b"])
+    local, remote = (main["epoch_s_after_first"][k] for k in ("in_process", "ray"))
     local_wall = (wall_a + wall_b) / 2
-    ratio = median(remote) / median(local)
-    # Other processes only ever add time: the shortest epochs are the undisturbed cost.
-    ratio_best = min(remote) / min(local)
+    ratio, ratio_best = main["steady_state_ratio"], main["steady_state_ratio_best"]
     startup = ray_wall - local_wall
     print(f"[ray] steady-state epoch time Ray / in-process {ratio:.3f} (best epochs"
           f" {ratio_best:.3f}; target <= {TARGET_STEADY_RATIO}); start-up {startup:.1f} s"
           f" over the in-process run (starting the local Ray, {ray_init_s:.1f} s, not"
           " included)", flush=True)
+    if spare is not None:
+        spare.update(ratios(storage, spare["runs"]))
+        print(f"[ray] with a core left to the rest of the host ({spare['threads']} torch"
+              f" thread(s) on both sides, as on a GPU node whose spare cores run Ray's"
+              f" daemons): steady-state epoch time Ray / in-process"
+              f" {spare['steady_state_ratio']:.3f} (best epochs"
+              f" {spare['steady_state_ratio_best']:.3f})", flush=True)
     return {
         "case": case.describe(), "epochs": epochs, "cpus_per_worker": cores,
         "in_process": {"wall_s": [wall_a, wall_b], "epoch_s_after_first": local},
@@ -269,6 +321,7 @@ def run(preset: Preset, workdir: Path, data_root: Path, device: torch.device) ->
         "inside": seen,
         "cpu_share": shares,
         "steady_state_ratio": ratio, "steady_state_ratio_best": ratio_best,
+        "spare_core": spare,
         "startup_s": startup,
         "target_steady_state_ratio": TARGET_STEADY_RATIO,
         "note": "wall times are whole `fgray pretrain` processes (imports, caches warm,"

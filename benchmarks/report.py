@@ -74,6 +74,7 @@ def ray(r: dict[str, Any]) -> str:
             f"| steady-state epoch time, Ray / in-process (median) |"
             f" {_f(r['steady_state_ratio'], 3)} |\n"
             f"| same, best epochs | {_f(r['steady_state_ratio_best'], 3)} |\n"
+            + _spare(r.get("spare_core")) +
             f"| `fgray pretrain` wall, in-process (two runs) |"
             f" {', '.join(_f(x, 1) for x in r['in_process']['wall_s'])} s |\n"
             f"| `fgray pretrain --workers 1` wall | {_f(r['ray']['wall_s'], 1)} s |\n"
@@ -82,6 +83,15 @@ def ray(r: dict[str, Any]) -> str:
             f" {_f(r['ray_init_s'], 1)} s |\n"
             f"\n{r['epochs']} epochs of {r['case']['name']}, the first left out;"
             f" {r['cpus_per_worker']} CPUs per worker.\n" + _start_up(r) + _gap(r))
+
+
+def _spare(spare: dict[str, Any] | None) -> str:
+    """The rows of the comparison with a core left to the rest of the host, where it ran."""
+    if not spare:
+        return ""
+    return (f"| same, {spare['threads']} torch thread(s) on both sides, a core left to Ray's"
+            f" daemons (median; best) | {_f(spare['steady_state_ratio'], 3)};"
+            f" {_f(spare['steady_state_ratio_best'], 3)} |\n")
 
 
 def _gap(r: dict[str, Any]) -> str:
@@ -149,11 +159,14 @@ def study(r: dict[str, Any]) -> str:
 
 def _trial_start_up(label: str, x: dict[str, Any]) -> str:
     """Ray's start-up per trial of one side, where the study has it."""
+    split = x.get("fixed_split_s")
+    where = ("" if not split else f"\nWhere a trial's fixed cost goes, {label} (median seconds):"
+             f" {', '.join(f'{k} {v:.2f}' for k, v in split.items())}.\n")
     if "start_up" not in x:
-        return ""
+        return where
     from benchmarks.ray_timeline import describe
 
-    return f"\nRay's start-up per trial, {label}: {describe(x['start_up'])}.\n"
+    return where + f"\nRay's start-up per trial, {label}: {describe(x['start_up'])}.\n"
 
 
 def memory(r: dict[str, Any]) -> str:

@@ -55,8 +55,8 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import Case, Preset
-from benchmarks.ray_overhead import missing, warm_cache
+from benchmarks.common import Case, Preset, median
+from benchmarks.ray_overhead import loop_phases, missing, warm_cache
 from benchmarks.ray_timeline import describe
 from benchmarks.ray_timeline import start_up as ray_start_up
 from benchmarks.ray_timeline import summary as timeline_summary
@@ -86,9 +86,11 @@ def trial_figures(rows: list[dict[str, Any]], epochs: list[dict[str, Any]],
         if row["trial_id"] not in timeline or t1 < timeline[row["trial_id"]][1]:
             timeline[row["trial_id"]] = (t0, t1)
     in_epochs: dict[str, float] = {}
+    by_trial: dict[str, list[dict[str, Any]]] = {}
     for e in epochs:
         in_epochs[e["trial_id"]] = in_epochs.get(e["trial_id"], 0.0) + float(
             e.get("epoch_wall_s") or 0.0)
+        by_trial.setdefault(e["trial_id"], []).append(e)
     out = []
     for t in latest_trials(rows):
         if t.get("epochs_run") in (None, 0) and t["trial_id"] not in in_epochs:
@@ -96,10 +98,22 @@ def trial_figures(rows: list[dict[str, Any]], epochs: list[dict[str, Any]],
         wall = float(t.get("wall_time_s") or 0.0)
         spent = in_epochs.get(t["trial_id"], 0.0)
         begin, end = timeline.get(t["trial_id"], (None, None))
-        out.append({"trial_id": t["trial_id"], "status": t["status"], "wall_time_s": wall,
-                    "epochs_run": t.get("epochs_run"), "epochs_s": spent,
-                    "fixed_s": wall - spent, "start_s": begin, "end_s": end})
+        figures = {"trial_id": t["trial_id"], "status": t["status"], "wall_time_s": wall,
+                   "epochs_run": t.get("epochs_run"), "epochs_s": spent,
+                   "fixed_s": wall - spent, "start_s": begin, "end_s": end}
+        ran = sorted(by_trial.get(t["trial_id"], []), key=lambda e: e["epoch"])
+        if begin is not None and ran and ran[0].get("session_start_time") is not None:
+            # Where the fixed cost goes (start + build + reports + finish).
+            split = loop_phases(begin + start, end + start, ran)
+            figures["phases"] = {k: v for k, v in split.items() if k != "epochs"}
+        out.append(figures)
     return out
+
+
+def fixed_cost_split(per_trial: list[dict[str, Any]]) -> dict[str, float]:
+    """The median of each part of the trials' fixed cost (`trial_figures`' phases)."""
+    split = [t["phases"] for t in per_trial if "phases" in t]
+    return {k: median([s[k] for s in split]) for k in (split[0] if split else ())}
 
 
 def child(job: dict[str, Any]) -> dict[str, Any]:
@@ -155,6 +169,7 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
         "fixed_s_median": fixed[len(fixed) // 2] if fixed else float("nan"),
         "fixed_s_max": fixed[-1] if fixed else float("nan"),
         "per_trial": per_trial,
+        "fixed_split_s": fixed_cost_split(per_trial),
         "start_up": start_up,
         "target_ratio": TARGET_RATIO, "target_fixed_s": TARGET_FIXED_S,
     }
@@ -201,6 +216,12 @@ def run(preset: Preset, workdir: Path, data_root: Path, device: torch.device, *,
               f" {r['fixed_s_median']:.2f} s, max {r['fixed_s_max']:.2f} s (target <="
               f" {TARGET_FIXED_S[side]:g} s); first trial started after"
               f" {r['first_trial_start_s']:.1f} s", flush=True)
+        print(f"[study] --workers {workers}, where a trial's fixed cost goes (median"
+              " seconds): "
+              + ", ".join(f"{k} {v:.2f}" for k, v in r["fixed_split_s"].items())
+              + " (start: from Tune starting the trial to the worker's loop; build: the"
+              " loop's data and model; reports: between epochs; finish: after the last"
+              " epoch)", flush=True)
         print(f"[study] --workers {workers}, Ray's start-up per trial: "
               f"{describe(r['start_up'])}", flush=True)
     return out

@@ -127,7 +127,7 @@ def test_scaling_model_follows_the_ring_formulas():
 def test_study_benchmark_splits_trial_time_into_epochs_and_fixed_cost():
     import datetime as dt
 
-    from benchmarks.study_overhead import trial_figures
+    from benchmarks.study_overhead import fixed_cost_split, trial_figures
 
     t0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
 
@@ -147,15 +147,25 @@ def test_study_benchmark_splits_trial_time_into_epochs_and_fixed_cost():
         {"method": "init", "trial_id": "init", "status": "completed", "start_time": at(41),
          "end_time": at(43), "wall_time_s": 2.0, "epochs_run": 0},
     ]
-    epochs = [{"trial_id": "a", "epoch": 1, "epoch_wall_s": 4.5},
-              {"trial_id": "a", "epoch": 2, "epoch_wall_s": 4.0},
+    # Trial a's worker clocks (Unix seconds): its loop starts 0.5 s after the trial, builds
+    # for 0.25 s, reports for 0.5 s between its epochs and ends 0.25 s before the trial.
+    u = t0.timestamp()
+    epochs = [{"trial_id": "a", "epoch": 2, "epoch_wall_s": 4.0, "session_start_time": u + 1.5,
+               "epoch_end_time": u + 10.75},
+              {"trial_id": "a", "epoch": 1, "epoch_wall_s": 4.5, "session_start_time": u + 1.5,
+               "epoch_end_time": u + 6.25},
               {"trial_id": "b", "epoch": 1, "epoch_wall_s": 3.25}]
     figures = {f["trial_id"]: f for f in trial_figures(rows, epochs, t0.timestamp())}
     assert sorted(figures) == ["a", "b"]  # the init row trains nothing
     assert figures["a"]["epochs_s"] == pytest.approx(8.5)
     assert figures["a"]["fixed_s"] == pytest.approx(1.5)
     assert (figures["a"]["start_s"], figures["a"]["end_s"]) == (1.0, 11.0)
+    assert figures["a"]["phases"] == pytest.approx({"start": 0.5, "build": 0.25,
+                                                    "reports": 0.5, "finish": 0.25})
+    assert sum(figures["a"]["phases"].values()) == pytest.approx(figures["a"]["fixed_s"])
     assert figures["b"]["fixed_s"] == pytest.approx(0.75) and figures["b"]["status"] == "stopped"
+    assert "phases" not in figures["b"]  # no worker clocks
+    assert fixed_cost_split(list(figures.values())) == pytest.approx(figures["a"]["phases"])
 
 
 def test_ray_benchmark_splits_a_run_into_phases_that_add_up_to_its_wall_time(tmp_path):
@@ -221,6 +231,10 @@ def test_ray_section_shows_where_the_steady_state_gap_goes():
     assert "| in-process-a | 3.90 | 1.98 | 0.009 (run.py 0.008) |" in md
     assert ("| ray-1-worker | 4.13 | 1.89 | 0.091 (ray::TrainController.run 0.014,"
             " dashboard.py 0.007) |") in md
+    assert "a core left to Ray's daemons" not in md  # not measured in this result
+    r["spare_core"] = {"threads": 1, "steady_state_ratio": 1.012, "steady_state_ratio_best": 0.99}
+    assert ("| same, 1 torch thread(s) on both sides, a core left to Ray's daemons (median;"
+            " best) | 1.012; 0.990 |") in bench_report.ray(r)
     del r["cpu_share"], r["inside"]  # results from before the split: no such table
     assert "cores the loop got" not in bench_report.ray(r)
 
@@ -232,7 +246,8 @@ def test_study_section_shows_both_paths_side_by_side():
             "fixed_s_median": 0.8, "fixed_s_max": 1.2, "first_trial_start_s": 3.0,
             "ray_init_s": 4.0, "trials": 4, "mode": "search", "epochs": 2, "stopped": 1,
             "failed": 0}
-    slow = {**side, "fixed_s_median": 25.5, "fixed_s_max": 30.0, "overhead_ratio": 1.3}
+    slow = {**side, "fixed_s_median": 25.5, "fixed_s_max": 30.0, "overhead_ratio": 1.3,
+            "fixed_split_s": {"start": 20.0, "build": 1.5, "reports": 1.0, "finish": 3.0}}
     md = bench_report.study({"case": {"name": "moco-test_resnet-64px"}, "target_ratio": 1.1,
                              "target_fixed_s": 3.0, "in_trial": side, "ray_train": slow})
     assert "`--workers 0` (in the trial) | `--workers 1` (Ray Train)" in md
@@ -242,6 +257,8 @@ def test_study_section_shows_both_paths_side_by_side():
     assert ("| (Σ trial + Σ test evaluation wall time) / concurrency | (80.0 + 10.0) s / 2 ="
             " 45.0 s |") in md
     assert "| per-trial fixed cost, median / max (target <= 3.0 s) |" in md
+    assert ("Where a trial's fixed cost goes, `--workers 1` (Ray Train) (median seconds): start"
+            " 20.00, build 1.50, reports 1.00, finish 3.00.") in md
     per_side = bench_report.study({"case": {"name": "moco-test_resnet-64px"},
                                    "target_ratio": 1.1, "in_trial": side, "ray_train": slow,
                                    "target_fixed_s": {"in_trial": 3.0, "ray_train": 10.0}})

@@ -23,6 +23,8 @@ import tempfile
 
 import pytest
 
+from fgray.allocator import ENV
+
 SESSION = r"""
 import json, os, sys
 
@@ -40,10 +42,14 @@ with ray_session(num_cpus=1, temp_dir=sys.argv[1], log_to_driver=False):
 
     @ray.remote
     def worker_pid():
+        # The environment the process started with (what glibc's malloc reads, once).
+        started = dict(kv.split(b"=", 1) for kv in open("/proc/self/environ", "rb").read()
+                       .split(b"\0") if kv.startswith(b"MALLOC_"))
         return (os.getpid(), os.nice(0), os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"),
-                os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"))
+                os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"),
+                {k.decode(): v.decode() for k, v in started.items()})
 
-    worker, niceness, poll, preemption = ray.get(worker_pid.remote())
+    worker, niceness, poll, preemption, malloc = ray.get(worker_pid.remote())
     # Where Ray tells clients (the state and job APIs) its dashboard's HTTP server is.
     from ray._private import ray_constants
     from ray.experimental.internal_kv import _internal_kv_get
@@ -63,7 +69,7 @@ with ray_session(num_cpus=1, temp_dir=sys.argv[1], log_to_driver=False):
                       for s in sockets if s.status == psutil.CONN_LISTEN]
 after = {k: os.environ.get(k) for k in KEYS}
 print(json.dumps({"address": address, "worker": worker, "niceness": niceness, "poll": poll,
-                  "preemption": preemption,
+                  "preemption": preemption, "malloc": malloc,
                   "api_server": api_server.decode(), "processes": processes,
                   "listening": listening, "before": before, "after": after}))
 """
@@ -76,13 +82,16 @@ def _loopback(ip: str) -> bool:
     return addr.is_loopback
 
 
-def _run_session(dashboard: bool, niceness: str | None = None, poll: str | None = None
-                 ) -> dict:
+def _run_session(dashboard: bool, niceness: str | None = None, poll: str | None = None,
+                 arenas: str | None = None) -> dict:
     temp_dir = tempfile.mkdtemp(prefix="r", dir="/tmp")  # Ray's socket paths stay short
     env = {k: v for k, v in os.environ.items()
            if k not in ("RAY_ADDRESS", "FGRAY_RAY_DASHBOARD", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER",
                         "RAY_worker_niceness", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
-                        "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")}
+                        "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")
+           and not k.startswith("MALLOC_")}
+    if arenas is not None:
+        env["MALLOC_ARENA_MAX"] = arenas
     if not dashboard:
         env["FGRAY_RAY_DASHBOARD"] = "0"
     if niceness is not None:
@@ -144,6 +153,8 @@ def test_a_local_ray_without_dashboard_listens_on_loopback_only():
     assert session["poll"] == "0.25"
     # No preemption watcher on a local Ray: no cloud drains this machine's only node.
     assert session["preemption"] == "0"
+    # Workers start with fgray's malloc settings (training runs in a thread of theirs).
+    assert session["malloc"] == ENV
     # Ray still starts its API server process (with its metrics port) and publishes a
     # dashboard address, but nothing serves HTTP there: not ours, and not another Ray's.
     port = _dashboard_port(session)
@@ -154,8 +165,9 @@ def test_a_local_ray_without_dashboard_listens_on_loopback_only():
 
 @pytest.mark.slow
 def test_a_local_ray_and_its_dashboard_listen_on_loopback_only():
-    session = _run_session(dashboard=True, niceness="7", poll="1.5")
+    session = _run_session(dashboard=True, niceness="7", poll="1.5", arenas="4")
     assert session["niceness"] == 7 and session["poll"] == "1.5"  # the user's choices kept
+    assert session["malloc"] == {**ENV, "MALLOC_ARENA_MAX": "4"}
     kinds = _check_private(session)
     port = _dashboard_port(session)
     assert port in {p for _, _, p in kinds.get("dashboard.py", [])}, kinds
@@ -171,11 +183,15 @@ def test_a_driver_joining_a_cluster_hands_its_job_the_storage_and_poll_settings(
         monkeypatch.delenv(key)
     monkeypatch.delenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", raising=False)
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    for key in [k for k in os.environ if k.startswith("MALLOC_")]:
+        monkeypatch.delenv(key)
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
     assert job_env() == {"AWS_ENDPOINT_URL": "http://127.0.0.1:9000",
-                         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
+                         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25", **ENV}
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "1")
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
     assert job_env()["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "1"
+    assert job_env()["MALLOC_ARENA_MAX"] == "2"
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {"env_vars": {
-        "AWS_ENDPOINT_URL": "x", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "3"}}}))
+        "AWS_ENDPOINT_URL": "x", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "3", **ENV}}}))
     assert job_env() == {}

@@ -327,6 +327,27 @@ def test_diverging_trial_is_failed_and_the_study_goes_on(which, request):
 
 
 @pytest.mark.slow
+def test_train_trials_share_a_process_and_asha_stops_abort_nothing(train_study):
+    """`--workers 1`: Tune hands a trial's process to the next trial (`reuse_actors`), which
+    it can only do once a stopped trial's Train run has ended (`fgray.train.run_stop`);
+    otherwise the next trial is aborted ("Trainable runner reuse requires reset_config()")."""
+    study = train_study["study"]
+    tune = Path(study) / "tune" / "search"
+    trials = _search_trials(study)
+    pids = {}
+    for t in trials:
+        rows = [json.loads(line) for line in (tune / t["trial_id"] / "result.json").open()]
+        pids[t["trial_id"]] = {row["pid"] for row in rows}
+    # Five trials over two driver runs (killed once), one at a time: fewer processes than
+    # trials, and among them a process that ran a stopped trial and then another trial.
+    assert len(set().union(*pids.values())) < len(trials), pids
+    stopped = [t["trial_id"] for t in trials if t["status"] == "stopped"]
+    assert any(pids[s] & pids[o] for s in stopped for o in pids if o != s), pids
+    assert "reset_config" not in train_study["stdout"]
+    assert not [t for t in trials if t["status"] == "failed" and "reset" in (t["error"] or "")]
+
+
+@pytest.mark.slow
 def test_in_trial_study_restarts_a_dead_trial_from_its_checkpoint(in_trial_study):
     study = in_trial_study["study"]
     assert in_trial_study["marker"].is_file()  # a trial's process did exit hard once

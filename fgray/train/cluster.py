@@ -5,10 +5,12 @@ Under `ray job submit` the job's environment carries RAY_ADDRESS, so the same sc
 the cluster it was submitted to; run directly, it starts local Ray and shuts it down at exit.
 A local Ray is private: every process of it listens on 127.0.0.1 only (its dashboard too,
 which also asks for Ray's token), so nothing on the network reaches it. Its workers run at
-niceness 0, not Ray's default 15, and Ray Train's controller polls its workers every 0.25 s,
-not 2 s, and Train starts no preemption watcher (a RAY_worker_niceness,
+niceness 0, not Ray's default 15, Ray Train's controller polls its workers every 0.25 s,
+not 2 s, Train starts no preemption watcher (a RAY_worker_niceness,
 RAY_TRAIN_HEALTH_CHECK_INTERVAL_S or RAY_TRAIN_ENABLE_PREEMPTION_WATCHER the user set is kept;
-a driver joining a cluster hands the poll interval to its job's processes). The dashboard
+a driver joining a cluster hands the poll interval to its job's processes), and its workers
+start with fgray's malloc settings (`fgray.allocator`; a driver joining a cluster hands them
+to its job too; MALLOC_* variables the user set win). The dashboard
 stays on by default because Ray Train needs the state API it serves (see `ray_session`);
 FGRAY_RAY_DASHBOARD=0 turns it off.
 """
@@ -129,7 +131,8 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None,
     dashboard_port = free_port()
     try:
         ray.init(address="local", num_cpus=cpus, _temp_dir=temp, include_dashboard=dashboard,
-                 dashboard_host=LOOPBACK, dashboard_port=dashboard_port, **kwargs)
+                 dashboard_host=LOOPBACK, dashboard_port=dashboard_port,
+                 runtime_env={"env_vars": worker_allocator_env()}, **kwargs)
         os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
         yield
     finally:
@@ -160,13 +163,24 @@ def _job_runtime_env_vars() -> set[str]:
 
 def job_env() -> dict[str, str]:
     """What a driver joining a cluster hands to every task and actor of its job (runtime_env
-    env_vars): its storage variables (`storage_env`) and Train's poll interval
-    (TRAIN_POLL_ENV: this process's value, else TRAIN_POLL_S), each unless the submitted
-    job's runtime_env sets it already."""
+    env_vars): its storage variables (`storage_env`), Train's poll interval
+    (TRAIN_POLL_ENV: this process's value, else TRAIN_POLL_S) and the allocator settings,
+    each unless the submitted job's runtime_env sets it already."""
+    taken = _job_runtime_env_vars()
     out = storage_env()
-    if TRAIN_POLL_ENV not in _job_runtime_env_vars():
+    if TRAIN_POLL_ENV not in taken:
         out[TRAIN_POLL_ENV] = os.environ.get(TRAIN_POLL_ENV, TRAIN_POLL_S)
-    return out
+    return {**out, **{k: v for k, v in worker_allocator_env().items() if k not in taken}}
+
+
+def worker_allocator_env() -> dict[str, str]:
+    """glibc's malloc settings for every worker of a job (`fgray.allocator.ENV`: one arena,
+    freed memory kept for the next step), as this process's environment sets them, if it
+    does: Ray runs training in a thread of its worker, where glibc's defaults fault the
+    step's memory in afresh every step."""
+    from fgray.allocator import ENV
+
+    return {k: os.environ.get(k, v) for k, v in ENV.items()}
 
 
 def storage_env() -> dict[str, str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sys
 
+from fgray.allocator import keep_freed_memory
 from fgray.config import parse_set_flags
 from fgray.engine.spec import DataSpec, RunSpec, build_spec
 from fgray.errors import UserError
@@ -57,6 +58,7 @@ def _in_process(args, spec: RunSpec, name: str) -> int:
     from fgray.engine.run import resolve_device, run_pretraining
     from fgray.results.records import EpochRecorder, format_epoch, trial_history
 
+    keep_freed_memory()  # the step's memory stays with the process (fgray.allocator)
     device = resolve_device(args.device)
     cuda = device.type == "cuda"
     recorder = EpochRecorder(str(args.storage), trial_id=name, spec=spec,

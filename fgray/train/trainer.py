@@ -70,6 +70,7 @@ from ray.train import (
 )
 from ray.train.torch import TorchTrainer
 
+from fgray.allocator import keep_freed_memory
 from fgray.engine.loop import CHECKPOINT_FILE
 from fgray.engine.selection import BEST_METRIC, SELECTION_METRIC, Best, ranked
 from fgray.engine.spec import RunSpec
@@ -202,6 +203,7 @@ def worker_loop(config: dict[str, Any], session: TrainSession | TuneSession | No
     Tune trial runs itself (`TuneSession`)."""
     from fgray.engine.run import build_pretrainer
 
+    keep_freed_memory()  # where the worker did not start with fgray.allocator.ENV
     session = session or TrainSession()
     spec = RunSpec.from_dict(config["spec"])
     rank, world, device = session.rank, session.world, session.device

@@ -12,34 +12,17 @@ stays at 0.67-0.74 GB. The same loop in one thread (`fgray pretrain` in-process)
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
 import gc
-import sys
 
-
-@functools.cache
-def _malloc_trim():
-    """glibc's `malloc_trim`, or None where the C library has none (macOS, musl)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return None
-    trim = getattr(libc, "malloc_trim", None)
-    if trim is not None:
-        trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    return trim
+from fgray.allocator import libc
 
 
 def release_memory() -> bool:
     """Collect garbage, then return the free pages of every malloc arena to the system.
     True where the C library could do so. Costs tens of milliseconds: once per job."""
     gc.collect()
-    trim = _malloc_trim()
-    if trim is None:
+    lib = libc()
+    if lib is None:
         return False
-    trim(0)
+    lib.malloc_trim(0)
     return True

@@ -39,7 +39,8 @@ kept, the epoch recorded before it is reported):
   Tune's FailureConfig restarts a crashed trial, which resumes from its latest checkpoint.
 - `--workers N` (the paper preset): the trial is only a driver for its Ray Train run (DDP over
   N workers): it asks for no CPU (a little memory so Ray can place it), and Ray Train's
-  FailureConfig restarts a dead worker group from its latest checkpoint.
+  FailureConfig restarts a dead worker group from its latest checkpoint. Tune reuses these
+  trial processes too: a trial Tune stops ends its Train run (`fgray.train.run_stop`).
 
 `max_concurrent_trials` is what the cluster's CPUs / GPUs fit of one trial's share (fractional
 GPUs allowed, e.g. 0.5 for two small-backbone trials per GPU). A trial that fails -- a

@@ -8,6 +8,7 @@ from typing import Any
 import ray.tune
 
 from fgray.storage import join
+from fgray.train.run_stop import TrainRunStopper
 from fgray.train.trainer import build_trainer, run_in_trial, run_trainer
 from fgray.tune.actor_memory import release_memory
 from fgray.tune.study.config import TRAIN_DIR
@@ -19,7 +20,8 @@ from fgray.tune.study.ledger import FINISHED, trial_row
 def train_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     """A Tune trial. `--workers 0`: run the engine loop here, reporting to Tune. Otherwise
     launch the Train run of this configuration, named after the trial so a restored trial
-    resumes its run; results reach Tune through TuneReportCallback.
+    resumes its run; results reach Tune through TuneReportCallback, and a run Tune stops ends
+    with its trial (`fgray.train.run_stop`).
 
     The actor runs trial after trial (`reuse_actors`): what each job freed goes back to the
     system when it ends (`fgray.tune.actor_memory`; without it an actor grew to 9.5 GB over
@@ -51,9 +53,15 @@ def _run_job(job: Job, setup: TrialSetup) -> None:
         return
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    trainer = build_trainer(spec, name=trial_id, storage=join(setup.study.study_dir, TRAIN_DIR),
-                            resources=setup.resources, recorder=recorder,
-                            callbacks=[TuneReportCallback()],
-                            max_failures=setup.study.max_failures,
-                            keep_best=setup.study.keep_best, epoch_hooks=setup.epoch_hooks)
-    run_trainer(trainer)
+    with TrainRunStopper() as stopper:  # a stopped trial's run ends: Tune reuses the process
+        trainer = build_trainer(spec, name=trial_id,
+                                storage=join(setup.study.study_dir, TRAIN_DIR),
+                                resources=setup.resources, recorder=recorder,
+                                callbacks=[TuneReportCallback(), stopper.callback],
+                                max_failures=setup.study.max_failures,
+                                keep_best=setup.study.keep_best, epoch_hooks=setup.epoch_hooks)
+        try:
+            run_trainer(trainer)
+        except Exception as exc:
+            if not stopper.ends_quietly(exc):
+                raise
