@@ -103,8 +103,9 @@ def trial_figures(rows: list[dict[str, Any]], epochs: list[dict[str, Any]],
                    "fixed_s": wall - spent, "start_s": begin, "end_s": end}
         ran = sorted(by_trial.get(t["trial_id"], []), key=lambda e: e["epoch"])
         if begin is not None and ran and ran[0].get("session_start_time") is not None:
-            # Where the fixed cost goes (start + build + reports + finish).
-            split = loop_phases(begin + start, end + start, ran)
+            # Where the fixed cost goes (start + build + reports + finish), over the trial's
+            # own wall time (a tested trial's later rows end with its test evaluation).
+            split = loop_phases(begin + start, begin + start + wall, ran)
             figures["phases"] = {k: v for k, v in split.items() if k != "epochs"}
         out.append(figures)
     return out
