@@ -23,7 +23,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("models", "eval", "data"),
 )
 # Top-level modules every layer may import ("fgray" is the package itself: __version__).
-BASE = frozenset({"fgray", "errors", "config", "storage", "eval_mode", "cliutil", "progress"})
+BASE = frozenset({"fgray", "errors", "config", "storage", "eval_mode", "cliutil", "progress",
+                  "allocator"})
 RAY_LAYERS = frozenset({"train", "tune"})
 
 RANK = {unit: rank for rank, peers in enumerate(LAYERS) for unit in peers}
