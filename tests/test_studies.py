@@ -363,19 +363,24 @@ def test_in_trial_study_restarts_a_dead_trial_from_its_checkpoint(in_trial_study
     last = f"epoch-{trials[crashed[0]]['epochs_run']:04d}"
     assert last in kept and 1 <= len(kept) <= 3, kept
     assert all((Path(study) / "train" / crashed[0] / k / "metrics.json").is_file() for k in kept)
-    # The diverging trial trained once; Tune's FailureConfig retried it and the retry raised
-    # the recorded error at once, without training. When the driver was killed between those
-    # failures and Tune's next snapshot of the experiment (taken at most every 10 s), the
-    # resumed experiment runs the retry again: one more failure, again without training.
+    # The diverging trial trained once and recorded its error in its run folder; Tune's
+    # FailureConfig retried it and the retry raised the recorded error at once, without
+    # training. When the driver was killed between those failures and Tune's next snapshot of
+    # the experiment (taken at most every 10 s), the resumed experiment runs the retry again:
+    # one more failure, again without training. When it was killed after the trial raised
+    # and before Tune wrote the failure down, Tune's file has only the resumed re-raises.
     (failed,) = [t for t in trials.values() if t["status"] == "failed"]
-    assert (Path(study) / "train" / failed["trial_id"] / ERROR_FILE).is_file()
+    recorded = json.loads((Path(study) / "train" / failed["trial_id"] / ERROR_FILE).read_text())
+    assert recorded["type"] == "FloatingPointError", recorded
+    assert recorded["message"].startswith("non-finite loss at epoch 1"), recorded
     text = (tune / failed["trial_id"] / "error.txt").read_text()
     attempts = re.split(r"^Failure # \d+ ", text, flags=re.M)[1:]
     trained = [a for a in attempts if "in worker_loop" in a]
     reraised = [a for a in attempts if 'failure.get("message"' in a
                 or 'known.get("error")' in a]
-    assert len(trained) == 1 and "FloatingPointError: non-finite loss" in trained[0], text
-    assert len(reraised) == len(attempts) - 1 and len(attempts) in (2, 3), text
+    assert len(trained) <= 1, text
+    assert all("FloatingPointError: non-finite loss" in a for a in attempts), text
+    assert len(reraised) == len(attempts) - len(trained) and len(attempts) in (2, 3), text
 
 
 @pytest.mark.slow
