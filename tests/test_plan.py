@@ -105,6 +105,38 @@ def test_estimate_from_a_benchmark_json(tmp_path, synth_root):
         (est.trial_s_worst + est.evaluation_s) / 3600)
 
 
+@pytest.mark.parametrize("cpus, threads", [(None, 1), (2, 2)])
+def test_the_probe_trains_with_a_trials_threads(tmp_path, synth_root, monkeypatch, cpus,
+                                                threads):
+    """On a CPU the probe's steps run with the torch threads a trial gets (one per CPU it
+    holds: `--cpus-per-worker`, default 1), not with this process's; its count is put back."""
+    import torch
+
+    from fgray.engine.loop import Pretrainer
+    from fgray.tune.plan import probe
+
+    extra = ["--workers", "0"] + ([] if cpus is None else ["--cpus-per-worker", str(cpus)])
+    args = build_parser("cub_sweep.py", "x", mode="search").parse_args(
+        _args(tmp_path, synth_root, *extra))
+    study = study_from_args(args, dataset="cub", mode="search", default_name="x")
+    seen, train_epoch = [], Pretrainer.train_epoch
+
+    def counted(self):
+        seen.append(torch.get_num_threads())
+        return train_epoch(self)
+
+    monkeypatch.setattr(Pretrainer, "train_epoch", counted)
+    own = torch.get_num_threads()
+    torch.set_num_threads(3)  # neither count: the probe must set its own
+    try:
+        figure = probe(study, "moco", torch.device("cpu"))
+        assert seen == [threads] * 3
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(own)
+    assert f"on {threads} thread(s) of this machine's cpu" in figure.source
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--plan-from", "/no/such.json"], "--plan-from /no/such.json: cannot read a JSON file"),
     (["--plan-from", "EMPTY"], "no training throughput in it"),

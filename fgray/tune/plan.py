@@ -321,7 +321,9 @@ def throughput(counts: PlanCounts, figures: list[Figure], image_size: int) -> Th
 def probe(study, method: str, device) -> Figure:
     """A few training steps and val kNN evaluations of `method` with the study's settings,
     here on `device`, on random images (random weights: only the speed is measured). On a
-    CPU at batch min(batch, 16); the best of two timed steps after a warm-up."""
+    CPU at batch min(batch, 16) and with a trial's torch threads (one per CPU it holds, as
+    `run_in_trial` and Ray's workers set them; this process's own count is put back after);
+    the best of two timed steps after a warm-up."""
     import numpy as np
     import torch
 
@@ -344,24 +346,34 @@ def probe(study, method: str, device) -> Figure:
                            boxes=np.full((n, 4), np.nan, np.float32), parts=None,
                            num_classes=2, path=Path("probe"))
 
+    # A trial on CPUs trains with one torch thread per CPU it holds, not with this process's
+    # count (all cores): on the 2-core CPU host, lite0 at 96 px took 571 ms a step at 2
+    # threads and 790 ms at a trial's 1.
+    own_threads = torch.get_num_threads()
+    threads = max(1, int(study.cpus_per_worker or 1)) if device.type == "cpu" else own_threads
     torch.manual_seed(0)
     net = build_method(spec.method, backbone=spec.backbone, init="random",
                        image_size=cfg.image_size, config=spec.method_config)
     trainer = Pretrainer(net, split(batch), split(batch), cfg, spec.optim, spec.augment,
                          device=device)
     steps, evals = [], []
-    for _ in range(3):  # one step per epoch; the first warms up kernels and allocators
-        steps.append(trainer.train_epoch()["epoch_time_s"])
-        trainer.epoch += 1
-        began = time.perf_counter()
-        trainer.evaluate()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        evals.append(time.perf_counter() - began)
+    torch.set_num_threads(threads)
+    try:
+        for _ in range(3):  # one step per epoch; the first warms up kernels and allocators
+            steps.append(trainer.train_epoch()["epoch_time_s"])
+            trainer.epoch += 1
+            began = time.perf_counter()
+            trainer.evaluate()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            evals.append(time.perf_counter() - began)
+    finally:
+        torch.set_num_threads(own_threads)
     step, evaluation = min(steps[1:]), min(evals[1:])
+    on = f"{threads} thread(s) of " if device.type == "cpu" else ""
     return Figure(spec.backbone_name, cfg.image_size, batch, step / batch, str(device),
                   f"probe: {method} {spec.backbone_name} {cfg.image_size} px batch {batch} "
-                  f"on this machine's {device} ({1000 * step:.0f} ms/step, "
+                  f"on {on}this machine's {device} ({1000 * step:.0f} ms/step, "
                   f"{batch / step:.1f} img/s; random weights and images)",
                   eval_s_per_image=evaluation / (2 * batch))
 
