@@ -46,6 +46,12 @@ class WorkerResources:
         return self.gpus_per_worker > 0
 
     @property
+    def torch_threads(self) -> int:
+        """The torch threads a worker trains with: one per whole CPU it holds, at least one
+        (as Ray sets OMP_NUM_THREADS for its workers)."""
+        return max(1, int(self.cpus_per_worker))
+
+    @property
     def cpus(self) -> float:
         return max(self.workers, 1) * self.cpus_per_worker
 

@@ -317,7 +317,7 @@ def run_in_trial(spec: RunSpec, *, run_uri: str, resources: WorkerResources,
     if failure is not None:
         raise _NOT_RETRIED.get(failure.get("type"), RuntimeError)(failure.get("message", ""))
     # The trial's CPU share as torch threads (a reused actor keeps whatever was set before).
-    torch.set_num_threads(max(1, int(resources.cpus_per_worker)))
+    torch.set_num_threads(resources.torch_threads)
     session = TuneSession(resources.device(), run_uri, recorder, keep_best, echo)
     board = None if recorder is None else {"study_dir": recorder.study_dir,
                                            "run": recorder.run_name}

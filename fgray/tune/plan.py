@@ -321,9 +321,9 @@ def throughput(counts: PlanCounts, figures: list[Figure], image_size: int) -> Th
 def probe(study, method: str, device) -> Figure:
     """A few training steps and val kNN evaluations of `method` with the study's settings,
     here on `device`, on random images (random weights: only the speed is measured). On a
-    CPU at batch min(batch, 16) and with a trial's torch threads (one per CPU it holds, as
-    `run_in_trial` and Ray's workers set them; this process's own count is put back after);
-    the best of two timed steps after a warm-up."""
+    CPU at batch min(batch, 16) and with a trial's torch threads
+    (`WorkerResources.torch_threads`; this process's own count is put back after); the best
+    of two timed steps after a warm-up."""
     import numpy as np
     import torch
 
@@ -350,7 +350,8 @@ def probe(study, method: str, device) -> Figure:
     # count (all cores): on the 2-core CPU host, lite0 at 96 px took 571 ms a step at 2
     # threads and 790 ms at a trial's 1.
     own_threads = torch.get_num_threads()
-    threads = max(1, int(study.cpus_per_worker or 1)) if device.type == "cpu" else own_threads
+    trial = WorkerResources(cpus_per_worker=study.cpus_per_worker or 1.0)
+    threads = trial.torch_threads if device.type == "cpu" else own_threads
     torch.manual_seed(0)
     net = build_method(spec.method, backbone=spec.backbone, init="random",
                        image_size=cfg.image_size, config=spec.method_config)
