@@ -50,8 +50,9 @@ def test_a_thread_keeps_its_step_memory_with_the_settings():
     if libc() is None:
         pytest.skip("the C library is not glibc")
     default, tuned = _steady_faults({}), _steady_faults(ENV)
-    assert tuned <= 100, (default, tuned)  # the pages of the last step are reused
-    assert tuned * 10 < default, (default, tuned)
+    # The pages of the last step are reused: a few dozen to ~160 faults a step are left (the
+    # count varies with the host; CI once saw 161), against thousands without the settings.
+    assert tuned * 20 < default, (default, tuned)
 
 
 def test_the_thresholds_can_be_raised_at_run_time():
